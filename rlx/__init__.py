@@ -1,0 +1,1 @@
+"""rlx: JAX-native RL for language models."""

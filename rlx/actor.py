@@ -1,0 +1,51 @@
+"""The actor: scored rollouts (prompts -> sampler -> verifier rewards)."""
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from rlx.data.task import Task
+from rlx.sampling import sampler as sampler_lib
+from rlx.types import Params, PRNGKey
+
+
+@dataclasses.dataclass
+class ScoredRollout:
+  """A rollout on the host plus its rewards."""
+  rollout: sampler_lib.Rollout  # Device arrays, [B, G, T].
+  rewards: np.ndarray  # [B, G] float32.
+  texts: list[list[str]]  # [B][G] decoded responses.
+
+
+class Actor:
+  """Samples G responses per prompt and scores them with the task verifier.
+
+  The sampler is compiled once per (B, G, P) bucket; verifiers run on the
+  host in Python, as DESIGN.md prescribes.
+  """
+
+  def __init__(self, model, task: Task, max_new_tokens: int, *,
+               top_k: int = 0):
+    tok = task.tokenizer
+    self.task = task
+    self.sample_fn = sampler_lib.transformer_sampler(
+        model, sampler_lib.SamplerConfig(
+            max_new_tokens=max_new_tokens, stop_tokens=(tok.eos_id,),
+            pad_id=tok.pad_id, top_k=top_k))
+
+  def rollout(self, params: Params, prompts: np.ndarray,
+              prompt_mask: np.ndarray, answers: Sequence[str], key: PRNGKey,
+              *, num_samples: int, temperature: float, top_p: float = 1.0
+              ) -> ScoredRollout:
+    out = self.sample_fn(params, prompts, prompt_mask, key, temperature,
+                         top_p, num_samples=num_samples)
+    tokens = np.asarray(jax.device_get(out.tokens))
+    tok = self.task.tokenizer
+    texts = [[tok.decode(row) for row in group] for group in tokens]
+    flat_answers = [a for a in answers for _ in range(num_samples)]
+    flat_texts = [t for group in texts for t in group]
+    rewards = self.task.reward_fn(flat_texts, flat_answers).reshape(
+        tokens.shape[:2])
+    return ScoredRollout(rollout=out, rewards=rewards, texts=texts)

@@ -1,0 +1,263 @@
+"""Config: frozen dataclasses, built from an `ml_collections.ConfigDict`.
+
+The dataclasses below are the single source of every default and of the one
+comment each field carries; `configs/common.py` turns them into the
+ConfigDict that recipes override and absl flags patch. `build` converts back,
+rejecting unknown keys, wrong types and impossible combinations with a
+message naming the key, before anything is compiled. ConfigDicts never enter
+jitted code.
+"""
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from typing import Any
+
+import ml_collections
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  name: str = 'chain_arith'  # Task (dataset + verifier); only chain_arith.
+  data_dir: str = '~/tensorflow_datasets'  # Where TFDS prepares the data.
+  num_train: int = 20_000  # Training prompts generated.
+  num_test: int = 512  # Held-out prompts (disjoint from train).
+  max_steps: int = 16  # Longest chain: the hardest prompts.
+  zipf_s: float = 1.0  # P(steps = n) ~ n^-zipf_s: the long tail of lengths.
+  seed: int = 0  # Dataset generation seed.
+  prompt_len: int = 40  # P: prompts are left-padded to this many tokens.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 0  # 0: take the tokenizer's vocabulary size.
+  num_layers: int = 4  # Transformer blocks.
+  embed_dim: int = 128  # Residual width D.
+  num_heads: int = 4  # Query heads N.
+  num_kv_heads: int = 2  # Key/value heads K (GQA); divides num_heads.
+  head_dim: int = 32  # Width of one head H.
+  mlp_dim: int = 384  # SwiGLU hidden width.
+  rope_theta: float = 10_000.0  # RoPE base.
+  qk_norm: bool = False  # RMSNorm on queries and keys.
+  tie_embeddings: bool = True  # Share input embedding and output projection.
+  dtype: str = 'float32'  # Activation dtype (bfloat16 on accelerators).
+  param_dtype: str = 'float32'  # Parameter dtype.
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  temperature: float = 1.0  # Rollout temperature; the learner uses it too.
+  top_p: float = 1.0  # Nucleus mass; 1 disables.
+  top_k: int = 0  # Top-k filter; 0 disables.
+  max_new_tokens: int = 100  # T: response budget (chain_arith needs <= 98).
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  num_steps: int = 60  # RL steps (one rollout batch each).
+  batch_prompts: int = 32  # B: prompts per step.
+  group_size: int = 8  # G: responses per prompt.
+  num_minibatches: int = 1  # Optimizer updates per rollout batch.
+  recompute_old_logp: bool = False  # Old policy log-probs from the learner
+  # instead of the sampler's behaviour log-probs (equal up to float error
+  # when the sampler and learner hold the same weights).
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+  advantage: str = 'grpo'  # Advantage estimator (rlx.objectives registry).
+  loss: str = 'ppo_clip'  # Policy loss (rlx.objectives registry).
+  clip_eps: float = 0.2  # PPO clip range (low side; and high when unset).
+  clip_eps_high: float = 0.0  # High side of the clip; 0: same as clip_eps.
+  aggregation: str = 'token-mean'  # How token losses become one scalar.
+  adv_eps: float = 1e-6  # Added to the group std in GRPO.
+  kl_beta: float = 0.0  # Weight of the KL-to-reference loss; 0 disables.
+  kl_estimator: str = 'k3'  # k1 | k2 | k3.
+  norm_len: int = 0  # Constant for seq-mean-token-sum-norm; 0: max_new_tokens.
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float = 2e-4  # Peak AdamW learning rate.
+  warmup_steps: int = 5  # Linear warmup (optimizer updates).
+  weight_decay: float = 0.0  # AdamW decoupled weight decay.
+  b1: float = 0.9  # Adam beta1.
+  b2: float = 0.99  # Adam beta2.
+  max_grad_norm: float = 1.0  # Global-norm gradient clipping.
+  num_microbatches: int = 1  # Gradient accumulation: splits the prompts.
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmstartConfig:
+  num_steps: int = 600  # Supervised steps on demonstrations; 0 skips.
+  batch_size: int = 64  # Demonstrations per step.
+  learning_rate: float = 1e-3  # Peak AdamW learning rate (cosine decay).
+  warmup_steps: int = 50  # Linear warmup.
+  demo_error_rate: float = 0.0  # Per-step slip rate in the demonstrations
+  # (imperfect data, as human-written solutions are; RL removes the slips).
+  cache_dir: str = '~/.cache/rlx/warmstart'  # Reused across runs by key.
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  every: int = 20  # Evaluate every this many RL steps (and at 0 and end).
+  num_prompts: int = 512  # Held-out prompts (at most task.num_test).
+  samples_per_prompt: int = 4  # k for pass@k; pass@1 averages all k.
+  temperature: float = 1.0  # Evaluation sampling temperature.
+  batch_prompts: int = 128  # Prompts per sampler call.
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+  every: int = 1  # Write a metrics row every this many steps.
+  checkpoint_every: int = 10  # Save a checkpoint every this many steps.
+  keep: int = 2  # Checkpoints kept.
+  tensorboard: bool = True  # Also write TensorBoard event files.
+  progress: bool = True  # Show a progress bar.
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  seed: int = 0  # Seeds init, prompt order and sampling.
+  task: TaskConfig = TaskConfig()
+  model: ModelConfig = ModelConfig()
+  sampling: SamplingConfig = SamplingConfig()
+  rl: RLConfig = RLConfig()
+  objective: ObjectiveConfig = ObjectiveConfig()
+  optim: OptimConfig = OptimConfig()
+  warmstart: WarmstartConfig = WarmstartConfig()
+  eval: EvalConfig = EvalConfig()
+  log: LogConfig = LogConfig()
+
+
+class ConfigError(ValueError):
+  """A config key is unknown, mistyped or contradicts another."""
+
+
+def default_config_dict() -> ml_collections.ConfigDict:
+  """The defaults as a ConfigDict (what recipes start from)."""
+  return ml_collections.ConfigDict(dataclasses.asdict(Config()))
+
+
+def _convert(cls, value: Any, path: str):
+  """Converts a ConfigDict subtree into dataclass `cls`, checking keys."""
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  if not isinstance(value, dict):
+    raise ConfigError(f'{path or "config"} must be a group of fields, got '
+                      f'{value!r}')
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(value) - set(fields))
+  if unknown:
+    name = '.'.join(filter(None, [path, unknown[0]]))
+    raise ConfigError(f'unknown config key {name!r}; known keys under '
+                      f'{path or "config"}: {sorted(fields)}')
+  hints = typing.get_type_hints(cls)
+  kwargs = {}
+  for key, val in value.items():
+    name = '.'.join(filter(None, [path, key]))
+    kwargs[key] = _check_type(hints[key], val, name)
+  return cls(**kwargs)
+
+
+def _check_type(hint, val, name):
+  if dataclasses.is_dataclass(hint):
+    return _convert(hint, val, name)
+  origin = typing.get_origin(hint)
+  if origin is tuple:
+    if not isinstance(val, (tuple, list)):
+      raise ConfigError(f'{name} must be a tuple, got {val!r}')
+    return tuple(val)
+  if origin in (typing.Union, types.UnionType):
+    return val
+  if hint is float and isinstance(val, int) and not isinstance(val, bool):
+    return float(val)
+  if hint is bool and not isinstance(val, bool):
+    raise ConfigError(f'{name} must be a bool, got {val!r}')
+  if not isinstance(val, hint) or (hint is int and isinstance(val, bool)):
+    raise ConfigError(f'{name} must be {hint.__name__}, got '
+                      f'{type(val).__name__} {val!r}')
+  return val
+
+
+def _require(ok: bool, key: str, message: str):
+  if not ok:
+    raise ConfigError(f'{key}: {message}')
+
+
+def validate(cfg: Config) -> Config:
+  """Rejects impossible combinations, naming the key."""
+  rl, opt, s = cfg.rl, cfg.optim, cfg.sampling
+  _require(rl.batch_prompts > 0, 'rl.batch_prompts', 'must be positive')
+  _require(rl.num_steps >= 0, 'rl.num_steps', 'must be >= 0')
+  _require(rl.group_size >= 2 or cfg.objective.advantage not in GROUP_RELATIVE,
+           'rl.group_size', f'is {rl.group_size}; the group-relative '
+           f'advantage {cfg.objective.advantage!r} needs at least 2')
+  _require(rl.num_minibatches > 0 and rl.batch_prompts % rl.num_minibatches
+           == 0, 'rl.num_minibatches', f'{rl.num_minibatches} must divide '
+           f'rl.batch_prompts={rl.batch_prompts}')
+  mini = rl.batch_prompts // rl.num_minibatches
+  _require(opt.num_microbatches > 0 and mini % opt.num_microbatches == 0,
+           'optim.num_microbatches', f'{opt.num_microbatches} must divide '
+           f'the prompts per minibatch ({mini} = rl.batch_prompts / '
+           'rl.num_minibatches)')
+  _require(s.temperature > 0, 'sampling.temperature', 'must be > 0')
+  _require(0 < s.top_p <= 1, 'sampling.top_p', 'must be in (0, 1]')
+  _require(s.top_k >= 0, 'sampling.top_k', 'must be >= 0')
+  _require(s.max_new_tokens > 0, 'sampling.max_new_tokens', 'must be > 0')
+  _require(cfg.eval.temperature > 0, 'eval.temperature', 'must be > 0')
+  _require(0 < cfg.eval.num_prompts <= cfg.task.num_test, 'eval.num_prompts',
+           f'must be in [1, task.num_test={cfg.task.num_test}]')
+  _require(cfg.eval.samples_per_prompt >= 1, 'eval.samples_per_prompt',
+           'must be >= 1')
+  _require(cfg.eval.every > 0, 'eval.every', 'must be positive')
+  _require(cfg.log.every > 0, 'log.every', 'must be positive')
+  _require(cfg.log.checkpoint_every > 0, 'log.checkpoint_every',
+           'must be positive')
+  _require(cfg.task.name == 'chain_arith', 'task.name',
+           f'unknown task {cfg.task.name!r}; known: [\'chain_arith\']')
+  _require(cfg.objective.kl_estimator in ('k1', 'k2', 'k3'),
+           'objective.kl_estimator', f'{cfg.objective.kl_estimator!r} is '
+           "not one of ['k1', 'k2', 'k3']")
+  _require(cfg.model.num_heads % cfg.model.num_kv_heads == 0,
+           'model.num_kv_heads', f'{cfg.model.num_kv_heads} must divide '
+           f'model.num_heads={cfg.model.num_heads}')
+  # Names are checked against the registries lazily to avoid an import
+  # cycle; see rlx.objectives.check_names.
+  from rlx import objectives  # pylint: disable=g-import-not-at-top
+  objectives.check_names(cfg.objective)
+  return cfg
+
+
+# Advantages whose baseline comes from the other members of the group.
+GROUP_RELATIVE = ('grpo', 'dr_grpo', 'rloo', 'reinforce_pp')
+
+
+def build(config: ml_collections.ConfigDict | dict) -> Config:
+  """ConfigDict -> validated frozen `Config`; raises `ConfigError`."""
+  return validate(_convert(Config, config, ''))
+
+
+def to_dict(cfg: Config) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def fingerprint(value: Any) -> str:
+  """Stable short hash of a JSON-able value (configs, cache keys)."""
+  blob = json.dumps(value, sort_keys=True, default=str).encode()
+  return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def diff(a: dict, b: dict, prefix: str = '') -> list[str]:
+  """Dotted keys whose values differ between two nested dicts."""
+  out = []
+  for key in sorted(set(a) | set(b)):
+    name = f'{prefix}{key}'
+    va, vb = a.get(key), b.get(key)
+    if isinstance(va, dict) and isinstance(vb, dict):
+      out += diff(va, vb, name + '.')
+    elif va != vb:
+      out.append(name)
+  return out

@@ -1,0 +1,1 @@
+"""Datasets and problem generators for rlx tasks."""

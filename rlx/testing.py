@@ -1,0 +1,68 @@
+"""Helpers shared by tests and notebooks: tiny configs and fake models."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from rlx import config as config_lib
+from rlx.types import Array
+
+
+def tiny_config_dict(tmp_dir: str) -> ml_collections.ConfigDict:
+  """A config that runs end to end in seconds on a CPU."""
+  c = config_lib.default_config_dict()
+  c.task.data_dir = f'{tmp_dir}/data'
+  c.task.num_train, c.task.num_test = 200, 16
+  c.task.max_steps, c.task.prompt_len = 3, 10
+  c.model.num_layers, c.model.embed_dim, c.model.mlp_dim = 2, 32, 64
+  c.model.num_heads, c.model.num_kv_heads, c.model.head_dim = 2, 1, 16
+  c.sampling.max_new_tokens = 20
+  c.rl.num_steps, c.rl.batch_prompts, c.rl.group_size = 4, 4, 4
+  c.warmstart.num_steps, c.warmstart.batch_size = 4, 8
+  c.warmstart.warmup_steps = 2
+  c.warmstart.cache_dir = f'{tmp_dir}/warmstart'
+  c.eval.every, c.eval.num_prompts = 2, 8
+  c.eval.samples_per_prompt, c.eval.batch_prompts = 2, 8
+  c.log.checkpoint_every, c.log.progress = 2, False
+  c.log.tensorboard = False
+  return c
+
+
+def fixed_sequence_model(sequence: Array, vocab_size: int, *,
+                         sharpness: float = 4.0):
+  """A fake `apply_fn` for the sampler with known output.
+
+  Whatever the input, the logits at generated step i (counted by the RoPE
+  position fed relative to the prompt) put `sharpness` on token
+  sequence[i] and 0 elsewhere, so the log-prob of that token under
+  temperature tau is log_softmax(logits / tau)[sequence[i]].
+
+  Args:
+    sequence: [T] int tokens the model "wants" to emit.
+    vocab_size: V.
+    sharpness: logit of the wanted token.
+
+  Returns:
+    (apply_fn, init_cache_fn) for `rlx.sampling.sampler.make_sampler`. The
+    cache holds the first position seen per row so steps are counted from
+    the end of the prompt.
+  """
+  sequence = jnp.asarray(sequence)
+
+  def logits_for(step):  # step [R, L] -> [R, L, V]
+    tok = sequence[jnp.clip(step, 0, sequence.shape[0] - 1)]
+    return jax.nn.one_hot(tok, vocab_size) * sharpness
+
+  def apply_fn(params, tokens, positions, mask, cache, index):
+    del params, tokens, mask
+    if not isinstance(index, jax.Array):  # Prefill (index is the int 0).
+      start = positions[:, -1:] + 1
+      return logits_for(positions - start + 1), (start,)
+    (start,) = cache
+    return logits_for(positions - start + 1), cache
+
+  def init_cache_fn(batch, length):
+    del length
+    return (jnp.zeros((batch, 1), jnp.int32),)
+
+  return apply_fn, init_cache_fn

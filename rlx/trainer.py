@@ -1,0 +1,224 @@
+"""The RL loop: select -> generate -> reward -> update -> log/checkpoint.
+
+The Python loop only moves batches, runs verifiers, logs and checkpoints;
+everything numeric happens in the jitted sampler and train step. Every
+random choice is a function of (seed, step), and the prompt order is a
+seeded permutation per epoch, so a run resumed from a checkpoint ends at
+the same result as an uninterrupted one.
+"""
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlx import checkpoint
+from rlx import config as config_lib
+from rlx import evaluation
+from rlx import learner
+from rlx import warmstart
+from rlx.actor import Actor
+from rlx.config import Config
+from rlx.data.task import load_task
+from rlx.logbook import Logbook
+from rlx.models import transformer
+
+# Config keys that may change when a run is resumed (schedule and logging);
+# anything else differing from the checkpoint's config is an error.
+RESUMABLE_CHANGES = ('rl.num_steps', 'eval.every', 'log.')
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def prompt_indices(seed: int, step: int, batch: int, n: int) -> np.ndarray:
+  """Prompts of RL step `step`: a slice of the epoch-wise permutations."""
+  pos = np.arange(step * batch, (step + 1) * batch)
+  return np.array([_epoch_permutation(seed, int(p // n), n)[p % n]
+                   for p in pos])
+
+
+def build_model(cfg: Config, vocab_size: int):
+  mcfg = dataclasses.asdict(cfg.model)
+  mcfg['vocab_size'] = mcfg['vocab_size'] or vocab_size
+  if mcfg['vocab_size'] < vocab_size:
+    raise config_lib.ConfigError(
+        f'model.vocab_size={mcfg["vocab_size"]} is smaller than the '
+        f'tokenizer vocabulary ({vocab_size})')
+  model = transformer.Transformer(transformer.TransformerConfig(**mcfg))
+
+  def logits_fn(params, tokens, positions, mask):
+    return model.apply({'params': params}, tokens, positions, mask)[0]
+
+  return model, logits_fn
+
+
+def _check_resume(workdir: str, ckpt: checkpoint.Checkpointer,
+                  cfg: Config) -> int:
+  """Returns the step to resume from (0: fresh); refuses unsafe starts."""
+  step = ckpt.latest_step()
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  if step is None:
+    if os.path.exists(metrics) and os.path.getsize(metrics):
+      raise checkpoint.CheckpointError(
+          f'{workdir} has metrics.jsonl but no finished checkpoint under '
+          f'{ckpt.directory}; refusing to start over on top of it. Use a '
+          'new --workdir, or delete this one to restart.')
+    return 0
+  return step
+
+
+def _check_same_config(saved: dict, cfg: Config, path: str) -> None:
+  changed = [k for k in config_lib.diff(saved, config_lib.to_dict(cfg))
+             if not k.startswith(RESUMABLE_CHANGES)]
+  if changed:
+    raise checkpoint.CheckpointError(
+        f'the checkpoint in {path} was made with a different config '
+        f'(differs in: {", ".join(changed)}); resume with the same config, '
+        'or use a new --workdir.')
+
+
+def train(cfg: Config, workdir: str, *, stop_after: int | None = None
+          ) -> dict[str, Any]:
+  """Runs (or resumes) RL training in `workdir`.
+
+  Args:
+    cfg: the validated config.
+    workdir: output directory (metrics.jsonl, tb/, checkpoints/).
+    stop_after: stop after this many RL steps in this call (simulates a
+      pre-emption; the run is resumable).
+
+  Returns:
+    {'params': final params, 'step': last step, 'last_eval': eval row}.
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                 max_to_keep=cfg.log.keep)
+  start_step = _check_resume(workdir, ckpt, cfg)
+  run_start = time.time()
+
+  task = load_task(cfg.task)
+  model, logits_fn = build_model(cfg, task.tokenizer.vocab_size)
+  optimizer = learner.make_optimizer(cfg.optim)
+  init_p = transformer.init_params(model.cfg, jax.random.key(cfg.seed))
+  abstract = {'train': jax.eval_shape(
+      lambda: learner.init_state(init_p, optimizer)),
+              'ref': jax.eval_shape(lambda: init_p) if cfg.objective.kl_beta
+                     else {}}
+  log = Logbook(workdir, total_steps=cfg.rl.num_steps,
+                resume_step=start_step, tensorboard=cfg.log.tensorboard,
+                progress=cfg.log.progress)
+  counters = {'rollouts/total': 0, 'tokens/decoded_total': 0,
+              'elapsed_s': 0.0}
+  if start_step:
+    state, meta = ckpt.restore(start_step, abstract)
+    _check_same_config(meta['config'], cfg, ckpt.directory)
+    counters.update(meta['counters'])
+    log.message(f'resumed from step {start_step} ({ckpt.directory})')
+  else:
+    params, info = warmstart.load_or_train(cfg, logits_fn, task, init_p,
+                                           log=log.message)
+    state = {'train': learner.init_state(params, optimizer),
+             'ref': params if cfg.objective.kl_beta else {}}
+  train_state, ref_params = state['train'], state['ref'] or None
+
+  base_elapsed = counters.pop('elapsed_s')  # Wall time of earlier runs.
+  elapsed = lambda: base_elapsed + time.time() - run_start
+  actor = Actor(model, task, cfg.sampling.max_new_tokens,
+                top_k=cfg.sampling.top_k)
+  train_step = learner.make_train_step(logits_fn, optimizer, cfg)
+  base_key = jax.random.key(cfg.seed)
+  eval_key = jax.random.fold_in(base_key, 2)  # Same draws every eval.
+
+  def run_eval(step: int) -> dict:
+    row = evaluation.evaluate(actor, train_state.params, cfg.eval, eval_key,
+                              max_new_tokens=cfg.sampling.max_new_tokens)
+    row = {'step': step, **row, 'time/elapsed_s': elapsed()}
+    log.write(row)
+    log.message(f'eval step {step}: pass@1 {row["eval/pass@1"]:.3f}')
+    return row
+
+  last_eval = run_eval(0) if start_step == 0 else {}
+  end = cfg.rl.num_steps
+  if stop_after is not None:
+    end = min(end, start_step + stop_after)
+  rl = cfg.rl
+  for step in range(start_step, end):
+    t0 = time.time()
+    idx = prompt_indices(cfg.seed, step, rl.batch_prompts, len(task.train))
+    key = jax.random.fold_in(jax.random.fold_in(base_key, 1), step)
+    scored = actor.rollout(
+        train_state.params, task.train_prompts[idx],
+        task.train_prompt_mask[idx], [task.train.answers[i] for i in idx],
+        key, num_samples=rl.group_size, temperature=cfg.sampling.temperature,
+        top_p=cfg.sampling.top_p)
+    t1 = time.time()
+    ro = scored.rollout
+    old_logp = ro.logp
+    if rl.recompute_old_logp:
+      old_logp = _recompute_logp(logits_fn, cfg, train_state.params,
+                                 task.train_prompts[idx],
+                                 task.train_prompt_mask[idx], ro.tokens)
+    batch = learner.Batch(
+        prompt=jnp.asarray(task.train_prompts[idx]),
+        prompt_mask=jnp.asarray(task.train_prompt_mask[idx]),
+        response=ro.tokens, loss_mask=ro.loss_mask, old_logp=old_logp,
+        rewards=jnp.asarray(scored.rewards),
+        group_mask=jnp.ones(scored.rewards.shape, bool))
+    batch = learner.trim_batch(batch)
+    metrics = {}
+    mini = rl.batch_prompts // rl.num_minibatches
+    for m in range(rl.num_minibatches):
+      part = jax.tree.map(lambda x, m=m: x[m * mini:(m + 1) * mini], batch)
+      train_state, metrics = train_step(train_state, ref_params, part)
+    metrics = jax.device_get(metrics)
+    lengths = np.asarray(ro.lengths)
+    counters['rollouts/total'] += int(lengths.size)
+    counters['tokens/decoded_total'] += int(lengths.sum())
+    rewards = scored.rewards
+    row = {
+        'step': step + 1,
+        'reward/mean': float(rewards.mean()),
+        'reward/zero_var_group_frac': float(np.mean(rewards.std(-1) == 0)),
+        'response/len_mean': float(lengths.mean()),
+        'response/len_max': int(lengths.max()),
+        'response/truncated_frac': float(np.mean(np.asarray(ro.finish) == 2)),
+        'rollouts/total': counters['rollouts/total'],
+        'tokens/decoded_total': counters['tokens/decoded_total'],
+        'time/rollout_s': t1 - t0,
+        'time/train_s': time.time() - t1,
+        'time/elapsed_s': elapsed(),
+        **{f'learner/{k}': float(v) for k, v in metrics.items()},
+    }
+    if (step + 1) % cfg.log.every == 0 or step + 1 == cfg.rl.num_steps:
+      log.write(row)
+    if (step + 1) % cfg.eval.every == 0 or step + 1 == cfg.rl.num_steps:
+      last_eval = run_eval(step + 1)
+    log.advance(row['reward/mean'], last_eval.get('eval/pass@1'))
+    if (step + 1) % cfg.log.checkpoint_every == 0 or step + 1 == end:
+      ckpt.save(step + 1, {'train': train_state, 'ref': ref_params or {}},
+                {'counters': {**counters, 'elapsed_s': elapsed()},
+                 'config': config_lib.to_dict(cfg),
+                 'data_position': (step + 1) * rl.batch_prompts})
+  log.close()
+  ckpt.close()
+  return {'params': train_state.params, 'step': end, 'last_eval': last_eval}
+
+
+def _recompute_logp(logits_fn, cfg: Config, params, prompts, prompt_mask,
+                    response):
+  b, g, t = response.shape
+  prompt = jnp.repeat(jnp.asarray(prompts), g, axis=0)
+  pmask = jnp.repeat(jnp.asarray(prompt_mask), g, axis=0)
+  logp, _ = jax.jit(learner.response_logprobs, static_argnums=0)(
+      logits_fn, params, prompt, pmask, response.reshape(b * g, t),
+      temperature=cfg.sampling.temperature)
+  return logp.reshape(b, g, t)

@@ -1,0 +1,148 @@
+"""Supervised warm start on task demonstrations, cached by config.
+
+RL from a random policy never sees a reward on a reasoning task, so the
+policy first imitates worked solutions for a fixed number of steps. The
+result is saved (atomically, with orbax) under `warmstart.cache_dir/<key>`,
+where the key fingerprints everything that determines it (task, model,
+warm-start settings, seed); any later run with the same key reuses it.
+"""
+
+import dataclasses
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rlx import checkpoint
+from rlx.config import Config, fingerprint
+from rlx.data import chain_arith
+from rlx.data import loader
+from rlx.data.task import Task
+from rlx import learner
+from rlx.learner import LogitsFn, response_logprobs
+from rlx.models import transformer
+from rlx.types import Params
+
+
+def cache_key(cfg: Config) -> str:
+  ws = dataclasses.asdict(cfg.warmstart)
+  ws.pop('cache_dir')
+  return fingerprint({'task': dataclasses.asdict(cfg.task),
+                      'model': dataclasses.asdict(cfg.model),
+                      'max_new_tokens': cfg.sampling.max_new_tokens,
+                      'warmstart': ws, 'seed': cfg.seed})
+
+
+def _make_sft_step(logits_fn: LogitsFn, optimizer):
+  def loss_fn(params, batch):
+    logp, _ = response_logprobs(logits_fn, params, batch['prompt'],
+                                batch['prompt_mask'], batch['response'])
+    mask = batch['response_mask'].astype(jnp.float32)
+    return -jnp.sum(logp * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+  def step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+_RESPONSE_BUCKET = 16  # Response lengths are bucketed by this many tokens.
+
+
+def _length_buckets(demos: dict) -> list[np.ndarray]:
+  lengths = demos['response_mask'].sum(-1)
+  bucket = (lengths - 1) // _RESPONSE_BUCKET
+  return [np.flatnonzero(bucket == b) for b in np.unique(bucket)]
+
+
+def _bucket_shape(demos: dict, members: np.ndarray) -> tuple[int, int]:
+  """(prompt, response) lengths covering every member, rounded up."""
+  p_full = demos['prompt'].shape[1]
+  t_full = demos['response'].shape[1]
+  p = learner.round_up(int(demos['prompt_mask'][members].sum(-1).max()), 8,
+                       p_full)
+  t = learner.round_up(int(demos['response_mask'][members].sum(-1).max()),
+                       _RESPONSE_BUCKET, t_full)
+  return p, t
+
+
+def _trim(batch: dict, shape: tuple[int, int]) -> dict:
+  p, t = shape
+  return {'prompt': jnp.asarray(batch['prompt'][:, -p:]),
+          'prompt_mask': jnp.asarray(batch['prompt_mask'][:, -p:]),
+          'response': jnp.asarray(batch['response'][:, :t]),
+          'response_mask': jnp.asarray(batch['response_mask'][:, :t])}
+
+
+def train_sft(cfg: Config, logits_fn: LogitsFn, task: Task, params: Params,
+              *, log: Callable[[str], None] = print) -> Params:
+  """Runs `warmstart.num_steps` supervised steps from `params`."""
+  ws = cfg.warmstart
+  solutions = task.train.solutions
+  if ws.demo_error_rate:
+    noise = np.random.default_rng([cfg.seed, 7])
+    solutions = [chain_arith.noisy_solution(p, noise, ws.demo_error_rate)
+                 for p in task.train.prompts]
+  demos = loader.encode_demonstrations(
+      task.tokenizer, task.train.prompts, solutions,
+      prompt_len=cfg.task.prompt_len,
+      response_len=cfg.sampling.max_new_tokens)
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, ws.learning_rate, max(ws.warmup_steps, 1),
+      max(ws.num_steps, ws.warmup_steps + 1),
+      end_value=ws.learning_rate * 0.1)
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0),
+                          optax.adamw(schedule, b1=0.9, b2=0.99))
+  opt_state = optimizer.init(params)
+  step_fn = _make_sft_step(logits_fn, optimizer)
+  buckets = _length_buckets(demos)
+  weights = np.array([len(b) for b in buckets], np.float64)
+  rng = np.random.default_rng(cfg.seed)
+  start = time.time()
+  for i in range(ws.num_steps):
+    # One length bucket per step: batches are trimmed to the bucket's
+    # longest demonstration instead of the global maximum.
+    members = buckets[rng.choice(len(buckets), p=weights / weights.sum())]
+    idx = members[rng.integers(0, len(members), ws.batch_size)]
+    batch = _trim({k: v[idx] for k, v in demos.items()},
+                  _bucket_shape(demos, members))
+    params, opt_state, loss = step_fn(params, opt_state, batch)
+    if (i + 1) % max(ws.num_steps // 10, 1) == 0 or i + 1 == ws.num_steps:
+      log(f'warm start {i + 1}/{ws.num_steps}: nll/token {float(loss):.4f} '
+          f'({time.time() - start:.0f}s)')
+  return params
+
+
+def load_or_train(cfg: Config, logits_fn: LogitsFn, task: Task,
+                  init_params: Params, *,
+                  log: Callable[[str], None] = print) -> tuple[Params, dict]:
+  """The warm-start parameters: from the cache if present, else trained.
+
+  Returns:
+    (params, info) where info has the cache path, whether it was reused,
+    and the seconds spent.
+  """
+  start = time.time()
+  if cfg.warmstart.num_steps == 0:
+    return init_params, {'path': '', 'reused': False, 'seconds': 0.0}
+  path = os.path.join(os.path.expanduser(cfg.warmstart.cache_dir),
+                      cache_key(cfg))
+  abstract = jax.eval_shape(lambda: init_params)
+  if os.path.isdir(path) and checkpoint.Checkpointer(path).latest_step() is not None:
+    params, _ = checkpoint.load_params(path, abstract)
+    log(f'warm start: reusing {path}')
+    return params, {'path': path, 'reused': True,
+                    'seconds': time.time() - start}
+  log(f'warm start: training {cfg.warmstart.num_steps} supervised steps '
+      f'({transformer.count_params(init_params):,} parameters)')
+  params = train_sft(cfg, logits_fn, task, init_params, log=log)
+  checkpoint.save_params(path, params, {'key': cache_key(cfg)})
+  log(f'warm start: saved {path}')
+  return params, {'path': path, 'reused': False,
+                  'seconds': time.time() - start}

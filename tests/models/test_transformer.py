@@ -1,0 +1,128 @@
+"""Transformer: cache equivalence, GQA, RoPE, logical axis names."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlx.models import kv_cache
+from rlx.models import transformer as tr
+
+
+def _cfg(**kw):
+  base = dict(vocab_size=23, num_layers=2, embed_dim=32, num_heads=4,
+              num_kv_heads=2, head_dim=8, mlp_dim=48)
+  base.update(kw)
+  return tr.TransformerConfig(**base)
+
+
+@pytest.mark.parametrize('kw', [{}, {'qk_norm': True},
+                                {'tie_embeddings': False},
+                                {'num_kv_heads': 1}, {'num_kv_heads': 4}])
+def test_cached_decode_equals_full_forward(kw):
+  cfg = _cfg(**kw)
+  model = tr.Transformer(cfg)
+  params = tr.init_params(cfg, jax.random.key(0))
+  b, p, extra = 3, 6, 5
+  tokens = jax.random.randint(jax.random.key(1), (b, p + extra), 3, 23)
+  pmask = jnp.array([[0, 0, 1, 1, 1, 1], [1] * 6, [0, 0, 0, 0, 0, 1]], bool)
+  valid = jnp.concatenate([pmask, jnp.ones((b, extra), bool)], 1)
+  pos = kv_cache.positions_from_mask(valid)
+  full, _, _ = model.apply(
+      {'params': params}, tokens, pos,
+      kv_cache.causal_mask(valid, query_len=p + extra, cache_index=0))
+
+  cache = kv_cache.init_cache(num_layers=2, batch=b, length=p + extra,
+                              num_kv_heads=cfg.num_kv_heads, head_dim=8)
+  kvv = jnp.concatenate([pmask, jnp.zeros((b, extra), bool)], 1)
+  out, cache, _ = model.apply(
+      {'params': params}, tokens[:, :p], pos[:, :p],
+      kv_cache.causal_mask(kvv, query_len=p, cache_index=0), cache, 0)
+  outs = [out]
+  for i in range(p, p + extra):
+    kvv = kvv.at[:, i].set(True)
+    out, cache, _ = model.apply(
+        {'params': params}, tokens[:, i:i + 1], pos[:, i:i + 1],
+        kv_cache.causal_mask(kvv, query_len=1, cache_index=i), cache, i)
+    outs.append(out)
+  cached = jnp.concatenate(outs, 1)
+  np.testing.assert_allclose(np.where(valid[..., None], cached, 0),
+                             np.where(valid[..., None], full, 0),
+                             atol=1e-4, rtol=1e-4)
+
+
+def test_left_padding_does_not_change_logits():
+  cfg = _cfg()
+  model = tr.Transformer(cfg)
+  params = tr.init_params(cfg, jax.random.key(0))
+  seq = jnp.array([[5, 7, 9, 11]])
+  def run(tokens, mask):
+    pos = kv_cache.positions_from_mask(mask)
+    return model.apply({'params': params}, tokens, pos,
+                       kv_cache.causal_mask(mask, query_len=tokens.shape[1],
+                                            cache_index=0))[0]
+  plain = run(seq, jnp.ones((1, 4), bool))
+  padded = run(jnp.array([[0, 0, 5, 7, 9, 11]]),
+               jnp.array([[0, 0, 1, 1, 1, 1]], bool))
+  np.testing.assert_allclose(padded[:, 2:], plain, atol=1e-5)
+
+
+def test_rope_is_relative():
+  """<rope(q, m), rope(k, n)> depends only on m - n."""
+  q = jax.random.normal(jax.random.key(0), (1, 1, 1, 8))
+  k = jax.random.normal(jax.random.key(1), (1, 1, 1, 8))
+  dot = lambda m, n: jnp.sum(tr.apply_rope(q, jnp.array([[m]]), 1e4) *
+                             tr.apply_rope(k, jnp.array([[n]]), 1e4))
+  np.testing.assert_allclose(dot(7, 3), dot(14, 10), rtol=1e-5)
+  assert abs(float(dot(7, 3)) - float(dot(7, 4))) > 1e-4
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+  """K=1 GQA equals N-head attention whose k/v weights are all copies."""
+  g_cfg = _cfg(num_kv_heads=1)
+  m_cfg = _cfg(num_kv_heads=4)
+  g_params = tr.init_params(g_cfg, jax.random.key(0))
+  m_params = jax.tree.map(lambda x: x, tr.init_params(m_cfg, jax.random.key(0)))
+  for i in range(2):
+    ga, ma = g_params[f'layer_{i}']['attn'], m_params[f'layer_{i}']['attn']
+    for name in ('k', 'v'):
+      ma[name]['kernel'] = jnp.repeat(ga[name]['kernel'], 4, axis=1)
+    for name in ('q', 'o'):
+      ma[name]['kernel'] = ga[name]['kernel']
+    m_params[f'layer_{i}']['mlp'] = g_params[f'layer_{i}']['mlp']
+  m_params['embed'] = g_params['embed']
+  tokens = jnp.array([[3, 4, 5, 6]])
+  mask = kv_cache.causal_mask(jnp.ones((1, 4), bool), query_len=4,
+                              cache_index=0)
+  pos = jnp.arange(4)[None]
+  g = tr.Transformer(g_cfg).apply({'params': g_params}, tokens, pos, mask)[0]
+  m = tr.Transformer(m_cfg).apply({'params': m_params}, tokens, pos, mask)[0]
+  np.testing.assert_allclose(g, m, atol=1e-5)
+
+
+def test_logical_axis_names_cover_every_weight():
+  cfg = _cfg(qk_norm=True, tie_embeddings=False)
+  specs = tr.logical_specs(cfg)
+  params = tr.init_params(cfg, jax.random.key(0))
+  flat_p = jax.tree_util.tree_leaves_with_path(params)
+  flat_s = jax.tree.leaves(specs, is_leaf=lambda x: x is not None and
+                           not isinstance(x, dict))
+  assert len(flat_p) == len(flat_s)
+  att = specs['layer_0']['attn']
+  assert tuple(att['q']['kernel']) == ('embed', 'q_heads', 'head_dim')
+  assert tuple(att['k']['kernel']) == ('embed', 'kv_heads', 'head_dim')
+  assert tuple(specs['embed']['embedding']) == ('vocab', 'embed')
+  assert tuple(specs['unembed']['kernel']) == ('embed', 'vocab')
+
+
+def test_param_count_matches_formula():
+  cfg = _cfg()
+  d, n, k, h, f, v = 32, 4, 2, 8, 48, 23
+  per_layer = d * n * h * 2 + d * k * h * 2 + 3 * d * f + 2 * d
+  expected = v * d + 2 * per_layer + d
+  assert tr.count_params(tr.init_params(cfg, jax.random.key(0))) == expected
+
+
+def test_bad_head_config_is_rejected():
+  with pytest.raises(ValueError, match='num_kv_heads'):
+    _cfg(num_heads=4, num_kv_heads=3)

@@ -1,0 +1,107 @@
+"""End to end: a tiny run, kill-and-resume equality, unsafe restarts."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from rlx import checkpoint
+from rlx import config as config_lib
+from rlx import testing
+from rlx import trainer
+from rlx.logbook import read_metrics
+
+_NONDETERMINISTIC = ('time/',)
+
+
+def _cfg(tmp, **overrides):
+  c = testing.tiny_config_dict(str(tmp))
+  for key, value in overrides.items():
+    group, name = key.split('.')
+    c[group][name] = value
+  return config_lib.build(c)
+
+
+def _comparable(rows):
+  return [{k: v for k, v in r.items() if not k.startswith(_NONDETERMINISTIC)}
+          for r in rows]
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp('full')
+  cfg = _cfg(tmp)
+  result = trainer.train(cfg, str(tmp / 'run'))
+  return tmp, cfg, result, read_metrics(str(tmp / 'run' / 'metrics.jsonl'))
+
+
+def test_run_writes_required_metrics(uninterrupted):
+  _, cfg, result, rows = uninterrupted
+  train_rows = [r for r in rows if 'reward/mean' in r]
+  eval_rows = [r for r in rows if 'eval/pass@1' in r]
+  assert [r['step'] for r in train_rows] == [1, 2, 3, 4]
+  assert [r['step'] for r in eval_rows] == [0, 2, 4]
+  b, g = cfg.rl.batch_prompts, cfg.rl.group_size
+  assert [r['rollouts/total'] for r in train_rows] == [b * g * i
+                                                       for i in (1, 2, 3, 4)]
+  tokens = [r['tokens/decoded_total'] for r in train_rows]
+  assert all(np.diff(tokens) > 0)
+  lens = [r['response/len_mean'] for r in train_rows]
+  np.testing.assert_allclose(np.diff([0] + tokens), np.array(lens) * b * g)
+  times = [r['time/elapsed_s'] for r in rows]
+  assert all(t > 0 for t in times) and times == sorted(times)
+  for r in eval_rows:
+    assert 0.0 <= r['eval/pass@1'] <= 1.0
+    assert r['eval/pass@2'] >= r['eval/pass@1'] - 1e-9
+  assert result['step'] == 4
+
+
+def test_kill_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
+  tmp, cfg, full, full_rows = uninterrupted
+  # Same warm-start cache as the full run (reused, not retrained).
+  cfg = _cfg(tmp)
+  workdir = str(tmp_path / 'run')
+  trainer.train(cfg, workdir, stop_after=3)  # Killed after step 3...
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  assert ckpt.latest_step() == 3
+  # ...after it had written a row for a step that no checkpoint covers.
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+    f.write(json.dumps({'step': 4, 'reward/mean': -1.0}) + '\n')
+  resumed = trainer.train(cfg, workdir)
+  jax.tree.map(np.testing.assert_array_equal, resumed['params'],
+               full['params'])
+  rows = read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+  assert _comparable(rows) == _comparable(full_rows)
+
+
+def test_refuses_to_start_over_existing_metrics(tmp_path):
+  cfg = _cfg(tmp_path)
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'metrics.jsonl').write_text('{"step": 0}\n')
+  with pytest.raises(checkpoint.CheckpointError, match='refusing'):
+    trainer.train(cfg, str(workdir))
+
+
+def test_resume_with_changed_config_is_refused(uninterrupted, tmp_path):
+  tmp, _, _, _ = uninterrupted
+  workdir = str(tmp_path / 'run')
+  trainer.train(_cfg(tmp), workdir, stop_after=2)
+  with pytest.raises(checkpoint.CheckpointError, match='optim.learning_rate'):
+    trainer.train(_cfg(tmp, **{'optim.learning_rate': 1e-3}), workdir)
+
+
+def test_corrupt_checkpoint_is_reported(uninterrupted, tmp_path):
+  tmp, _, _, _ = uninterrupted
+  workdir = tmp_path / 'run'
+  trainer.train(_cfg(tmp), str(workdir), stop_after=2)
+  step_dir = workdir / 'checkpoints' / '2' / 'state'
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'garbage')
+  with pytest.raises(checkpoint.CheckpointError, match='cannot restore'):
+    trainer.train(_cfg(tmp), str(workdir))
