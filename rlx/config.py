@@ -24,10 +24,11 @@ class TaskConfig:
   data_dir: str = '~/tensorflow_datasets'  # Where TFDS prepares the data.
   num_train: int = 20_000  # Training prompts generated.
   num_test: int = 512  # Held-out prompts (disjoint from train).
-  max_steps: int = 16  # Longest chain: the hardest prompts.
-  zipf_s: float = 1.0  # P(steps = n) ~ n^-zipf_s: the long tail of lengths.
+  max_steps: int = 12  # Longest chain (<= 16): the hardest prompts.
+  zipf_s: float = 0.8  # P(steps = n) ~ n^-zipf_s: the long tail of lengths.
   seed: int = 0  # Dataset generation seed.
-  prompt_len: int = 40  # P: prompts are left-padded to this many tokens.
+  prompt_len: int = 40  # P: prompts are left-padded to this many tokens
+  # (chain_arith needs 3 * max_steps + 3).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +52,14 @@ class SamplingConfig:
   temperature: float = 1.0  # Rollout temperature; the learner uses it too.
   top_p: float = 1.0  # Nucleus mass; 1 disables.
   top_k: int = 0  # Top-k filter; 0 disables.
-  max_new_tokens: int = 100  # T: response budget (chain_arith needs <= 98).
+  max_new_tokens: int = 80  # T: response budget (chain_arith needs
+  # 6 * max_steps + 4).
 
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-  num_steps: int = 60  # RL steps (one rollout batch each).
-  batch_prompts: int = 32  # B: prompts per step.
+  num_steps: int = 50  # RL steps (one rollout batch each).
+  batch_prompts: int = 16  # B: prompts per step.
   group_size: int = 8  # G: responses per prompt.
   num_minibatches: int = 1  # Optimizer updates per rollout batch.
   recompute_old_logp: bool = False  # Old policy log-probs from the learner
@@ -93,18 +95,18 @@ class OptimConfig:
 class WarmstartConfig:
   num_steps: int = 600  # Supervised steps on demonstrations; 0 skips.
   batch_size: int = 64  # Demonstrations per step.
-  learning_rate: float = 1e-3  # Peak AdamW learning rate (cosine decay).
+  learning_rate: float = 3e-3  # Peak AdamW learning rate (cosine decay).
   warmup_steps: int = 50  # Linear warmup.
-  demo_error_rate: float = 0.0  # Per-step slip rate in the demonstrations
+  demo_error_rate: float = 0.15  # Per-step slip rate in the demonstrations
   # (imperfect data, as human-written solutions are; RL removes the slips).
   cache_dir: str = '~/.cache/rlx/warmstart'  # Reused across runs by key.
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-  every: int = 20  # Evaluate every this many RL steps (and at 0 and end).
+  every: int = 10  # Evaluate every this many RL steps (and at 0 and end).
   num_prompts: int = 512  # Held-out prompts (at most task.num_test).
-  samples_per_prompt: int = 4  # k for pass@k; pass@1 averages all k.
+  samples_per_prompt: int = 2  # k for pass@k; pass@1 averages all k.
   temperature: float = 1.0  # Evaluation sampling temperature.
   batch_prompts: int = 128  # Prompts per sampler call.
 
@@ -213,6 +215,14 @@ def validate(cfg: Config) -> Config:
   _require(cfg.eval.samples_per_prompt >= 1, 'eval.samples_per_prompt',
            'must be >= 1')
   _require(cfg.eval.every > 0, 'eval.every', 'must be positive')
+  _require(cfg.eval.batch_prompts > 0, 'eval.batch_prompts', 'must be positive')
+  _require(cfg.objective.adv_eps > 0, 'objective.adv_eps', 'must be > 0')
+  _require(cfg.warmstart.num_steps >= 0, 'warmstart.num_steps', 'must be >= 0')
+  _require(cfg.warmstart.batch_size > 0, 'warmstart.batch_size',
+           'must be positive')
+  _require(0 <= cfg.warmstart.demo_error_rate <= 1,
+           'warmstart.demo_error_rate', 'must be in [0, 1]')
+  _require(cfg.log.keep > 0, 'log.keep', 'must be positive')
   _require(cfg.log.every > 0, 'log.every', 'must be positive')
   _require(cfg.log.checkpoint_every > 0, 'log.checkpoint_every',
            'must be positive')

@@ -56,7 +56,10 @@ def trim_batch(batch: Batch, *, response_multiple: int = 16,
   Log-probs are unchanged: positions are counted over real tokens only.
   """
   t_full, p_full = batch.response.shape[-1], batch.prompt.shape[-1]
-  t = round_up(int(np.max(np.sum(np.asarray(batch.loss_mask), -1))),
+  # Last masked column + 1 (masks are contiguous from 0 in practice, but
+  # never drop a valid token if one is not).
+  used = np.any(np.asarray(batch.loss_mask).reshape(-1, t_full), axis=0)
+  t = round_up(int(np.max(np.nonzero(used)[0], initial=-1)) + 1,
                response_multiple, t_full)
   p = round_up(int(np.max(np.sum(np.asarray(batch.prompt_mask), -1))),
                prompt_multiple, p_full)
@@ -102,7 +105,9 @@ def response_logprobs(logits_fn: LogitsFn, params: Params, prompt: Array,
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   """AdamW with global-norm clipping; linear warmup, then constant."""
   schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1)),
+      # The first update already moves (lr / warmup, not 0).
+      [optax.linear_schedule(cfg.learning_rate / max(cfg.warmup_steps, 1),
+                             cfg.learning_rate, max(cfg.warmup_steps, 1)),
        optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
   return optax.chain(
       optax.clip_by_global_norm(cfg.max_grad_norm),

@@ -13,10 +13,10 @@ def tiny_config_dict(tmp_dir: str) -> ml_collections.ConfigDict:
   c = config_lib.default_config_dict()
   c.task.data_dir = f'{tmp_dir}/data'
   c.task.num_train, c.task.num_test = 200, 16
-  c.task.max_steps, c.task.prompt_len = 3, 10
+  c.task.max_steps, c.task.prompt_len = 3, 12
   c.model.num_layers, c.model.embed_dim, c.model.mlp_dim = 2, 32, 64
   c.model.num_heads, c.model.num_kv_heads, c.model.head_dim = 2, 1, 16
-  c.sampling.max_new_tokens = 20
+  c.sampling.max_new_tokens = 24
   c.rl.num_steps, c.rl.batch_prompts, c.rl.group_size = 4, 4, 4
   c.warmstart.num_steps, c.warmstart.batch_size = 4, 8
   c.warmstart.warmup_steps = 2

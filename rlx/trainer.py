@@ -13,6 +13,7 @@ import os
 import time
 from typing import Any
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,6 +136,8 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   actor = Actor(model, task, cfg.sampling.max_new_tokens,
                 top_k=cfg.sampling.top_k)
   train_step = learner.make_train_step(logits_fn, optimizer, cfg)
+  recompute_logp = jax.jit(functools.partial(
+      _recompute_logp, logits_fn, cfg.sampling.temperature))
   base_key = jax.random.key(cfg.seed)
   eval_key = jax.random.fold_in(base_key, 2)  # Same draws every eval.
 
@@ -164,9 +167,8 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
     ro = scored.rollout
     old_logp = ro.logp
     if rl.recompute_old_logp:
-      old_logp = _recompute_logp(logits_fn, cfg, train_state.params,
-                                 task.train_prompts[idx],
-                                 task.train_prompt_mask[idx], ro.tokens)
+      old_logp = recompute_logp(train_state.params, task.train_prompts[idx],
+                                task.train_prompt_mask[idx], ro.tokens)
     batch = learner.Batch(
         prompt=jnp.asarray(task.train_prompts[idx]),
         prompt_mask=jnp.asarray(task.train_prompt_mask[idx]),
@@ -213,12 +215,12 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   return {'params': train_state.params, 'step': end, 'last_eval': last_eval}
 
 
-def _recompute_logp(logits_fn, cfg: Config, params, prompts, prompt_mask,
+def _recompute_logp(logits_fn, temperature, params, prompts, prompt_mask,
                     response):
-  b, g, t = response.shape
-  prompt = jnp.repeat(jnp.asarray(prompts), g, axis=0)
-  pmask = jnp.repeat(jnp.asarray(prompt_mask), g, axis=0)
-  logp, _ = jax.jit(learner.response_logprobs, static_argnums=0)(
-      logits_fn, params, prompt, pmask, response.reshape(b * g, t),
-      temperature=cfg.sampling.temperature)
-  return logp.reshape(b, g, t)
+  """Old-policy log-probs `[B, G, T]` from the learner's forward pass."""
+  g = response.shape[1]
+  logp, _ = learner.response_logprobs(
+      logits_fn, params, jnp.repeat(prompts, g, axis=0),
+      jnp.repeat(prompt_mask, g, axis=0),
+      einops.rearrange(response, 'b g t -> (b g) t'), temperature=temperature)
+  return einops.rearrange(logp, '(b g) t -> b g t', g=g)

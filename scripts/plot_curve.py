@@ -57,6 +57,7 @@ def plot(rows: list[dict], out_path: str, title: str | None = None) -> None:
   steps = [r['step'] for r in evals]
   pass1 = [r['eval/pass@1'] for r in evals]
   ax_e.plot(steps, pass1, 'o-', color='C1')
+  ax_e.margins(x=0.05, y=0.15)  # Room for the labels above the points.
   ax_e.set(xlabel='RL step', ylabel='eval/pass@1', title='held-out pass@1')
   ends = [(0, 'warm start' if steps[0] == 0 else f'step {steps[0]}')]
   if len(evals) > 1:

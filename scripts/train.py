@@ -14,6 +14,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from ml_collections import config_flags
 
+from rlx import checkpoint
 from rlx import config as config_lib
 from rlx import trainer
 
@@ -30,7 +31,10 @@ def main(argv):
     cfg = config_lib.build(_CONFIG.value)
   except config_lib.ConfigError as e:
     sys.exit(f'config error: {e}')
-  result = trainer.train(cfg, _WORKDIR.value)
+  try:
+    result = trainer.train(cfg, _WORKDIR.value)
+  except (checkpoint.CheckpointError, config_lib.ConfigError) as e:
+    sys.exit(f'error: {e}')
   print(f'done: step {result["step"]}, final eval {result["last_eval"]}')
 
 

@@ -1,4 +1,11 @@
-"""Learner: micro-batching, loss and gradient values, KL path, trimming."""
+"""Learner: micro-batching, loss and gradient values, KL path, trimming.
+
+Compiles are the cost here, so the train steps are built once per module
+with SGD(lr=1) (new params = params - grads, which exposes the gradients)
+and shared; all log-prob computations use one shape where possible.
+"""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,14 +20,17 @@ from rlx import trainer
 from rlx.models import transformer
 
 V = 20
-B, G, P, T = 4, 4, 10, 8
+B, G, P, T = 4, 4, 8, 16
 TEMP = 0.7
+KL_BETA = 0.5
+SGD = optax.sgd(1.0)
 
 
 def _cfg(tmp_dir, **overrides):
   c = testing.tiny_config_dict(str(tmp_dir))
   c.sampling.temperature = TEMP
   c.optim.warmup_steps = 0
+  c.model.num_layers = 1  # Halves every compile; depth is not under test.
   for key, value in overrides.items():
     group, field = key.split('.')
     setattr(getattr(c, group), field, value)
@@ -34,41 +44,54 @@ def tmp_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def model(tmp_dir):
-  cfg = _cfg(tmp_dir)
-  mod, logits_fn = trainer.build_model(cfg, vocab_size=V)
-  params = transformer.init_params(mod.cfg, jax.random.key(0))
+  mod, logits_fn = trainer.build_model(_cfg(tmp_dir), vocab_size=V)
+  params = jax.jit(lambda k: transformer.init_params(mod.cfg, k))(
+      jax.random.key(0))
   return logits_fn, params
 
 
 @pytest.fixture(scope='module')
-def sgd_steps(tmp_dir, model):
-  """Jitted train steps with SGD(lr=1): new params = params - grads."""
+def steps(tmp_dir, model):
+  """SGD(1) train steps by num_microbatches; m=2 also has a KL term."""
   logits_fn, _ = model
+  overrides = {1: {}, 2: {'objective.kl_beta': KL_BETA}, 4: {}}
   return {m: learner.make_train_step(
-      logits_fn, optax.sgd(1.0), _cfg(tmp_dir, **{'optim.num_microbatches': m}))
-          for m in (1, 2, 4)}
+      logits_fn, SGD,
+      _cfg(tmp_dir, **{'optim.num_microbatches': m}, **extra))
+          for m, extra in overrides.items()}
 
 
 def _copy(tree):
   return jax.tree.map(jnp.array, tree)
 
 
-def _state(params, optimizer):
-  return learner.init_state(_copy(params), optimizer)
+def _run(step, params, batch, ref_params=None):
+  """One SGD(1) step on a fresh state; returns (grads, metrics).
+
+  `ref_params` defaults to the params (ignored when kl_beta = 0): the same
+  pytree structure every call, so each step compiles once.
+  """
+  ref_params = params if ref_params is None else ref_params
+  state, metrics = step(learner.init_state(_copy(params), SGD),
+                        _copy(ref_params), batch)
+  assert int(state.step) == 1
+  return jax.tree.map(jnp.subtract, params, state.params), metrics
 
 
-def _logp(logits_fn, params, prompt, prompt_mask, response, temp=TEMP):
-  """[B, G, T] log-probs of `response` under `params` (no jit)."""
+@functools.partial(jax.jit, static_argnums=(0,))
+def _logp(logits_fn, params, prompt, prompt_mask, response):
+  """[B, G, T] log-probs of `response` under `params`."""
   b, g, t = response.shape
   logp, _ = learner.response_logprobs(
       logits_fn, params, jnp.repeat(prompt, g, axis=0),
       jnp.repeat(prompt_mask, g, axis=0), response.reshape(b * g, t),
-      temperature=temp)
+      temperature=TEMP)
   return logp.reshape(b, g, t)
 
 
 def _batch(logits_fn, params, seed, *, perturb=0.3, rewards=None,
            group_mask=None):
+  """Random batch; old_logp = current log-probs + uniform noise."""
   rng = np.random.default_rng(seed)
   plen = rng.integers(2, P + 1, B)
   plen[0] = P
@@ -83,8 +106,8 @@ def _batch(logits_fn, params, seed, *, perturb=0.3, rewards=None,
     rewards[:, 0], rewards[:, 1] = 1.0, 0.0  # No zero-variance group.
   if group_mask is None:
     group_mask = np.ones((B, G), bool)
-  prompt, prompt_mask = jnp.asarray(prompt, jnp.int32), jnp.asarray(
-      prompt_mask)
+  prompt = jnp.asarray(prompt, jnp.int32)
+  prompt_mask = jnp.asarray(prompt_mask)
   response = jnp.asarray(response, jnp.int32)
   logp = _logp(logits_fn, params, prompt, prompt_mask, response)
   noise = rng.uniform(-perturb, perturb, (B, G, T)) if perturb else 0.0
@@ -105,21 +128,25 @@ def _np_grpo(rewards, mask, eps=1e-6):
   return out
 
 
-def _reference_loss(logits_fn, batch, eps=0.2):
+def _reference_loss(logits_fn, params, batch, adv, eps=0.2):
   """Full-batch PPO-clip token-mean loss, written independently."""
-  adv = jnp.asarray(_np_grpo(np.asarray(batch.rewards),
-                             np.asarray(batch.group_mask)), jnp.float32)
   mask = (batch.loss_mask & batch.group_mask[..., None]).astype(jnp.float32)
+  logp = _logp(logits_fn, params, batch.prompt, batch.prompt_mask,
+               batch.response)
+  rho = jnp.exp(logp - batch.old_logp)
+  a = adv[..., None]
+  per = -jnp.minimum(rho * a, jnp.clip(rho, 1 - eps, 1 + eps) * a)
+  return jnp.sum(per * mask) / jnp.sum(mask)
 
-  def loss(params):
-    logp = _logp(logits_fn, params, batch.prompt, batch.prompt_mask,
-                 batch.response)
-    rho = jnp.exp(logp - batch.old_logp)
-    a = adv[..., None]
-    per = -jnp.minimum(rho * a, jnp.clip(rho, 1 - eps, 1 + eps) * a)
-    return jnp.sum(per * mask) / jnp.sum(mask)
 
-  return loss
+_reference_value_and_grad = jax.jit(
+    jax.value_and_grad(_reference_loss, argnums=1), static_argnums=(0,))
+
+
+def _reference(logits_fn, params, batch):
+  adv = _np_grpo(np.asarray(batch.rewards), np.asarray(batch.group_mask))
+  return _reference_value_and_grad(logits_fn, params, batch,
+                                   jnp.asarray(adv, jnp.float32))
 
 
 def _max_abs_diff(a, b):
@@ -127,19 +154,17 @@ def _max_abs_diff(a, b):
       jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), a, b)))
 
 
-def test_microbatches_match_full_batch_and_reference_gradient(model,
-                                                              sgd_steps):
+def test_microbatches_match_full_batch_and_reference_gradient(model, steps):
   logits_fn, params = model
   batch = _batch(logits_fn, params, seed=0)
-  ref_loss = _reference_loss(logits_fn, batch)
-  want_loss, want_grads = jax.value_and_grad(ref_loss)(params)
+  want_loss, want_grads = _reference(logits_fn, params, batch)
+  assert float(optax.global_norm(want_grads)) > 1e-3  # Not trivially zero.
   results = {}
-  for m, step in sgd_steps.items():
-    state, metrics = step(_state(params, optax.sgd(1.0)), None, batch)
-    grads = jax.tree.map(jnp.subtract, params, state.params)
-    results[m] = (grads, metrics)
-    assert int(state.step) == 1
-  # The perturbation exercises the clip.
+  for m, step in steps.items():
+    # ref_params == params: the m=2 step's k3 term is 0 in value and
+    # gradient (d k3 / d logp = 1 - exp(ref - logp) = 0), so all agree.
+    results[m] = _run(step, params, batch)
+  # The perturbation exercises both sides of the clip.
   assert float(results[1][1]['clip_frac/high']) > 0
   assert float(results[1][1]['clip_frac/low']) > 0
   for m, (grads, metrics) in results.items():
@@ -149,31 +174,26 @@ def test_microbatches_match_full_batch_and_reference_gradient(model,
     assert _max_abs_diff(grads, results[1][0]) < 1e-5, m
     np.testing.assert_allclose(float(metrics['grad_norm']),
                                float(optax.global_norm(want_grads)),
-                               rtol=1e-4)
-  assert float(optax.global_norm(want_grads)) > 1e-3  # Not trivially zero.
+                               rtol=1e-4, err_msg=f'm={m}')
 
 
-def test_group_mask_excludes_samples(model, sgd_steps):
+def test_group_mask_excludes_samples(model, steps):
   logits_fn, params = model
   group_mask = np.ones((B, G), bool)
   group_mask[1, 3] = group_mask[2, 0] = False
   batch = _batch(logits_fn, params, seed=1, group_mask=group_mask)
-  want_loss, want_grads = jax.value_and_grad(
-      _reference_loss(logits_fn, batch))(params)
-  state, metrics = sgd_steps[2](_state(params, optax.sgd(1.0)), None, batch)
-  grads = jax.tree.map(jnp.subtract, params, state.params)
+  want_loss, want_grads = _reference(logits_fn, params, batch)
+  grads, metrics = _run(steps[4], params, batch)
   np.testing.assert_allclose(float(metrics['loss']), float(want_loss),
                              rtol=1e-5, atol=1e-6)
   assert _max_abs_diff(grads, want_grads) < 1e-5
 
 
-def test_on_policy_loss_is_minus_mean_token_advantage(model, sgd_steps):
+def test_on_policy_loss_is_minus_mean_token_advantage(model, steps):
   logits_fn, params = model
   batch = _batch(logits_fn, params, seed=2, perturb=0.0)
-  state, metrics = sgd_steps[1](_state(params, optax.sgd(1.0)), None, batch)
-  del state
-  rewards = np.asarray(batch.rewards)
-  adv = _np_grpo(rewards, np.ones((B, G), bool))
+  _, metrics = _run(steps[1], params, batch)
+  adv = _np_grpo(np.asarray(batch.rewards), np.ones((B, G), bool))
   n_tok = np.asarray(batch.loss_mask).sum(-1)  # [B, G]
   # rho = 1: l_t = -A, so the token-mean loss is -sum_i A_i n_i / N.
   want = -np.sum(adv * n_tok) / n_tok.sum()
@@ -189,26 +209,21 @@ def test_on_policy_loss_is_minus_mean_token_advantage(model, sgd_steps):
                              np.abs(adv).max(), rtol=1e-5)
 
 
-def test_kl_to_reference(tmp_dir, model, sgd_steps):
+def test_kl_to_reference(model, steps):
   logits_fn, params = model
-  beta = 0.5
-  step = learner.make_train_step(
-      logits_fn, optax.sgd(1.0),
-      _cfg(tmp_dir, **{'objective.kl_beta': beta}))
   batch = _batch(logits_fn, params, seed=3)
-  _, base = sgd_steps[1](_state(params, optax.sgd(1.0)), None, batch)
+  _, base = _run(steps[1], params, batch)  # kl_beta = 0.
   # Reference == policy: k3 is exactly 0 and the loss is unchanged.
-  _, same = step(_state(params, optax.sgd(1.0)), _copy(params), batch)
+  _, same = _run(steps[2], params, batch)
   assert abs(float(same['kl_ref'])) < 1e-7
   np.testing.assert_allclose(float(same['loss']), float(base['loss']),
                              rtol=1e-6, atol=1e-7)
-  # Perturbed reference: kl_ref > 0 and equals the masked k3 mean.
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  ref = jax.tree.unflatten(treedef, [
-      x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
-      for x, k in zip(leaves, keys)])
-  _, pert = step(_state(params, optax.sgd(1.0)), _copy(ref), batch)
+  # Perturbed reference: kl_ref > 0 and the loss gains beta * token-mean k3.
+  rng = np.random.default_rng(6)
+  ref = jax.tree.map(
+      lambda x: x + 0.05 * rng.normal(size=x.shape).astype(np.float32),
+      params)
+  _, pert = _run(steps[2], params, batch, ref_params=ref)
   logp = np.asarray(_logp(logits_fn, params, batch.prompt, batch.prompt_mask,
                           batch.response), np.float64)
   ref_logp = np.asarray(_logp(logits_fn, ref, batch.prompt,
@@ -217,38 +232,43 @@ def test_kl_to_reference(tmp_dir, model, sgd_steps):
   mask = np.asarray(batch.loss_mask)
   want_kl = k3[mask].mean()
   assert want_kl > 1e-4
-  np.testing.assert_allclose(float(pert['kl_ref']), want_kl, rtol=1e-4)
   np.testing.assert_allclose(float(pert['loss']),
-                             float(base['loss']) + beta * want_kl,
+                             float(base['loss']) + KL_BETA * want_kl,
                              rtol=1e-5, atol=1e-6)
+  # The metric is the mean of the two micro-batches' masked means.
+  half = B // 2
+  want_metric = np.mean([k3[:half][mask[:half]].mean(),
+                         k3[half:][mask[half:]].mean()])
+  np.testing.assert_allclose(float(pert['kl_ref']), want_metric, rtol=1e-4)
 
 
 def test_trim_batch_drops_only_padding(model):
   logits_fn, params = model
   rng = np.random.default_rng(4)
-  b, g, p, t = 2, 3, 16, 40
-  plen = np.array([3, 5])
+  p, t = 16, 40
+  plen = np.array([3, 5, 1, 4])
   prompt_mask = np.arange(p)[None, :] >= (p - plen)[:, None]
-  prompt = np.where(prompt_mask, rng.integers(3, V, (b, p)), 0)
-  response = rng.integers(3, V, (b, g, t))
-  lengths = np.array([[4, 10, 1], [7, 2, 9]])
+  prompt = np.where(prompt_mask, rng.integers(3, V, (B, p)), 0)
+  response = rng.integers(3, V, (B, G, t))
+  lengths = rng.integers(1, 11, (B, G))
+  lengths[2, 1] = 10
   loss_mask = np.arange(t) < lengths[..., None]
   batch = learner.Batch(
       prompt=jnp.asarray(prompt, jnp.int32),
       prompt_mask=jnp.asarray(prompt_mask),
       response=jnp.asarray(response, jnp.int32),
       loss_mask=jnp.asarray(loss_mask),
-      old_logp=jnp.asarray(rng.normal(size=(b, g, t)), jnp.float32),
-      rewards=jnp.asarray(rng.random((b, g)), jnp.float32),
-      group_mask=jnp.ones((b, g), bool))
+      old_logp=jnp.asarray(rng.normal(size=(B, G, t)), jnp.float32),
+      rewards=jnp.asarray(rng.random((B, G)), jnp.float32),
+      group_mask=jnp.ones((B, G), bool))
   trimmed = learner.trim_batch(batch)
-  # max prompt length 5 -> 8 columns; max response length 10 -> 16.
-  assert trimmed.prompt.shape == (b, 8)
-  assert trimmed.response.shape == (b, g, 16)
+  # Longest prompt 5 -> 8 columns; longest response 10 -> 16.
+  assert trimmed.prompt.shape == (B, 8)
+  assert trimmed.response.shape == (B, G, 16)
+  assert not prompt_mask[:, :-8].any() and not loss_mask[..., 16:].any()
   np.testing.assert_array_equal(trimmed.prompt, prompt[:, -8:])
   np.testing.assert_array_equal(trimmed.prompt_mask, prompt_mask[:, -8:])
-  assert not prompt_mask[:, :-8].any()
-  assert not loss_mask[..., 16:].any()
+  np.testing.assert_array_equal(trimmed.response, response[..., :16])
   np.testing.assert_array_equal(trimmed.loss_mask, loss_mask[..., :16])
   np.testing.assert_array_equal(trimmed.old_logp,
                                 np.asarray(batch.old_logp)[..., :16])
@@ -261,18 +281,31 @@ def test_trim_batch_drops_only_padding(model):
   np.testing.assert_allclose(short, np.asarray(full)[..., :16], atol=1e-5)
   # Buckets are capped at the full width.
   same = learner.trim_batch(batch, response_multiple=64, prompt_multiple=64)
-  assert same.response.shape == (b, g, t) and same.prompt.shape == (b, p)
+  assert same.response.shape == (B, G, t) and same.prompt.shape == (B, p)
 
 
-def test_one_adam_step_raises_logp_of_rewarded_sample(tmp_dir, model):
+def test_adam_step_raises_logp_of_rewarded_sample(tmp_dir, model, steps):
+  """One update of the real optimizer (AdamW + clipping, lr 1e-2).
+
+  The step's gradients come from the shared SGD(1) step (params - new
+  params); the update is the one make_train_step applies to them.
+  """
   logits_fn, params = model
-  cfg = _cfg(tmp_dir, **{'optim.learning_rate': 1e-2})
-  optimizer = learner.make_optimizer(cfg.optim)
-  step = learner.make_train_step(logits_fn, optimizer, cfg)
   rewards = np.zeros((B, G), np.float32)
   rewards[0, 0] = 1.0  # Only group 0 has signal; the others have A = 0.
   batch = _batch(logits_fn, params, seed=5, perturb=0.0, rewards=rewards)
-  state, metrics = step(_state(params, optimizer), None, batch)
+  grads, metrics = _run(steps[1], params, batch)
+  assert float(metrics['grad_norm']) > 0
+  optimizer = learner.make_optimizer(
+      _cfg(tmp_dir, **{'optim.learning_rate': 1e-2}).optim)
+
+  @jax.jit
+  def update(g, p):
+    state = learner.init_state(p, optimizer)
+    updates, _ = optimizer.update(g, state.opt_state, p)
+    return optax.apply_updates(p, updates)
+
+  new_params = update(grads, params)
   mask = np.asarray(batch.loss_mask)
 
   def seq_logp(p):
@@ -280,8 +313,7 @@ def test_one_adam_step_raises_logp_of_rewarded_sample(tmp_dir, model):
                           batch.response))
     return (lp * mask).sum(-1)  # [B, G]
 
-  before, after = seq_logp(params), seq_logp(state.params)
-  assert float(metrics['grad_norm']) > 0
+  before, after = seq_logp(params), seq_logp(new_params)
   assert after[0, 0] > before[0, 0] + 1e-3, (before[0, 0], after[0, 0])
   # The samples with negative advantage lose probability on average.
   assert np.mean(after[0, 1:] - before[0, 1:]) < 0

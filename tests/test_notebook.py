@@ -1,5 +1,6 @@
 """Runs notebooks/quickstart.ipynb end to end; tests scripts/plot_curve.py."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -22,7 +23,9 @@ def _ensure_python3_kernel():
                     '--name', 'python3'], check=True)
 
 
+@functools.lru_cache(maxsize=1)
 def _load_plot_curve():
+  """Imports the script once (its absl flags can only be defined once)."""
   spec = importlib.util.spec_from_file_location(
       'plot_curve', os.path.join(ROOT, 'scripts', 'plot_curve.py'))
   module = importlib.util.module_from_spec(spec)

@@ -1,14 +1,18 @@
 """Chain arithmetic modulo 10: a tiny reasoning task for RL at small scale.
 
-A problem is a start digit followed by n operations (`+`, `-` or `*` with a
-one-digit operand) applied left to right, everything modulo 10:
+A problem is a start digit followed by n labelled operations (`+`, `-` or
+`*` with a one-digit operand) applied left to right, everything modulo 10:
 
-  prompt:   7+3*2-5?
-  solution: 7+3=0;0*2=0;0-5=5>5
+  prompt:   7a+3b*2c-5?
+  solution: 7;a+3=0;b*2=0;c-5=5>5
   answer:   5
 
-The solution writes every intermediate result, so a model that learns to
-"show its work" can solve long chains that it could not do in one step. The
+The solution restates the start digit, then works one labelled step per
+operation, writing every intermediate result, then the answer after `>`.
+The labels (a, b, c, ...) make "which operation comes next" a content lookup
+(match the label in the prompt) instead of position counting, and each step
+reads the previous result at a fixed offset: a small transformer can learn
+the procedure, and then solve chains far longer than it could in one step. The
 number of steps is drawn from a truncated Zipf law, which gives a mix from
 trivial (n=1) to hard (n=max_steps) with a long tail of long responses.
 """
@@ -20,8 +24,12 @@ from typing import Callable
 
 import numpy as np
 
+# Step labels; their number bounds max_steps.
+LABELS = 'abcdefghijklmnop'
+MAX_STEPS = len(LABELS)
+
 # Every character a prompt or a solution can contain.
-ALPHABET = '0123456789+-*=;>?'
+ALPHABET = '0123456789+-*=;>?' + LABELS
 
 OPS = '+-*'
 _APPLY = {
@@ -29,7 +37,7 @@ _APPLY = {
     '-': lambda a, b: (a - b) % 10,  # Python's % keeps this in [0, 10).
     '*': lambda a, b: (a * b) % 10,
 }
-_PROMPT_RE = re.compile(r'[0-9](?:[-+*][0-9])+\?')
+_PROMPT_RE = re.compile(r'[0-9](?:[a-p][-+*][0-9])+\?')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +71,9 @@ def step_distribution(max_steps: int, zipf_s: float) -> np.ndarray:
   """
   if max_steps < 1:
     raise ValueError(f'max_steps must be >= 1, got {max_steps}')
+  if max_steps > MAX_STEPS:
+    raise ValueError(f'max_steps must be <= {MAX_STEPS} (one label per '
+                     f'step), got {max_steps}')
   weights = np.arange(1, max_steps + 1, dtype=np.float64) ** (-zipf_s)
   return weights / weights.sum()
 
@@ -74,16 +85,16 @@ def _build(start: int, ops: str, operands: list[int],
   prompt_parts = [str(start)]
   steps = []
   value = start
-  for op, operand in zip(ops, operands, strict=True):
-    prompt_parts.append(f'{op}{operand}')
+  for label, op, operand in zip(LABELS, ops, operands):
+    prompt_parts.append(f'{label}{op}{operand}')
     result = _APPLY[op](value, operand)
     if corrupt is not None:
       result = corrupt(result)
-    steps.append(f'{value}{op}{operand}={result}')
+    steps.append(f'{label}{op}{operand}={result}')
     value = result
   return Problem(
       prompt=''.join(prompt_parts) + '?',
-      solution=';'.join(steps) + f'>{value}',
+      solution=f'{start};' + ';'.join(steps) + f'>{value}',
       answer=str(value),
       num_steps=len(operands),
   )
@@ -118,26 +129,30 @@ def make_problem(
   return _build(start, ops, operands)
 
 
+def _parse(prompt: str) -> tuple[int, str, list[int]]:
+  """Splits a prompt into (start, ops, operands); ValueError if malformed."""
+  body = prompt[1:-1]
+  if not _PROMPT_RE.fullmatch(prompt) or body[0::3] != LABELS[:len(body) // 3]:
+    raise ValueError(
+        f'malformed prompt {prompt!r}: expected a digit, then one or more '
+        f'steps "<label><op><digit>" with labels {LABELS[:3]}... in order '
+        f'and op in {OPS!r}, then "?"')
+  return int(prompt[0]), body[1::3], [int(b) for b in body[2::3]]
+
+
 def solve(prompt: str) -> Problem:
   """Recomputes the solution and answer of a prompt.
 
   Args:
-    prompt: e.g. '7+3*2-5?'.
+    prompt: e.g. '7a+3b*2c-5?'.
 
   Returns:
     The problem the prompt states.
 
   Raises:
-    ValueError: if the prompt is not a digit, one or more op/digit pairs and
-      a final '?'.
+    ValueError: if the prompt is malformed.
   """
-  if not _PROMPT_RE.fullmatch(prompt):
-    raise ValueError(
-        f'malformed prompt {prompt!r}: expected a digit, one or more '
-        f'op/digit pairs with op in {OPS!r}, then "?"'
-    )
-  body = prompt[1:-1]
-  return _build(int(prompt[0]), body[0::2], [int(b) for b in body[1::2]])
+  return _build(*_parse(prompt))
 
 
 def noisy_solution(prompt: str, rng: np.random.Generator,
@@ -151,7 +166,7 @@ def noisy_solution(prompt: str, rng: np.random.Generator,
   calibrated slip rate, which RL then has to remove.
 
   Args:
-    prompt: e.g. '7+3*2-5?'.
+    prompt: e.g. '7a+3b*2c-5?'.
     rng: the source of randomness.
     error_rate: probability of a slip per step, in [0, 1].
 
@@ -160,14 +175,11 @@ def noisy_solution(prompt: str, rng: np.random.Generator,
   """
   if not 0.0 <= error_rate <= 1.0:
     raise ValueError(f'error_rate must be in [0, 1], got {error_rate}')
-  solve(prompt)  # Validates the prompt.
-  body = prompt[1:-1]
   def corrupt(result: int) -> int:
     if rng.random() < error_rate:
       return (result + int(rng.integers(1, 10))) % 10
     return result
-  return _build(int(prompt[0]), body[0::2], [int(b) for b in body[1::2]],
-                corrupt).solution
+  return _build(*_parse(prompt), corrupt).solution
 
 
 def num_distinct_prompts(max_steps: int) -> int:
@@ -206,7 +218,7 @@ def generate_split(
   excluded_in_range = sum(
       1
       for p in exclude
-      if _PROMPT_RE.fullmatch(p) and (len(p) - 2) // 2 <= max_steps
+      if _PROMPT_RE.fullmatch(p) and (len(p) - 2) // 3 <= max_steps
   )
   available = num_distinct_prompts(max_steps) - excluded_in_range
   if num_examples > available:

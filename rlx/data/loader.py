@@ -39,11 +39,7 @@ def load_chain_arith(
     split: str,
     *,
     data_dir: str,
-    num_train: int = 20000,
-    num_test: int = 512,
-    max_steps: int = 16,
-    zipf_s: float = 1.0,
-    seed: int = 0,
+    **values,
 ) -> TaskData:
   """Reads one split, generating the dataset on disk on first use.
 
@@ -52,11 +48,8 @@ def load_chain_arith(
     data_dir: TFDS data directory; the files go under
       data_dir/chain_arith/<config name>/<version>/ and are reused by later
       calls with the same values.
-    num_train: number of training problems.
-    num_test: number of held-out problems.
-    max_steps: the largest number of steps in a problem.
-    zipf_s: Zipf exponent of the step distribution.
-    seed: seed of the test split; the train split uses seed + 1.
+    **values: generation settings (num_train, num_test, max_steps, zipf_s,
+      seed), as `tfds_builder.make_config` takes them, with its defaults.
 
   Returns:
     The split, in id order.
@@ -66,13 +59,7 @@ def load_chain_arith(
   """
   if split not in SPLITS:
     raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
-  config = tfds_builder.make_config(
-      num_train=num_train,
-      num_test=num_test,
-      max_steps=max_steps,
-      zipf_s=zipf_s,
-      seed=seed,
-  )
+  config = tfds_builder.make_config(**values)
   builder = tfds_builder.ChainArith(
       config=config, data_dir=data_dir, file_format='array_record'
   )

@@ -37,14 +37,14 @@ class ChainArithConfig(tfds.core.BuilderConfig):
 
   num_train: int = 20000
   num_test: int = 512
-  max_steps: int = 16
+  max_steps: int = 12
   zipf_s: float = 1.0
   seed: int = 0
 
 
 DEFAULT_CONFIG = ChainArithConfig(
     name='default',
-    description='20000 train / 512 test problems of 1-16 steps, Zipf s=1.',
+    description='20000 train / 512 test problems of 1-12 steps, Zipf s=1.',
 )
 
 
@@ -52,7 +52,7 @@ def make_config(
     *,
     num_train: int = 20000,
     num_test: int = 512,
-    max_steps: int = 16,
+    max_steps: int = 12,
     zipf_s: float = 1.0,
     seed: int = 0,
 ) -> ChainArithConfig:
@@ -108,8 +108,11 @@ class ChainArith(
   """Chain arithmetic modulo 10, with a held-out test split."""
 
   name = _NAME
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('2.0.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '2.0.0': 'Labelled steps (7a+3b*2?) and a restated start digit.',
+  }
   BUILDER_CONFIGS = [DEFAULT_CONFIG]
   DEFAULT_CONFIG_NAME = 'default'
   # code_path only locates a checksums.tsv of download URLs, and there are no

@@ -178,7 +178,9 @@ class Transformer(nn.Module):
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     embed = nn.Embed(
         cfg.vocab_size, cfg.embed_dim, dtype=dtype, param_dtype=pdtype,
-        embedding_init=_init(nn.initializers.normal(1.0), 'vocab', 'embed'),
+        # std 1/sqrt(D): with tied output the initial logits are ~N(0, 1).
+        embedding_init=_init(nn.initializers.normal(cfg.embed_dim ** -0.5),
+                             'vocab', 'embed'),
         name='embed')
     x = embed(tokens)
     new_cache = []

@@ -33,10 +33,15 @@ def grpo(rewards: Array, mask: Array, *, eps: float = 1e-6) -> Array:
   rewards = rewards.astype(jnp.float32)
   mask = mask.astype(bool)
   mean, count = _group_mean(rewards, mask)
-  centred = jnp.where(mask, rewards - mean, 0.0)
+  # Exactly zero for groups whose rewards are all equal: float round-off in
+  # the mean would otherwise be amplified by the tiny std (and eps=0 -> NaN).
+  spread = (jnp.max(jnp.where(mask, rewards, -jnp.inf), -1, keepdims=True) -
+            jnp.min(jnp.where(mask, rewards, jnp.inf), -1, keepdims=True))
+  informative = mask & (spread > 0)
+  centred = jnp.where(informative, rewards - mean, 0.0)
   var = jnp.sum(centred ** 2, axis=-1, keepdims=True) / jnp.maximum(
       count - 1, 1)
-  return centred / (jnp.sqrt(var) + eps)
+  return jnp.where(informative, centred / (jnp.sqrt(var) + eps), 0.0)
 
 
 ADVANTAGES = {

@@ -7,10 +7,10 @@ from rlx.data import chain_arith
 
 
 def test_worked_example():
-  problem = chain_arith.solve('7+3*2-5?')
+  problem = chain_arith.solve('7a+3b*2c-5?')
   assert problem == chain_arith.Problem(
-      prompt='7+3*2-5?',
-      solution='7+3=0;0*2=0;0-5=5>5',
+      prompt='7a+3b*2c-5?',
+      solution='7;a+3=0;b*2=0;c-5=5>5',
       answer='5',
       num_steps=3,
   )
@@ -19,11 +19,11 @@ def test_worked_example():
 @pytest.mark.parametrize(
     'prompt, solution, answer',
     [
-        ('0-5?', '0-5=5>5', '5'),  # Subtraction wraps around.
-        ('9*9?', '9*9=1>1', '1'),
-        ('9+9?', '9+9=8>8', '8'),
-        ('3-3?', '3-3=0>0', '0'),
-        ('4*0+7-9*3?', '4*0=0;0+7=7;7-9=8;8*3=4>4', '4'),
+        ('0a-5?', '0;a-5=5>5', '5'),  # Subtraction wraps around.
+        ('9a*9?', '9;a*9=1>1', '1'),
+        ('9a+9?', '9;a+9=8>8', '8'),
+        ('3a-3?', '3;a-3=0>0', '0'),
+        ('4a*0b+7c-9d*3?', '4;a*0=0;b+7=7;c-9=8;d*3=4>4', '4'),
     ],
 )
 def test_hand_computed(prompt, solution, answer):
@@ -32,7 +32,8 @@ def test_hand_computed(prompt, solution, answer):
 
 
 @pytest.mark.parametrize(
-    'prompt', ['', '7?', '7+3', '7+3*?', '12+3?', '7/3?', '7+3? ', 'a+1?']
+    'prompt', ['', '7?', '7a+3', '7a+3b*?', '12a+3?', '7a/3?', '7a+3? ',
+               'a+1?', '7+3?', '7b+3?', '7a+3a+4?']
 )
 def test_solve_rejects_malformed(prompt):
   with pytest.raises(ValueError, match='malformed prompt'):
@@ -52,16 +53,18 @@ def test_solve_round_trips_make_problem():
     problem = chain_arith.make_problem(rng)
     assert chain_arith.solve(problem.prompt) == problem
     assert problem.solution.endswith('>' + problem.answer)
-    assert len(problem.prompt) == 2 * problem.num_steps + 2
-    assert len(problem.solution) == 6 * problem.num_steps + 1
+    assert len(problem.prompt) == 3 * problem.num_steps + 2
+    assert len(problem.solution) == 6 * problem.num_steps + 3
 
 
 def test_fixed_num_steps():
   rng = np.random.default_rng(2)
   problem = chain_arith.make_problem(rng, num_steps=16)
   assert problem.num_steps == 16
-  # Longest solution: 16 steps of 'a+b=c', 15 ';', then '>d'.
-  assert len(problem.solution) == 16 * 6 - 1 + 2 == 97
+  # Longest solution: 'd;', 16 steps of 'lop=c', 15 ';', then '>d'.
+  assert len(problem.solution) == 2 + 16 * 5 + 15 + 2 == 99
+  with pytest.raises(ValueError, match='<= 16'):
+    chain_arith.make_problem(rng, max_steps=17)
   with pytest.raises(ValueError):
     chain_arith.make_problem(rng, num_steps=0)
 
@@ -124,5 +127,5 @@ def test_generate_split_can_exhaust_the_space():
         seed=0,
         max_steps=1,
         zipf_s=1.0,
-        exclude={'1+1?', 'not a prompt', '1+1+1?'},
+        exclude={'1a+1?', 'not a prompt', '1a+1b+1?'},
     )

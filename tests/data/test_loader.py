@@ -129,10 +129,10 @@ def test_encode_prompts_exact_fit_and_overflow(tok):
 def test_encode_demonstrations(tok, splits):
   data = splits['test']
   batch = loader.encode_demonstrations(
-      tok, data.prompts, data.solutions, prompt_len=15, response_len=40
+      tok, data.prompts, data.solutions, prompt_len=24, response_len=48
   )
   assert set(batch) == {'prompt', 'prompt_mask', 'response', 'response_mask'}
-  prompt, _ = loader.encode_prompts(tok, data.prompts, max_len=15)
+  prompt, _ = loader.encode_prompts(tok, data.prompts, max_len=24)
   np.testing.assert_array_equal(batch['prompt'], prompt)
   for i, solution in enumerate(data.solutions):
     response = batch['response'][i]
@@ -150,14 +150,14 @@ def test_encode_demonstrations(tok, splits):
 def test_encode_demonstrations_errors(tok):
   with pytest.raises(ValueError, match='2 prompts but 1 solutions'):
     loader.encode_demonstrations(
-        tok, ['1+1?', '2+2?'], ['1+1=2>2'], prompt_len=8, response_len=8
+        tok, ['1a+1?', '2a+2?'], ['1;a+1=2>2'], prompt_len=8, response_len=10
     )
-  # 7 characters plus eos do not fit in 7.
-  with pytest.raises(ValueError, match=r'solution 0 .* is 8 tokens long'):
+  # 9 characters plus eos do not fit in 9.
+  with pytest.raises(ValueError, match=r'solution 0 .* is 10 tokens long'):
     loader.encode_demonstrations(
-        tok, ['1+1?'], ['1+1=2>2'], prompt_len=8, response_len=7
+        tok, ['1a+1?'], ['1;a+1=2>2'], prompt_len=8, response_len=9
     )
   with pytest.raises(ValueError, match='prompt_len=4'):
     loader.encode_demonstrations(
-        tok, ['1+1?'], ['1+1=2>2'], prompt_len=4, response_len=8
+        tok, ['1a+1?'], ['1;a+1=2>2'], prompt_len=4, response_len=10
     )

@@ -143,16 +143,18 @@ def test_grpo_hand_cases():
       rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'BUG: rlx/objectives/advantages.py grpo: float32 round-off in the group '
-    'mean leaves a tiny non-zero centred reward, and dividing by (tiny std '
-    '+ eps) amplifies it, so equal non-dyadic rewards get A != 0.'))
 @pytest.mark.parametrize('value,size', [(0.9, 6), (0.3, 7), (0.1, 7)])
 def test_grpo_equal_non_binary_rewards_give_zero(value, size):
   rewards = jnp.full((1, size), value, jnp.float32)
   got = np.asarray(objectives.compute_advantages(
       'grpo', rewards, jnp.ones((1, size), bool), eps=1e-6))
   np.testing.assert_array_equal(got, np.zeros((1, size)))
+
+
+def test_grpo_equal_rewards_eps_zero_no_nan():
+  got = np.asarray(objectives.compute_advantages(
+      'grpo', jnp.ones((1, 4)), jnp.ones((1, 4), bool), eps=0.0))
+  np.testing.assert_array_equal(got, np.zeros((1, 4)))
 
 
 def test_unknown_advantage_lists_known_names():
