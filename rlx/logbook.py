@@ -60,7 +60,8 @@ class Logbook:
     if self._tb is not None:
       for key, value in row.items():
         if key != 'step' and isinstance(value, (int, float)):
-          self._tb.add_scalar(key, value, row['step'])
+          # TensorBoard tags allow [A-Za-z0-9_./-]: pass@1 -> pass_at_1.
+          self._tb.add_scalar(key.replace('@', '_at_'), value, row['step'])
 
   def advance(self, reward: float, pass1: float | None) -> None:
     post = {'reward': f'{reward:.3f}'}
