@@ -71,12 +71,34 @@ class RLConfig:
 class ObjectiveConfig:
   advantage: str = 'grpo'  # Advantage estimator (rlx.objectives registry).
   loss: str = 'ppo_clip'  # Policy loss (rlx.objectives registry).
-  clip_eps: float = 0.2  # PPO clip range (low side; and high when unset).
-  clip_eps_high: float = 0.0  # High side of the clip; 0: same as clip_eps.
+  clip_eps: float = 0.2  # Clip range, low side (and high side when unset).
+  clip_eps_high: float = 0.0  # High side of the clip; 0: the loss's default
+  # (clip_eps for ppo_clip / dual_clip / decoupled, 0.28 for dapo / gppo /
+  # cispo).
+  dual_clip_c: float = 3.0  # Dual-clip bound c for negative advantages.
+  gspo_eps_low: float = 3e-4  # GSPO sequence-ratio clip, low side.
+  gspo_eps_high: float = 4e-4  # GSPO sequence-ratio clip, high side.
+  gspo_variant: str = 'seq'  # GSPO form: seq | token (same gradient).
+  cispo_clip_low: float = 0.0  # CISPO lower bound on the weight.
+  correction: str = 'none'  # Sampler/learner mismatch: none | tis | icepop.
+  tis_cap: float = 2.0  # TIS: weights min(pi_old / mu, cap).
+  icepop_low: float = 0.5  # IcePop: tokens with pi_old / mu outside
+  icepop_high: float = 5.0  # [icepop_low, icepop_high] are masked.
   aggregation: str = 'token-mean'  # How token losses become one scalar.
-  adv_eps: float = 1e-6  # Added to the group std in GRPO.
-  kl_beta: float = 0.0  # Weight of the KL-to-reference loss; 0 disables.
+  adv_eps: float = 1e-6  # Added to std denominators of advantages.
+  mc_scale: str = 'none'  # MC-GRPO scaling: none | std | mad.
+  xrpo_lam: float = 0.1  # XRPO novelty boost weight.
+  xrpo_clip: float = 1.0  # XRPO novelty boost cap (nats).
+  d3s_sample_keep: float = 0.5  # D3S: initial fraction of samples kept.
+  d3s_token_keep: float = 0.5  # D3S: initial fraction of tokens kept.
+  d3s_anneal_steps: int = 50  # D3S: updates over which keeps anneal to 1.
+  kl_beta: float = 0.0  # Weight of the KL to the reference; 0 disables.
   kl_estimator: str = 'k3'  # k1 | k2 | k3.
+  kl_in_reward: bool = False  # Fold the sequence KL into the reward
+  # (r - kl_beta * sum_t KL_t) instead of adding a loss term.
+  entropy_coef: float = 0.0  # Entropy bonus: loss -= coef * entropy.
+  overlong_buffer: int = 0  # DAPO overlong shaping buffer Lc (tokens) below
+  # sampling.max_new_tokens; 0 disables.
   norm_len: int = 0  # Constant for seq-mean-token-sum-norm; 0: max_new_tokens.
 
 
@@ -99,6 +121,8 @@ class WarmstartConfig:
   warmup_steps: int = 50  # Linear warmup.
   demo_error_rate: float = 0.15  # Per-step slip rate in the demonstrations
   # (imperfect data, as human-written solutions are; RL removes the slips).
+  seed: int = 0  # Warm-start seed (separate from the RL seed, so RL seeds
+  # can share one warm start).
   cache_dir: str = '~/.cache/rlx/warmstart'  # Reused across runs by key.
 
 
@@ -234,6 +258,20 @@ def validate(cfg: Config) -> Config:
   _require(cfg.model.num_heads % cfg.model.num_kv_heads == 0,
            'model.num_kv_heads', f'{cfg.model.num_kv_heads} must divide '
            f'model.num_heads={cfg.model.num_heads}')
+  obj = cfg.objective
+  for key, value, known in (
+      ('gspo_variant', obj.gspo_variant, ('seq', 'token')),
+      ('correction', obj.correction, ('none', 'tis', 'icepop')),
+      ('mc_scale', obj.mc_scale, ('none', 'std', 'mad'))):
+    _require(value in known, f'objective.{key}',
+             f'{value!r} is not one of {list(known)}')
+  _require(obj.overlong_buffer >= 0 and obj.overlong_buffer <
+           s.max_new_tokens, 'objective.overlong_buffer',
+           f'must be in [0, sampling.max_new_tokens={s.max_new_tokens})')
+  _require(obj.advantage not in NEEDS_INPUTS, 'objective.advantage',
+           f'{obj.advantage!r} needs {NEEDS_INPUTS.get(obj.advantage)}, '
+           'which the trainer does not produce yet; it is available as a '
+           'library function (rlx.objectives.compute_advantages)')
   # Names are checked against the registries lazily to avoid an import
   # cycle; see rlx.objectives.check_names.
   from rlx import objectives  # pylint: disable=g-import-not-at-top
@@ -241,8 +279,13 @@ def validate(cfg: Config) -> Config:
   return cfg
 
 
+# Advantages whose inputs the RL loop cannot supply yet (library-only).
+NEEDS_INPUTS = {'spo': 'a per-prompt value tracker (values=)',
+                'tree': 'tree rollouts with path ids (path_ids=)'}
+
 # Advantages whose baseline comes from the other members of the group.
-GROUP_RELATIVE = ('grpo', 'dr_grpo', 'rloo', 'reinforce_pp')
+GROUP_RELATIVE = ('grpo', 'dr_grpo', 'rloo', 'reinforce_pp', 'mc_grpo',
+                  'xrpo_sharpen', 'd3s')
 
 
 def build(config: ml_collections.ConfigDict | dict) -> Config:

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from rlx import objectives
-from rlx.config import Config, OptimConfig
+from rlx.config import Config, ObjectiveConfig, OptimConfig
 from rlx.models import kv_cache
 from rlx.types import Array, Params
 
@@ -42,6 +42,9 @@ class Batch(NamedTuple):
   old_logp: Array  # [B, G, T] f32, log-probs of the policy that sampled.
   rewards: Array  # [B, G] f32.
   group_mask: Array  # [B, G] bool, valid samples (variable group sizes).
+  behaviour_logp: Array | None = None  # [B, G, T] sampler log-probs (mu);
+  # None: same as old_logp.
+  entropy: Array | None = None  # [B, G, T] sampler entropies (D3S).
 
 
 def round_up(n: int, multiple: int, cap: int) -> int:
@@ -63,11 +66,13 @@ def trim_batch(batch: Batch, *, response_multiple: int = 16,
                response_multiple, t_full)
   p = round_up(int(np.max(np.sum(np.asarray(batch.prompt_mask), -1))),
                prompt_multiple, p_full)
+  cut = lambda x: None if x is None else x[..., :t]
   return batch._replace(
       prompt=batch.prompt[:, p_full - p:],
       prompt_mask=batch.prompt_mask[:, p_full - p:],
-      response=batch.response[..., :t], loss_mask=batch.loss_mask[..., :t],
-      old_logp=batch.old_logp[..., :t])
+      response=cut(batch.response), loss_mask=cut(batch.loss_mask),
+      old_logp=cut(batch.old_logp), behaviour_logp=cut(batch.behaviour_logp),
+      entropy=cut(batch.entropy))
 
 
 def response_logprobs(logits_fn: LogitsFn, params: Params, prompt: Array,
@@ -125,36 +130,94 @@ def _flat(x: Array) -> Array:
   return einops.rearrange(x, 'b g ... -> (b g) ...')
 
 
+def _loss_kwargs(obj: ObjectiveConfig) -> dict:
+  """The chosen loss's hyper-parameters, from the config."""
+  clip = {'clip_eps': obj.clip_eps}
+  if obj.clip_eps_high:  # 0 keeps each loss's own default.
+    clip['clip_eps_high'] = obj.clip_eps_high
+  return {
+      'ppo_clip': clip, 'dapo': clip, 'gppo': clip, 'decoupled': clip,
+      'dual_clip': {**clip, 'dual_clip_c': obj.dual_clip_c},
+      'gspo': {'eps_low': obj.gspo_eps_low, 'eps_high': obj.gspo_eps_high,
+               'variant': obj.gspo_variant},
+      'cispo': {'clip_low': obj.cispo_clip_low,
+                **({'clip_eps_high': obj.clip_eps_high}
+                   if obj.clip_eps_high else {})},
+  }[obj.loss]
+
+
+def _advantage_kwargs(obj: ObjectiveConfig, batch: Batch, step) -> dict:
+  """The chosen estimator's inputs beyond rewards and the group mask."""
+  name = obj.advantage
+  if name in ('grpo', 'reinforce_pp'):
+    return {'eps': obj.adv_eps}
+  if name == 'mc_grpo':
+    return {'scale': obj.mc_scale, 'eps': obj.adv_eps}
+  if name == 'xrpo_sharpen':
+    mask = batch.loss_mask.astype(jnp.float32)
+    mean_logp = jnp.sum(_behaviour(batch) * mask, -1) / jnp.maximum(
+        jnp.sum(mask, -1), 1.0)
+    return {'mean_logp': mean_logp, 'lam': obj.xrpo_lam,
+            'clip': obj.xrpo_clip, 'eps': obj.adv_eps}
+  if name == 'd3s':
+    keep = lambda start: objectives.d3s_keep_ratio(
+        step, start=start, end=1.0, anneal_steps=obj.d3s_anneal_steps)
+    return {'token_entropy': batch.entropy, 'loss_mask': batch.loss_mask,
+            'sample_keep': keep(obj.d3s_sample_keep),
+            'token_keep': keep(obj.d3s_token_keep), 'eps': obj.adv_eps}
+  return {}
+
+
+def _behaviour(batch: Batch) -> Array:
+  return batch.old_logp if batch.behaviour_logp is None else (
+      batch.behaviour_logp)
+
+
+def _forward_logp(logits_fn, cfg: Config, params, batch: Batch):
+  """Log-probs and entropies `[B, G, T]` of a (micro-)batch's responses."""
+  b, g, t = batch.response.shape
+  logp, entropy = response_logprobs(
+      logits_fn, params, einops.repeat(batch.prompt, 'b p -> (b g) p', g=g),
+      einops.repeat(batch.prompt_mask, 'b p -> (b g) p', g=g),
+      _flat(batch.response), temperature=cfg.sampling.temperature)
+  return logp.reshape(b, g, t), entropy.reshape(b, g, t)
+
+
 def _microbatch_loss(logits_fn: LogitsFn, cfg: Config, params, ref_params,
                      mb: Batch, advantages: Array, totals: dict):
   """Loss of one micro-batch, normalised by whole-batch totals."""
-  b, g, t = mb.response.shape
-  prompt = einops.repeat(mb.prompt, 'b p -> (b g) p', g=g)
-  prompt_mask = einops.repeat(mb.prompt_mask, 'b p -> (b g) p', g=g)
-  temp = cfg.sampling.temperature
-  logp, entropy = response_logprobs(logits_fn, params, prompt, prompt_mask,
-                                    _flat(mb.response), temperature=temp)
-  logp = logp.reshape(b, g, t)
-  entropy = entropy.reshape(b, g, t)
+  logp, entropy = _forward_logp(logits_fn, cfg, params, mb)
   mask = mb.loss_mask & mb.group_mask[..., None]
   obj = cfg.objective
   agg = dict(total_tokens=totals['tokens'], total_seqs=totals['seqs'],
              norm_len=obj.norm_len or cfg.sampling.max_new_tokens)
   loss, metrics = objectives.policy_loss(
       obj.loss, logp, mb.old_logp, advantages, mask,
-      aggregation=obj.aggregation, clip_eps=obj.clip_eps,
-      clip_eps_high=obj.clip_eps_high, **agg)
-  if obj.kl_beta:
-    ref_logp, _ = response_logprobs(logits_fn, ref_params, prompt,
-                                    prompt_mask, _flat(mb.response),
-                                    temperature=temp)
-    kl = objectives.kl_penalty(logp, jax.lax.stop_gradient(
-        ref_logp.reshape(b, g, t)), obj.kl_estimator)
+      behaviour_logp=_behaviour(mb), aggregation=obj.aggregation,
+      correction=obj.correction, tis_cap=obj.tis_cap,
+      icepop_low=obj.icepop_low, icepop_high=obj.icepop_high,
+      **_loss_kwargs(obj), **agg)
+  if obj.kl_beta and not obj.kl_in_reward:
+    ref_logp, _ = _forward_logp(logits_fn, cfg, ref_params, mb)
+    kl = objectives.kl_penalty(logp, jax.lax.stop_gradient(ref_logp),
+                               obj.kl_estimator)
     loss = loss + obj.kl_beta * objectives.aggregate(
         kl, mask, obj.aggregation, **agg)
     metrics['kl_ref'] = objectives.masked_mean(kl, mask)
+  if obj.entropy_coef:
+    loss = loss - obj.entropy_coef * objectives.aggregate(
+        entropy, mask, obj.aggregation, **agg)
   metrics['entropy'] = objectives.masked_mean(entropy, mask)
   return loss, metrics
+
+
+def _shape_rewards(logits_fn, cfg: Config, ref_params, batch: Batch):
+  """KL folded into the reward: r - kl_beta * sum_t KL_t (no gradient)."""
+  obj = cfg.objective
+  ref_logp, _ = _forward_logp(logits_fn, cfg, ref_params, batch)
+  kl = objectives.kl_penalty(batch.old_logp, ref_logp, obj.kl_estimator)
+  seq_kl = jnp.sum(kl * batch.loss_mask, -1)
+  return batch.rewards - obj.kl_beta * seq_kl, jnp.mean(seq_kl)
 
 
 def make_train_step(logits_fn: LogitsFn,
@@ -169,8 +232,28 @@ def make_train_step(logits_fn: LogitsFn,
   loss_fn = functools.partial(_microbatch_loss, logits_fn, cfg)
 
   def step(state: TrainState, ref_params, batch: Batch):
+    extra = {}
+    if obj.kl_beta and obj.kl_in_reward:
+      rewards, extra['kl_ref_seq'] = _shape_rewards(logits_fn, cfg,
+                                                    ref_params, batch)
+      batch = batch._replace(rewards=rewards)
     advantages = objectives.compute_advantages(
-        obj.advantage, batch.rewards, batch.group_mask, eps=obj.adv_eps)
+        obj.advantage, batch.rewards, batch.group_mask,
+        **_advantage_kwargs(obj, batch, state.step))
+    if obj.advantage == 'mc_grpo':  # The median pivot carries no gradient.
+      batch = batch._replace(group_mask=batch.group_mask & ~(
+          objectives.mc_grpo_pivot(batch.rewards, batch.group_mask)))
+    if obj.advantage == 'd3s':  # Unselected samples/tokens leave the loss.
+      kw = _advantage_kwargs(obj, batch, state.step)
+      kept = objectives.d3s_sample_mask(batch.rewards, batch.group_mask,
+                                        sample_keep=kw['sample_keep'])
+      seq_adv = objectives.compute_advantages('grpo', batch.rewards, kept,
+                                              eps=obj.adv_eps)
+      batch = batch._replace(
+          group_mask=kept,
+          loss_mask=objectives.d3s_token_mask(
+              seq_adv, token_entropy=batch.entropy,
+              loss_mask=batch.loss_mask, token_keep=kw['token_keep']))
     mask = batch.loss_mask & batch.group_mask[..., None]
     totals = {'tokens': jnp.sum(mask),
               'seqs': jnp.sum(batch.group_mask)}
@@ -194,7 +277,8 @@ def make_train_step(logits_fn: LogitsFn,
     updates, opt_state = optimizer.update(grads, state.opt_state,
                                           state.params)
     params = optax.apply_updates(state.params, updates)
-    adv_valid = batch.group_mask
+    adv_valid = batch.group_mask if advantages.ndim == 2 else mask
+    metrics.update(extra)
     metrics.update({
         'loss': loss,
         'grad_norm': optax.global_norm(grads),

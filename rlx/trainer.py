@@ -27,6 +27,7 @@ from rlx.actor import Actor
 from rlx.config import Config
 from rlx.data.task import load_task
 from rlx.logbook import Logbook
+from rlx.rewards import shaping
 from rlx.models import transformer
 
 # Config keys that may change when a run is resumed (schedule and logging);
@@ -109,7 +110,8 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   task = load_task(cfg.task)
   model, logits_fn = build_model(cfg, task.tokenizer.vocab_size)
   optimizer = learner.make_optimizer(cfg.optim)
-  init_p = transformer.init_params(model.cfg, jax.random.key(cfg.seed))
+  init_p = transformer.init_params(model.cfg,
+                                   jax.random.key(cfg.warmstart.seed))
   abstract = {'train': jax.eval_shape(
       lambda: learner.init_state(init_p, optimizer)),
               'ref': jax.eval_shape(lambda: init_p) if cfg.objective.kl_beta
@@ -127,8 +129,10 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   else:
     params, info = warmstart.load_or_train(cfg, logits_fn, task, init_p,
                                            log=log.message)
+    # The reference is a copy: the train state's buffers are donated.
     state = {'train': learner.init_state(params, optimizer),
-             'ref': params if cfg.objective.kl_beta else {}}
+             'ref': jax.tree.map(jnp.copy, params) if cfg.objective.kl_beta
+                    else {}}
   train_state, ref_params = state['train'], state['ref'] or None
 
   base_elapsed = counters.pop('elapsed_s')  # Wall time of earlier runs.
@@ -165,6 +169,12 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
         top_p=cfg.sampling.top_p)
     t1 = time.time()
     ro = scored.rollout
+    lengths = np.asarray(ro.lengths)
+    rewards = scored.rewards
+    if cfg.objective.overlong_buffer:  # DAPO overlong shaping.
+      rewards = rewards + np.asarray(shaping.overlong_penalty(
+          lengths, max_len=cfg.sampling.max_new_tokens,
+          buffer=cfg.objective.overlong_buffer))
     old_logp = ro.logp
     if rl.recompute_old_logp:
       old_logp = recompute_logp(train_state.params, task.train_prompts[idx],
@@ -173,8 +183,9 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
         prompt=jnp.asarray(task.train_prompts[idx]),
         prompt_mask=jnp.asarray(task.train_prompt_mask[idx]),
         response=ro.tokens, loss_mask=ro.loss_mask, old_logp=old_logp,
-        rewards=jnp.asarray(scored.rewards),
-        group_mask=jnp.ones(scored.rewards.shape, bool))
+        rewards=jnp.asarray(rewards),
+        group_mask=jnp.ones(scored.rewards.shape, bool),
+        behaviour_logp=ro.logp, entropy=ro.entropy)
     batch = learner.trim_batch(batch)
     metrics = {}
     mini = rl.batch_prompts // rl.num_minibatches
@@ -182,10 +193,9 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
       part = jax.tree.map(lambda x, m=m: x[m * mini:(m + 1) * mini], batch)
       train_state, metrics = train_step(train_state, ref_params, part)
     metrics = jax.device_get(metrics)
-    lengths = np.asarray(ro.lengths)
     counters['rollouts/total'] += int(lengths.size)
     counters['tokens/decoded_total'] += int(lengths.sum())
-    rewards = scored.rewards
+    rewards = scored.rewards  # Verifier rewards (before any shaping).
     row = {
         'step': step + 1,
         'reward/mean': float(rewards.mean()),

@@ -34,7 +34,7 @@ def cache_key(cfg: Config) -> str:
   return fingerprint({'task': dataclasses.asdict(cfg.task),
                       'model': dataclasses.asdict(cfg.model),
                       'max_new_tokens': cfg.sampling.max_new_tokens,
-                      'warmstart': ws, 'seed': cfg.seed})
+                      'warmstart': ws})
 
 
 def _make_sft_step(logits_fn: LogitsFn, optimizer):
@@ -86,7 +86,7 @@ def train_sft(cfg: Config, logits_fn: LogitsFn, task: Task, params: Params,
   ws = cfg.warmstart
   solutions = task.train.solutions
   if ws.demo_error_rate:
-    noise = np.random.default_rng([cfg.seed, 7])
+    noise = np.random.default_rng([ws.seed, 7])
     solutions = [chain_arith.noisy_solution(p, noise, ws.demo_error_rate)
                  for p in task.train.prompts]
   demos = loader.encode_demonstrations(
@@ -103,7 +103,7 @@ def train_sft(cfg: Config, logits_fn: LogitsFn, task: Task, params: Params,
   step_fn = _make_sft_step(logits_fn, optimizer)
   buckets = _length_buckets(demos)
   weights = np.array([len(b) for b in buckets], np.float64)
-  rng = np.random.default_rng(cfg.seed)
+  rng = np.random.default_rng(ws.seed)
   start = time.time()
   for i in range(ws.num_steps):
     # One length bucket per step: batches are trimmed to the bucket's

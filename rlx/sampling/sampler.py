@@ -42,6 +42,7 @@ class Rollout(NamedTuple):
   tokens: Array  # [B, G, T] int32, pad after the end.
   loss_mask: Array  # [B, G, T] bool, True on sampled tokens (stop included).
   logp: Array  # [B, G, T] f32 behaviour log-probs (temperature applied).
+  entropy: Array  # [B, G, T] f32 entropy of the behaviour distribution.
   lengths: Array  # [B, G] int32, sampled tokens per response.
   finish: Array  # [B, G] int32 `FinishReason`.
 
@@ -50,6 +51,7 @@ class _LoopState(NamedTuple):
   step: Array  # scalar: tokens sampled so far per row.
   tokens: Array  # [R, T]
   logp: Array  # [R, T]
+  entropy: Array  # [R, T]
   done: Array  # [R]
   lengths: Array  # [R]
   finish: Array  # [R]
@@ -105,21 +107,24 @@ def make_sampler(apply_fn: ApplyFn, init_cache_fn: InitCacheFn,
                                             top_k=cfg.top_k)
     token = jax.random.categorical(sub, sample_logp, axis=-1)
     lp = jnp.take_along_axis(behaviour, token[:, None], -1)[:, 0]
-    return key, token.astype(jnp.int32), lp
+    ent = -jnp.sum(jnp.exp(behaviour) * behaviour, axis=-1)
+    return key, token.astype(jnp.int32), (lp, ent)
 
-  def record(state: _LoopState, token, lp) -> _LoopState:
+  def record(state: _LoopState, token, stats) -> _LoopState:
     """Stores sampled tokens for rows still running and updates done."""
+    lp, ent = stats
     live = ~state.done
     i = state.step
     token = jnp.where(live, token, cfg.pad_id)
     tokens = state.tokens.at[:, i].set(token)
     logp = state.logp.at[:, i].set(jnp.where(live, lp, 0.0))
+    entropy = state.entropy.at[:, i].set(jnp.where(live, ent, 0.0))
     hit_stop = live & jnp.isin(token, stop)
     hit_len = live & ~hit_stop & (i + 1 >= t_max)
     finish = jnp.where(hit_stop, int(FinishReason.STOP), state.finish)
     finish = jnp.where(hit_len, int(FinishReason.LENGTH), finish)
     return state._replace(
-        step=i + 1, tokens=tokens, logp=logp, finish=finish,
+        step=i + 1, tokens=tokens, logp=logp, entropy=entropy, finish=finish,
         lengths=state.lengths + live.astype(jnp.int32),
         done=state.done | hit_stop | hit_len)
 
@@ -144,13 +149,14 @@ def make_sampler(apply_fn: ApplyFn, init_cache_fn: InitCacheFn,
         step=jnp.zeros((), jnp.int32),
         tokens=jnp.full((rows, t_max), cfg.pad_id, jnp.int32),
         logp=jnp.zeros((rows, t_max), jnp.float32),
+        entropy=jnp.zeros((rows, t_max), jnp.float32),
         done=jnp.zeros((rows,), bool),
         lengths=jnp.zeros((rows,), jnp.int32),
         finish=jnp.zeros((rows,), jnp.int32),
         next_pos=positions[:, -1] + 1,
         kv_valid=kv_valid, cache=cache, key=key)
-    k, token, lp = pick(state.key, logits[:, -1], temperature, top_p)
-    state = record(state._replace(key=k), token, lp)
+    k, token, stats = pick(state.key, logits[:, -1], temperature, top_p)
+    state = record(state._replace(key=k), token, stats)
 
     def cond(st: _LoopState):
       return (st.step < t_max) & ~jnp.all(st.done)
@@ -165,14 +171,15 @@ def make_sampler(apply_fn: ApplyFn, init_cache_fn: InitCacheFn,
                                mask, st.cache, index)
       st = st._replace(kv_valid=kv_valid, cache=cache,
                        next_pos=st.next_pos + 1)
-      k, token, lp = pick(st.key, logits[:, 0], temperature, top_p)
-      return record(st._replace(key=k), token, lp)
+      k, token, stats = pick(st.key, logits[:, 0], temperature, top_p)
+      return record(st._replace(key=k), token, stats)
 
     state = jax.lax.while_loop(cond, body, state)
     loss_mask = jnp.arange(t_max)[None, :] < state.lengths[:, None]
     split = lambda x: einops.rearrange(x, '(b g) ... -> b g ...', g=g)
     return Rollout(tokens=split(state.tokens), loss_mask=split(loss_mask),
-                   logp=split(state.logp), lengths=split(state.lengths),
+                   logp=split(state.logp), entropy=split(state.entropy),
+                   lengths=split(state.lengths),
                    finish=split(state.finish))
 
   return jax.jit(sample, static_argnames=('num_samples',))

@@ -55,6 +55,11 @@ def test_fake_model_output_and_logprobs_are_returned_exactly():
   ref_lp = scaled[7] - np.log(np.sum(np.exp(scaled - scaled.max()))) - scaled.max()
   np.testing.assert_allclose(out.logp[..., :4], ref_lp, atol=1e-5)
   np.testing.assert_array_equal(out.logp[..., 4:], 0.0)
+  p = np.exp(scaled - scaled.max())
+  p /= p.sum()
+  ref_ent = -np.sum(p * np.log(np.maximum(p, 1e-30)))
+  np.testing.assert_allclose(out.entropy[..., :4], ref_ent, atol=1e-5)
+  np.testing.assert_array_equal(out.entropy[..., 4:], 0.0)
 
 
 def test_behaviour_logprob_at_temperature_one():
