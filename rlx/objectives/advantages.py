@@ -25,6 +25,13 @@ from rlx.types import Array
 _COUNT_SLACK = 1e-3
 
 
+def _check_choice(method: str, arg: str, value: str, known) -> None:
+  """Rejects an unknown static string option, listing the known ones."""
+  if value not in known:
+    raise ValueError(f'{method}: unknown {arg} {value!r}; known: '
+                     f'{list(known)}')
+
+
 def _group_mean(x: Array, mask: Array) -> tuple[Array, Array]:
   """Masked mean over G. Returns (mean [B, 1], count [B, 1])."""
   count = jnp.sum(mask, axis=-1, keepdims=True)
@@ -233,9 +240,7 @@ def mc_grpo(rewards: Array, mask: Array, *, scale: str = 'none',
   Raises:
     ValueError: unknown `scale`.
   """
-  if scale not in MC_GRPO_SCALES:
-    raise ValueError(f'mc_grpo: unknown scale {scale!r}; known: '
-                     f'{list(MC_GRPO_SCALES)}')
+  _check_choice('mc_grpo', 'scale', scale, MC_GRPO_SCALES)
   rewards, mask = _inputs(rewards, mask)
   pivot = _lower_median_mask(rewards, mask)
   baseline = jnp.sum(jnp.where(pivot, rewards, 0.0), axis=-1, keepdims=True)
@@ -313,9 +318,7 @@ def tree(rewards: Array, mask: Array, *, path_ids: Array,
   Raises:
     ValueError: unknown `weighting`.
   """
-  if weighting not in TREE_WEIGHTINGS:
-    raise ValueError(f'tree: unknown weighting {weighting!r}; known: '
-                     f'{list(TREE_WEIGHTINGS)}')
+  _check_choice('tree', 'weighting', weighting, TREE_WEIGHTINGS)
   rewards, mask = _inputs(rewards, mask)
   path_ids = jnp.asarray(path_ids)
   pi = path_ids[:, :, None, :]  # [B, i, 1, D]
