@@ -62,9 +62,54 @@ class RLConfig:
   batch_prompts: int = 16  # B: prompts per step.
   group_size: int = 8  # G: responses per prompt.
   num_minibatches: int = 1  # Optimizer updates per rollout batch.
+  max_rollouts: int = 0  # Also stop once this many responses were sampled
+  # (an equal-budget comparison); 0: no limit.
   recompute_old_logp: bool = False  # Old policy log-probs from the learner
   # instead of the sampler's behaviour log-probs (equal up to float error
   # when the sampler and learner hold the same weights).
+
+
+@dataclasses.dataclass(frozen=True)
+class CurriculumConfig:
+  """Which prompts get rollouts and how many (ALGORITHMS.md section C)."""
+  selector: str = 'uniform'  # uniform | vade | insight | cures | mmr1_vas
+  # | prompt_gdro | spo | dots: how the B prompts of a step are chosen.
+  allocator: str = 'fixed'  # fixed | cures | rollout_gdro | xrpo | dars:
+  # rollouts per prompt; all spend exactly B * G per step.
+  filter: str = 'none'  # none | dapo | skip | dapo+skip: dapo replaces
+  # all-equal groups by fresh prompts; skip avoids prompts predicted to
+  # give an all-equal group.
+  estimator: str = 'auto'  # auto | beta | vade | count | spo: per-prompt
+  # Beta posterior update (auto: the selector's own; beta otherwise).
+  pool_size: int = 0  # Select from the first this many train prompts; 0: all.
+  prior_alpha: float = 1.0  # Beta prior pseudo-successes.
+  prior_beta: float = 1.0  # Beta prior pseudo-failures.
+  discount: float = 0.9  # beta/vade: weight of old evidence per update.
+  vade_decay: float = 0.99  # vade: decay toward the prior per step.
+  spo_discount: float = 0.9  # spo tracker: forgetting factor rho.
+  min_group: int = 2  # Fewest rollouts an allocator gives a prompt.
+  max_group: int = 0  # Most rollouts per prompt; 0: 2 * rl.group_size.
+  first_round: int = 0  # dars/xrpo round-one rollouts per prompt;
+  # 0: rl.group_size // 2 (at least min_group).
+  dars_schedule: str = 'et'  # dars: et (equal treatment) | hw (hardness
+  # weighted).
+  xrpo_bonus: float = 0.1  # xrpo: exploration bonus c / sqrt(n).
+  mmr1_mix: float = 0.5  # mmr1_vas: share of the batch drawn by p(1-p).
+  gdro_bins: int = 5  # prompt_gdro/rollout_gdro: pass-rate bins.
+  gdro_eta: float = 1.0  # prompt_gdro: multiplicative-weights step size.
+  gdro_ema: float = 0.9  # prompt_gdro: EMA decay of bin hardness.
+  gdro_explore: float = 0.1  # prompt_gdro: uniform share mixed into q.
+  spo_floor: float = 0.05  # spo: priority floor in sqrt(v(1-v)) + floor.
+  dots_ref_prompts: int = 16  # dots: reference prompts rolled out per step
+  # (their rollouts count as spent; they are not trained on).
+  dots_ref_samples: int = 4  # dots: rollouts per reference prompt.
+  dots_tau: float = 0.1  # dots: P ~ exp(-|p_hat - 0.5| / tau).
+  dots_embed_every: int = 0  # dots: recompute prompt embeddings every this
+  # many steps; 0: once, from the warm start.
+  skip_threshold: float = 0.5  # skip: drop prompts whose posterior
+  # P(group all-equal) is at least this.
+  dapo_max_retries: int = 3  # dapo: refill rounds before giving up (then
+  # all-equal groups stay masked out; curriculum/dapo_bound_hit = 1).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +168,8 @@ class WarmstartConfig:
   # (imperfect data, as human-written solutions are; RL removes the slips).
   seed: int = 0  # Warm-start seed (separate from the RL seed, so RL seeds
   # can share one warm start).
+  max_steps: int = 0  # Imitate only train prompts with at most this many
+  # steps (longer chains stay unseen until RL); 0: all of them.
   cache_dir: str = '~/.cache/rlx/warmstart'  # Reused across runs by key.
 
 
@@ -151,6 +198,7 @@ class Config:
   model: ModelConfig = ModelConfig()
   sampling: SamplingConfig = SamplingConfig()
   rl: RLConfig = RLConfig()
+  curriculum: CurriculumConfig = CurriculumConfig()
   objective: ObjectiveConfig = ObjectiveConfig()
   optim: OptimConfig = OptimConfig()
   warmstart: WarmstartConfig = WarmstartConfig()
@@ -246,6 +294,9 @@ def validate(cfg: Config) -> Config:
            'must be positive')
   _require(0 <= cfg.warmstart.demo_error_rate <= 1,
            'warmstart.demo_error_rate', 'must be in [0, 1]')
+  _require(0 <= cfg.warmstart.max_steps <= cfg.task.max_steps,
+           'warmstart.max_steps',
+           f'must be in [0, task.max_steps={cfg.task.max_steps}]')
   _require(cfg.log.keep > 0, 'log.keep', 'must be positive')
   _require(cfg.log.every > 0, 'log.every', 'must be positive')
   _require(cfg.log.checkpoint_every > 0, 'log.checkpoint_every',
@@ -268,6 +319,7 @@ def validate(cfg: Config) -> Config:
   _require(obj.overlong_buffer >= 0 and obj.overlong_buffer <
            s.max_new_tokens, 'objective.overlong_buffer',
            f'must be in [0, sampling.max_new_tokens={s.max_new_tokens})')
+  _validate_curriculum(cfg)
   _require(obj.advantage not in NEEDS_INPUTS, 'objective.advantage',
            f'{obj.advantage!r} needs {NEEDS_INPUTS.get(obj.advantage)}, '
            'which the trainer does not produce yet; it is available as a '
@@ -279,9 +331,48 @@ def validate(cfg: Config) -> Config:
   return cfg
 
 
+def _validate_curriculum(cfg: Config) -> None:
+  cur, g = cfg.curriculum, cfg.rl.group_size
+  from rlx.curriculum import allocators, estimators, selectors  # pylint: disable=g-import-not-at-top
+  for key, value, known in (
+      ('selector', cur.selector, selectors.SELECTORS),
+      ('allocator', cur.allocator, allocators.ALLOCATORS),
+      ('estimator', cur.estimator, ('auto',) + estimators.ESTIMATORS),
+      ('dars_schedule', cur.dars_schedule, ('et', 'hw'))):
+    _require(value in known, f'curriculum.{key}',
+             f'{value!r} is not one of {list(known)}')
+  parts = cur.filter.split('+')
+  _require(cur.filter == 'none' or (
+      set(parts) <= {'dapo', 'skip'} and len(set(parts)) == len(parts)),
+           'curriculum.filter', f'{cur.filter!r} is not one of [none, dapo, '
+           'skip, dapo+skip]')
+  max_group = cur.max_group or 2 * g
+  _require(1 <= cur.min_group <= g <= max_group, 'curriculum.min_group',
+           f'need 1 <= min_group ({cur.min_group}) <= rl.group_size ({g}) '
+           f'<= max_group ({max_group}) so the budget B * G fits')
+  first = cur.first_round or max(g // 2, cur.min_group)
+  _require(cur.min_group <= first <= g, 'curriculum.first_round',
+           f'{first} must be in [min_group={cur.min_group}, '
+           f'rl.group_size={g}]')
+  _require(cur.pool_size == 0 or cfg.rl.batch_prompts <= cur.pool_size <=
+           cfg.task.num_train, 'curriculum.pool_size',
+           f'{cur.pool_size} must be 0 or in [rl.batch_prompts='
+           f'{cfg.rl.batch_prompts}, task.num_train={cfg.task.num_train}]')
+  for key in ('discount', 'vade_decay', 'spo_discount', 'mmr1_mix',
+              'gdro_ema', 'gdro_explore', 'skip_threshold'):
+    value = getattr(cur, key)
+    _require(0 <= value <= 1, f'curriculum.{key}', f'{value} not in [0, 1]')
+  for key in ('prior_alpha', 'prior_beta', 'dots_tau'):
+    _require(getattr(cur, key) > 0, f'curriculum.{key}', 'must be > 0')
+  for key in ('gdro_bins', 'dots_ref_prompts', 'dots_ref_samples'):
+    _require(getattr(cur, key) >= 1, f'curriculum.{key}', 'must be >= 1')
+  _require(cur.dapo_max_retries >= 0, 'curriculum.dapo_max_retries',
+           'must be >= 0')
+  _require(cfg.rl.max_rollouts >= 0, 'rl.max_rollouts', 'must be >= 0')
+
+
 # Advantages whose inputs the RL loop cannot supply yet (library-only).
-NEEDS_INPUTS = {'spo': 'a per-prompt value tracker (values=)',
-                'tree': 'tree rollouts with path ids (path_ids=)'}
+NEEDS_INPUTS = {'tree': 'tree rollouts with path ids (path_ids=)'}
 
 # Advantages whose baseline comes from the other members of the group.
 GROUP_RELATIVE = ('grpo', 'dr_grpo', 'rloo', 'reinforce_pp', 'mc_grpo',

@@ -45,6 +45,8 @@ class Batch(NamedTuple):
   behaviour_logp: Array | None = None  # [B, G, T] sampler log-probs (mu);
   # None: same as old_logp.
   entropy: Array | None = None  # [B, G, T] sampler entropies (D3S).
+  values: Array | None = None  # [B] per-prompt baseline v(x) from the
+  # curriculum's value tracker (SPO).
 
 
 def round_up(n: int, multiple: int, cap: int) -> int:
@@ -153,6 +155,11 @@ def _advantage_kwargs(obj: ObjectiveConfig, batch: Batch, step) -> dict:
     return {'eps': obj.adv_eps}
   if name == 'mc_grpo':
     return {'scale': obj.mc_scale, 'eps': obj.adv_eps}
+  if name == 'spo':
+    if batch.values is None:
+      raise ValueError('the spo advantage needs Batch.values (the '
+                       "curriculum's per-prompt value tracker)")
+    return {'values': batch.values, 'eps': obj.adv_eps}
   if name == 'xrpo_sharpen':
     mask = batch.loss_mask.astype(jnp.float32)
     mean_logp = jnp.sum(_behaviour(batch) * mask, -1) / jnp.maximum(

@@ -28,23 +28,13 @@ from rlx.config import Config
 from rlx.data.task import load_task
 from rlx.logbook import Logbook
 from rlx.rewards import shaping
+from rlx.curriculum.controller import Curriculum
+from rlx.models import kv_cache
 from rlx.models import transformer
 
 # Config keys that may change when a run is resumed (schedule and logging);
 # anything else differing from the checkpoint's config is an error.
 RESUMABLE_CHANGES = ('rl.num_steps', 'eval.every', 'log.')
-
-
-@functools.lru_cache(maxsize=8)
-def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-  return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def prompt_indices(seed: int, step: int, batch: int, n: int) -> np.ndarray:
-  """Prompts of RL step `step`: a slice of the epoch-wise permutations."""
-  pos = np.arange(step * batch, (step + 1) * batch)
-  return np.array([_epoch_permutation(seed, int(p // n), n)[p % n]
-                   for p in pos])
 
 
 def build_model(cfg: Config, vocab_size: int):
@@ -112,10 +102,15 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   optimizer = learner.make_optimizer(cfg.optim)
   init_p = transformer.init_params(model.cfg,
                                    jax.random.key(cfg.warmstart.seed))
+  pool = cfg.curriculum.pool_size or len(task.train)
+  curriculum = Curriculum(cfg.curriculum, cfg.rl, pool,
+                          advantage=cfg.objective.advantage,
+                          embed_fn=_embed_fn(model, task), seed=cfg.seed)
   abstract = {'train': jax.eval_shape(
       lambda: learner.init_state(init_p, optimizer)),
               'ref': jax.eval_shape(lambda: init_p) if cfg.objective.kl_beta
-                     else {}}
+                     else {},
+              'curriculum': curriculum.abstract(model.cfg.embed_dim)}
   log = Logbook(workdir, total_steps=cfg.rl.num_steps,
                 resume_step=start_step, tensorboard=cfg.log.tensorboard,
                 progress=cfg.log.progress)
@@ -132,14 +127,24 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
     # The reference is a copy: the train state's buffers are donated.
     state = {'train': learner.init_state(params, optimizer),
              'ref': jax.tree.map(jnp.copy, params) if cfg.objective.kl_beta
-                    else {}}
+                    else {},
+             'curriculum': curriculum.init(params)}
   train_state, ref_params = state['train'], state['ref'] or None
+  cur_state = state['curriculum']
 
   base_elapsed = counters.pop('elapsed_s')  # Wall time of earlier runs.
   elapsed = lambda: base_elapsed + time.time() - run_start
   actor = Actor(model, task, cfg.sampling.max_new_tokens,
                 top_k=cfg.sampling.top_k)
   train_step = learner.make_train_step(logits_fn, optimizer, cfg)
+
+  def rollout_fn(params, rows, key, num_samples):
+    scored = actor.rollout(
+        params, task.train_prompts[rows], task.train_prompt_mask[rows],
+        [task.train.answers[i] for i in rows], key, num_samples=num_samples,
+        temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p)
+    return scored.rollout, scored.rewards
+
   recompute_logp = jax.jit(functools.partial(
       _recompute_logp, logits_fn, cfg.sampling.temperature))
   base_key = jax.random.key(cfg.seed)
@@ -160,32 +165,26 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   rl = cfg.rl
   for step in range(start_step, end):
     t0 = time.time()
-    idx = prompt_indices(cfg.seed, step, rl.batch_prompts, len(task.train))
     key = jax.random.fold_in(jax.random.fold_in(base_key, 1), step)
-    scored = actor.rollout(
-        train_state.params, task.train_prompts[idx],
-        task.train_prompt_mask[idx], [task.train.answers[i] for i in idx],
-        key, num_samples=rl.group_size, temperature=cfg.sampling.temperature,
-        top_p=cfg.sampling.top_p)
+    got, cur_state, cur_metrics = curriculum.collect(
+        cur_state, train_state.params, key, rollout_fn, step)
     t1 = time.time()
-    ro = scored.rollout
-    lengths = np.asarray(ro.lengths)
-    rewards = scored.rewards
+    idx = got.ids
+    rewards = got.rewards
     if cfg.objective.overlong_buffer:  # DAPO overlong shaping.
       rewards = rewards + np.asarray(shaping.overlong_penalty(
-          lengths, max_len=cfg.sampling.max_new_tokens,
+          got.lengths, max_len=cfg.sampling.max_new_tokens,
           buffer=cfg.objective.overlong_buffer))
-    old_logp = ro.logp
+    old_logp = got.logp
     if rl.recompute_old_logp:
       old_logp = recompute_logp(train_state.params, task.train_prompts[idx],
-                                task.train_prompt_mask[idx], ro.tokens)
+                                task.train_prompt_mask[idx], got.tokens)
     batch = learner.Batch(
         prompt=jnp.asarray(task.train_prompts[idx]),
         prompt_mask=jnp.asarray(task.train_prompt_mask[idx]),
-        response=ro.tokens, loss_mask=ro.loss_mask, old_logp=old_logp,
-        rewards=jnp.asarray(rewards),
-        group_mask=jnp.ones(scored.rewards.shape, bool),
-        behaviour_logp=ro.logp, entropy=ro.entropy)
+        response=got.tokens, loss_mask=got.loss_mask, old_logp=old_logp,
+        rewards=jnp.asarray(rewards), group_mask=got.group_mask,
+        behaviour_logp=got.logp, entropy=got.entropy, values=got.values)
     batch = learner.trim_batch(batch)
     metrics = {}
     mini = rl.batch_prompts // rl.num_minibatches
@@ -193,36 +192,63 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
       part = jax.tree.map(lambda x, m=m: x[m * mini:(m + 1) * mini], batch)
       train_state, metrics = train_step(train_state, ref_params, part)
     metrics = jax.device_get(metrics)
-    counters['rollouts/total'] += int(lengths.size)
-    counters['tokens/decoded_total'] += int(lengths.sum())
-    rewards = scored.rewards  # Verifier rewards (before any shaping).
+    counters['rollouts/total'] += got.rollouts
+    counters['tokens/decoded_total'] += got.decoded_tokens
+    sampled = np.arange(got.rewards.shape[1]) < got.counts[:, None]
+    lengths = got.lengths[sampled]
     row = {
         'step': step + 1,
-        'reward/mean': float(rewards.mean()),
-        'reward/zero_var_group_frac': float(np.mean(rewards.std(-1) == 0)),
+        # Verifier rewards (before any shaping) of the trained groups.
+        'reward/mean': float(got.rewards[sampled].mean()),
+        'reward/zero_var_group_frac': cur_metrics[
+            'curriculum/zero_var_frac'],
         'response/len_mean': float(lengths.mean()),
         'response/len_max': int(lengths.max()),
-        'response/truncated_frac': float(np.mean(np.asarray(ro.finish) == 2)),
+        'response/truncated_frac': float(np.mean(got.finish[sampled] == 2)),
         'rollouts/total': counters['rollouts/total'],
         'tokens/decoded_total': counters['tokens/decoded_total'],
         'time/rollout_s': t1 - t0,
         'time/train_s': time.time() - t1,
         'time/elapsed_s': elapsed(),
         **{f'learner/{k}': float(v) for k, v in metrics.items()},
+        **cur_metrics,
     }
-    if (step + 1) % cfg.log.every == 0 or step + 1 == cfg.rl.num_steps:
+    spent = bool(rl.max_rollouts and counters['rollouts/total']
+                 >= rl.max_rollouts)
+    last = step + 1 == cfg.rl.num_steps or spent
+    if (step + 1) % cfg.log.every == 0 or last:
       log.write(row)
-    if (step + 1) % cfg.eval.every == 0 or step + 1 == cfg.rl.num_steps:
+    if (step + 1) % cfg.eval.every == 0 or last:
       last_eval = run_eval(step + 1)
     log.advance(row['reward/mean'], last_eval.get('eval/pass@1'))
-    if (step + 1) % cfg.log.checkpoint_every == 0 or step + 1 == end:
-      ckpt.save(step + 1, {'train': train_state, 'ref': ref_params or {}},
+    if (step + 1) % cfg.log.checkpoint_every == 0 or step + 1 == end or spent:
+      ckpt.save(step + 1, {'train': train_state, 'ref': ref_params or {},
+                           'curriculum': cur_state},
                 {'counters': {**counters, 'elapsed_s': elapsed()},
-                 'config': config_lib.to_dict(cfg),
-                 'data_position': (step + 1) * rl.batch_prompts})
+                 'config': config_lib.to_dict(cfg)})
+    if spent:
+      log.message(f'stopping after step {step + 1}: rl.max_rollouts='
+                  f'{rl.max_rollouts} responses sampled')
+      end = step + 1
+      break
   log.close()
   ckpt.close()
   return {'params': train_state.params, 'step': end, 'last_eval': last_eval}
+
+
+def _embed_fn(model, task):
+  """(params, prompt ids) -> [n, D] mean final hidden state over the prompt."""
+  @jax.jit
+  def embed(params, tokens, mask):
+    positions = kv_cache.positions_from_mask(mask)
+    attn = kv_cache.causal_mask(mask, query_len=tokens.shape[1],
+                                cache_index=0)
+    hidden = model.apply({'params': params}, tokens, positions, attn)[2]
+    w = mask[..., None].astype(hidden.dtype)
+    return jnp.sum(hidden * w, 1) / jnp.maximum(jnp.sum(w, 1), 1.0)
+
+  return lambda params, ids: embed(params, task.train_prompts[ids],
+                                   task.train_prompt_mask[ids])
 
 
 def _recompute_logp(logits_fn, temperature, params, prompts, prompt_mask,

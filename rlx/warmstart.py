@@ -84,13 +84,18 @@ def train_sft(cfg: Config, logits_fn: LogitsFn, task: Task, params: Params,
               *, log: Callable[[str], None] = print) -> Params:
   """Runs `warmstart.num_steps` supervised steps from `params`."""
   ws = cfg.warmstart
-  solutions = task.train.solutions
+  prompts, solutions = task.train.prompts, task.train.solutions
   if ws.demo_error_rate:
     noise = np.random.default_rng([ws.seed, 7])
     solutions = [chain_arith.noisy_solution(p, noise, ws.demo_error_rate)
-                 for p in task.train.prompts]
+                 for p in prompts]
+  if ws.max_steps:
+    keep = [i for i, p in enumerate(prompts)
+            if chain_arith.num_steps(p) <= ws.max_steps]
+    prompts = [prompts[i] for i in keep]
+    solutions = [solutions[i] for i in keep]
   demos = loader.encode_demonstrations(
-      task.tokenizer, task.train.prompts, solutions,
+      task.tokenizer, prompts, solutions,
       prompt_len=cfg.task.prompt_len,
       response_len=cfg.sampling.max_new_tokens)
   schedule = optax.warmup_cosine_decay_schedule(

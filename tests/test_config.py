@@ -122,6 +122,19 @@ def test_int_for_float_is_converted():
     ({'objective.kl_estimator': 'k4'}, 'objective.kl_estimator'),
     ({'model.num_heads': 4, 'model.num_kv_heads': 3}, 'model.num_kv_heads'),
     ({'task.name': 'gsm8k'}, 'task.name'),
+    ({'curriculum.selector': 'thompson'}, 'curriculum.selector'),
+    ({'curriculum.allocator': 'greedy'}, 'curriculum.allocator'),
+    ({'curriculum.filter': 'dapo+dapo'}, 'curriculum.filter'),
+    ({'curriculum.filter': 'sieve'}, 'curriculum.filter'),
+    ({'curriculum.estimator': 'kalman'}, 'curriculum.estimator'),
+    ({'curriculum.max_group': 6}, 'curriculum.min_group'),
+    ({'curriculum.first_round': 9}, 'curriculum.first_round'),
+    ({'curriculum.pool_size': 8}, 'curriculum.pool_size'),
+    ({'curriculum.discount': 1.5}, 'curriculum.discount'),
+    ({'curriculum.dots_tau': 0.0}, 'curriculum.dots_tau'),
+    ({'rl.max_rollouts': -1}, 'rl.max_rollouts'),
+    ({'warmstart.max_steps': 13}, 'warmstart.max_steps'),
+    ({'objective.advantage': 'tree'}, 'objective.advantage'),
 ])
 def test_impossible_combination_names_key(overrides, key):
   assert key in _error(**overrides)
@@ -132,6 +145,8 @@ def test_impossible_combination_names_key(overrides, key):
      'optim.num_microbatches': 4},
     {'rl.batch_prompts': 6, 'optim.num_microbatches': 3},
     {'sampling.top_p': 1.0, 'eval.num_prompts': 512},
+    {'curriculum.filter': 'skip+dapo', 'curriculum.allocator': 'xrpo',
+     'curriculum.selector': 'dots', 'objective.advantage': 'spo'},
 ])
 def test_possible_combination_builds(overrides):
   config_lib.build(_dict(**overrides))

@@ -140,6 +140,11 @@ def _parse(prompt: str) -> tuple[int, str, list[int]]:
   return int(prompt[0]), body[1::3], [int(b) for b in body[2::3]]
 
 
+def num_steps(prompt: str) -> int:
+  """Number of steps of a prompt (its difficulty); ValueError if malformed."""
+  return len(_parse(prompt)[1])
+
+
 def solve(prompt: str) -> Problem:
   """Recomputes the solution and answer of a prompt.
 

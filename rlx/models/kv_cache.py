@@ -2,11 +2,14 @@
 
 The cache is a tuple with one `LayerCache` per layer, each holding keys and
 values `[B, K, S, H]` (heads before slots, so decode attention
-is a plain batched matmul with no per-step transpose of the cache). All rows of a batch write at the same cache index:
+is a plain batched matmul with no per-step transpose of the cache). In the
+static sampler all rows of a batch write at the same (scalar) cache index:
 prompts are left-padded so that they end at the same column, and the slots
-that hold padding are excluded through `kv_valid [B, S]`. Token positions
-(for RoPE) are counted per row over real tokens only, so a left-padded row
-sees exactly the positions it would see unpadded.
+that hold padding are excluded through `kv_valid [B, S]`. The continuous
+batching engine gives every row its own index (an int array `[B]`): rows
+then advance independently. Token positions (for RoPE) are counted per row
+over real tokens only, so a left-padded row sees exactly the positions it
+would see unpadded.
 """
 
 from typing import NamedTuple
@@ -34,13 +37,28 @@ def init_cache(*, num_layers: int, batch: int, length: int, num_kv_heads: int,
       for _ in range(num_layers))
 
 
-def write(layer: LayerCache, k: Array, v: Array, index: Array) -> LayerCache:
-  """Writes `k, v [B, L, K, H]` into the cache at slots index..index+L-1."""
-  start = (0, 0, index, 0)
+def write(layer: LayerCache, k: Array, v: Array, index) -> LayerCache:
+  """Writes `k, v [B, L, K, H]` into the cache at slots index..index+L-1.
+
+  Args:
+    layer: the layer's cache, `[B, K, S, H]` keys and values.
+    k, v: `[B, L, K, H]` new keys and values.
+    index: a scalar (every row writes at the same slot) or an int array
+      `[B]` (row b writes at slots index[b]..index[b]+L-1).
+
+  Returns:
+    The updated `LayerCache`.
+  """
   k = jnp.swapaxes(k, 1, 2).astype(layer.k.dtype)
   v = jnp.swapaxes(v, 1, 2).astype(layer.v.dtype)
-  return LayerCache(jax.lax.dynamic_update_slice(layer.k, k, start),
-                    jax.lax.dynamic_update_slice(layer.v, v, start))
+  if jnp.ndim(index) == 0:
+    start = (0, 0, index, 0)
+    return LayerCache(jax.lax.dynamic_update_slice(layer.k, k, start),
+                      jax.lax.dynamic_update_slice(layer.v, v, start))
+  # Per-row index: a batched dynamic_update_slice (an in-place scatter).
+  row_write = jax.vmap(
+      lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (0, i, 0)))
+  return LayerCache(row_write(layer.k, k, index), row_write(layer.v, v, index))
 
 
 def positions_from_mask(mask: Array) -> Array:
@@ -66,12 +84,14 @@ def causal_mask(kv_valid: Array, *, query_len: int, cache_index) -> Array:
     kv_valid: [B, S] bool, slots holding real tokens (including the ones
       being written now).
     query_len: number of queries L.
-    cache_index: scalar slot index of the first query.
+    cache_index: slot index of the first query: a scalar, or an int array
+      `[B]` with one index per row.
 
   Returns:
     [B, L, S] bool.
   """
   s = kv_valid.shape[-1]
-  q_slot = cache_index + jnp.arange(query_len)[:, None]  # [L, 1]
-  causal = jnp.arange(s)[None, :] <= q_slot  # [L, S]
-  return causal[None] & kv_valid[:, None, :]
+  index = jnp.reshape(jnp.asarray(cache_index), (-1, 1, 1))  # [1 or B, 1, 1]
+  q_slot = index + jnp.arange(query_len)[None, :, None]  # [1 or B, L, 1]
+  causal = jnp.arange(s)[None, None, :] <= q_slot  # [1 or B, L, S]
+  return causal & kv_valid[:, None, :]

@@ -2,7 +2,9 @@
 
 RoPE, grouped-query attention, RMSNorm, SwiGLU MLP, optional QK-norm, tied
 or untied embeddings. One module for every size, from a ~1M-parameter CPU
-model to billions; all sizes come from `TransformerConfig`.
+model to billions; all sizes come from `TransformerConfig`. A few switches
+(q/k/v biases, RMSNorm by 1 + w, scaled embeddings, GeGLU, RoPE scaling)
+let it reproduce Llama, Qwen2/3 and Gemma checkpoints (rlx/models/hf).
 
 Every weight carries logical axis names (`vocab`, `embed`, `q_heads`,
 `kv_heads`, `head_dim`, `mlp`), which `rlx/sharding.py` maps to mesh axes.
@@ -10,6 +12,7 @@ Shape letters follow `rlx/types.py`; inside attention L is the query length.
 """
 
 import dataclasses
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -20,6 +23,11 @@ from rlx.models import kv_cache
 from rlx.types import Array
 
 _NEG_INF = -1e30
+_ACTIVATIONS = {
+    'silu': nn.silu,
+    # tanh-approximated GELU (HF's gelu_pytorch_tanh).
+    'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +46,16 @@ class TransformerConfig:
   tie_embeddings: bool = True  # Output projection = embedding transpose.
   dtype: str = 'float32'  # Activation / matmul dtype.
   param_dtype: str = 'float32'  # Parameter storage dtype.
+  # Pretrained-family switches (rlx/models/hf); the defaults are rlx's own.
+  qkv_bias: bool = False  # Biases on the q/k/v projections (Qwen2).
+  norm_plus_one: bool = False  # RMSNorm scales by 1 + w, w init 0 (Gemma).
+  embed_scale: bool = False  # Embeddings times sqrt(D) (Gemma).
+  activation: str = 'silu'  # MLP gate: 'silu' or 'gelu_tanh' (Gemma).
+  rope_scaling: str = 'none'  # 'none', 'linear' or 'llama3'.
+  rope_factor: float = 1.0  # Scaling factor (linear, llama3).
+  rope_low_freq_factor: float = 1.0  # llama3 only.
+  rope_high_freq_factor: float = 4.0  # llama3 only.
+  rope_original_max_len: int = 8192  # llama3: pre-scaling context length.
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -46,6 +64,12 @@ class TransformerConfig:
           f'model.num_kv_heads={self.num_kv_heads}')
     if self.head_dim % 2:
       raise ValueError(f'model.head_dim={self.head_dim} must be even (RoPE)')
+    if self.activation not in _ACTIVATIONS:
+      raise ValueError(f'model.activation={self.activation!r} is not one of '
+                       f'{sorted(_ACTIVATIONS)}')
+    if self.rope_scaling not in ('none', 'linear', 'llama3'):
+      raise ValueError(f'model.rope_scaling={self.rope_scaling!r} is not one '
+                       "of 'none', 'linear', 'llama3'")
 
 
 def _init(init_fn, *names):
@@ -53,32 +77,64 @@ def _init(init_fn, *names):
 
 
 class RMSNorm(nn.Module):
+  """RMSNorm over the last axis; scales by `scale` or, Gemma-style, by
+  `1 + scale` (`plus_one`, with `scale` initialised to 0)."""
   eps: float
   axis_name: str = 'embed'
   param_dtype: jnp.dtype = jnp.float32
+  plus_one: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = self.param('scale', _init(nn.initializers.ones, self.axis_name),
+    init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+    scale = self.param('scale', _init(init, self.axis_name),
                        (x.shape[-1],), self.param_dtype)
+    scale = scale.astype(jnp.float32) + (1.0 if self.plus_one else 0.0)
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
     return (x32 * scale).astype(x.dtype)
 
 
-def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+def rope_frequencies(cfg: TransformerConfig) -> Array:
+  """RoPE inverse frequencies [H/2] float32, with the config's scaling.
+
+  'linear' divides every frequency by `rope_factor` (position
+  interpolation); 'llama3' divides only the low frequencies, blending
+  smoothly between `rope_low_freq_factor` and `rope_high_freq_factor`
+  wavelengths (as Llama 3.1 and HF's `_compute_llama3_parameters`).
+  """
+  h = cfg.head_dim
+  freq = cfg.rope_theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  if cfg.rope_scaling == 'linear':
+    return freq / cfg.rope_factor
+  if cfg.rope_scaling == 'llama3':
+    factor, old_len = cfg.rope_factor, cfg.rope_original_max_len
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelen = 2 * jnp.pi / freq
+    scaled = jnp.where(wavelen > old_len / low, freq / factor, freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(medium, smoothed, scaled)
+  return freq
+
+
+def apply_rope(x: Array, positions: Array, theta: float, *,
+               inv_freq: Optional[Array] = None) -> Array:
   """Rotary embedding, half-split convention (as Llama / HF).
 
   Args:
     x: [B, L, heads, H].
     positions: [B, L] int.
     theta: base frequency.
+    inv_freq: [H/2] frequencies overriding theta (see `rope_frequencies`).
 
   Returns:
     x rotated, same shape and dtype.
   """
   h = x.shape[-1]
-  freq = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # [H/2]
+  freq = (theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+          if inv_freq is None else inv_freq)  # [H/2]
   angle = positions[..., None].astype(jnp.float32) * freq  # [B, L, H/2]
   sin = jnp.sin(angle)[:, :, None, :]
   cos = jnp.cos(angle)[:, :, None, :]
@@ -95,18 +151,22 @@ class Attention(nn.Module):
   def __call__(self, x, positions, mask, layer_cache, cache_index):
     cfg = self.cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    dense = lambda feats, axes, names, name: nn.DenseGeneral(  # pylint: disable=g-long-lambda
-        feats, axis=axes, use_bias=False, dtype=dtype, param_dtype=pdtype,
-        kernel_init=_init(nn.initializers.lecun_normal(), *names), name=name)
+    dense = lambda feats, axes, names, name, bias=False: nn.DenseGeneral(  # pylint: disable=g-long-lambda
+        feats, axis=axes, use_bias=bias, dtype=dtype, param_dtype=pdtype,
+        kernel_init=_init(nn.initializers.lecun_normal(), *names),
+        bias_init=_init(nn.initializers.zeros, *names[1:]), name=name)
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = dense((n, h), -1, ('embed', 'q_heads', 'head_dim'), 'q')(x)
-    key = dense((k, h), -1, ('embed', 'kv_heads', 'head_dim'), 'k')(x)
-    val = dense((k, h), -1, ('embed', 'kv_heads', 'head_dim'), 'v')(x)
+    bias = cfg.qkv_bias
+    q = dense((n, h), -1, ('embed', 'q_heads', 'head_dim'), 'q', bias)(x)
+    key = dense((k, h), -1, ('embed', 'kv_heads', 'head_dim'), 'k', bias)(x)
+    val = dense((k, h), -1, ('embed', 'kv_heads', 'head_dim'), 'v', bias)(x)
     if cfg.qk_norm:
-      q = RMSNorm(cfg.norm_eps, 'head_dim', pdtype, name='q_norm')(q)
-      key = RMSNorm(cfg.norm_eps, 'head_dim', pdtype, name='k_norm')(key)
-    q = apply_rope(q, positions, cfg.rope_theta)
-    key = apply_rope(key, positions, cfg.rope_theta)
+      norm = functools.partial(RMSNorm, cfg.norm_eps, 'head_dim', pdtype,
+                               cfg.norm_plus_one)
+      q, key = norm(name='q_norm')(q), norm(name='k_norm')(key)
+    freq = rope_frequencies(cfg)
+    q = apply_rope(q, positions, cfg.rope_theta, inv_freq=freq)
+    key = apply_rope(key, positions, cfg.rope_theta, inv_freq=freq)
 
     new_cache = None
     if layer_cache is not None:
@@ -129,7 +189,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-  """SwiGLU feed-forward block."""
+  """Gated feed-forward block: SwiGLU, or GeGLU with `gelu_tanh`."""
   cfg: TransformerConfig
 
   @nn.compact
@@ -142,7 +202,8 @@ class MLP(nn.Module):
                       name=name)
     gate = dense(cfg.mlp_dim, ('embed', 'mlp'), 'gate')(x)
     up = dense(cfg.mlp_dim, ('embed', 'mlp'), 'up')(x)
-    return dense(cfg.embed_dim, ('mlp', 'embed'), 'down')(nn.silu(gate) * up)
+    act = _ACTIVATIONS[cfg.activation]
+    return dense(cfg.embed_dim, ('mlp', 'embed'), 'down')(act(gate) * up)
 
 
 class Block(nn.Module):
@@ -151,13 +212,12 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache, cache_index):
     cfg = self.cfg
-    pdtype = jnp.dtype(cfg.param_dtype)
+    norm = functools.partial(RMSNorm, cfg.norm_eps, 'embed',
+                             jnp.dtype(cfg.param_dtype), cfg.norm_plus_one)
     h, new_cache = Attention(cfg, name='attn')(
-        RMSNorm(cfg.norm_eps, param_dtype=pdtype, name='attn_norm')(x),
-        positions, mask, layer_cache, cache_index)
+        norm(name='attn_norm')(x), positions, mask, layer_cache, cache_index)
     x = x + h
-    x = x + MLP(cfg, name='mlp')(
-        RMSNorm(cfg.norm_eps, param_dtype=pdtype, name='mlp_norm')(x))
+    x = x + MLP(cfg, name='mlp')(norm(name='mlp_norm')(x))
     return x, new_cache
 
 
@@ -166,7 +226,8 @@ class Transformer(nn.Module):
 
   Call with tokens [B, L], positions [B, L], an attention mask [B, L, S]
   (S = L without a cache, the cache length with one), and optionally a
-  cache plus the slot index at which these L tokens are written.
+  cache plus the slot index at which these L tokens are written (a scalar,
+  or an int array [B] when every row writes at its own slot).
   Returns (logits [B, L, V] float32, new cache or None, hidden [B, L, D]).
   """
   cfg: TransformerConfig
@@ -183,13 +244,17 @@ class Transformer(nn.Module):
                              'vocab', 'embed'),
         name='embed')
     x = embed(tokens)
+    if cfg.embed_scale:
+      # Gemma rounds the normalizer to the activation dtype first.
+      x = x * jnp.asarray(cfg.embed_dim ** 0.5, dtype)
     new_cache = []
     for i in range(cfg.num_layers):
       layer_cache = None if cache is None else cache[i]
       x, c = Block(cfg, name=f'layer_{i}')(x, positions, mask, layer_cache,
                                            cache_index)
       new_cache.append(c)
-    hidden = RMSNorm(cfg.norm_eps, param_dtype=pdtype, name='final_norm')(x)
+    hidden = RMSNorm(cfg.norm_eps, param_dtype=pdtype,
+                     plus_one=cfg.norm_plus_one, name='final_norm')(x)
     if cfg.tie_embeddings:
       logits = embed.attend(hidden)
     else:

@@ -1,0 +1,379 @@
+"""One RL step's rollouts under a curriculum: select, allocate, filter.
+
+The host loop of DESIGN.md section 3 up to the learner:
+
+  skip (optional)  -> eligible prompts (posterior says: not all-equal)
+  DOTS (optional)  -> reference rollouts, predicted pass rates
+  select           -> B prompt ids (jitted selector)
+  allocate         -> rollouts per prompt, one or two rounds
+  filter (dapo)    -> all-equal groups replaced by fresh prompts (bounded)
+  update           -> estimator (every rollout is evidence), GDRO weights
+
+Rollouts with variable group sizes are sampled as flat rows (one response
+per row, rows padded to a bucket so the sampler compiles once per bucket)
+and scattered back into [B, Gc, T] with a group mask, Gc the largest count
+rounded up to a multiple of 4.
+"""
+
+import dataclasses
+import functools
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlx.curriculum import allocators as alloc_lib
+from rlx.curriculum import estimators as est
+from rlx.curriculum import selectors as sel
+from rlx.learner import round_up
+
+_ROW_BUCKET = 32  # Flat rollout rows are padded to a multiple of this.
+_GROUP_BUCKET = 4  # The group axis is padded to a multiple of this.
+NUM_HIST_BINS = 5  # Histogram of selected prompts' estimated pass rates.
+
+
+@dataclasses.dataclass
+class Collected:
+  """A step's training groups on the host, [B, Gc, ...] with a group mask."""
+  ids: np.ndarray  # [B] prompt ids (into the pool).
+  tokens: np.ndarray  # [B, Gc, T] int32.
+  loss_mask: np.ndarray  # [B, Gc, T] bool.
+  logp: np.ndarray  # [B, Gc, T] float32 behaviour log-probs.
+  entropy: np.ndarray  # [B, Gc, T] float32.
+  lengths: np.ndarray  # [B, Gc] int32.
+  finish: np.ndarray  # [B, Gc] int32.
+  rewards: np.ndarray  # [B, Gc] float32 verifier rewards (0 where masked).
+  group_mask: np.ndarray  # [B, Gc] bool: sampled and kept for the loss.
+  values: np.ndarray  # [B] posterior mean pass rate before this step.
+  counts: np.ndarray  # [B] responses sampled per group.
+  rollouts: int  # Responses sampled this step (references and retries in).
+  decoded_tokens: int  # Tokens sampled this step.
+
+
+@dataclasses.dataclass
+class _Groups:
+  """Growing per-prompt lists of sampled responses (host)."""
+  rows: list  # [B] lists of (tokens, loss_mask, logp, entropy, len, finish)
+  rewards: list  # [B] lists of float
+
+  @classmethod
+  def empty(cls, b: int):
+    return cls([[] for _ in range(b)], [[] for _ in range(b)])
+
+  def counts(self) -> np.ndarray:
+    return np.array([len(r) for r in self.rewards])
+
+  def successes(self) -> np.ndarray:
+    return np.array([float(np.sum(r)) for r in self.rewards])
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def epoch_order(seed: int, step: int, batch: int, n: int) -> np.ndarray:
+  """Prompts of step `step` in data order: slices of per-epoch permutations
+  of the n prompts (each prompt once per epoch), a function of (seed, step).
+  """
+  pos = np.arange(step * batch, (step + 1) * batch)
+  return np.array([_epoch_permutation(seed, int(p // n), n)[p % n]
+                   for p in pos])
+
+
+def resolve_estimator(name: str, selector: str, advantage: str) -> str:
+  """'auto' -> the estimator each method's paper uses (else 'beta')."""
+  if name != 'auto':
+    return name
+  if selector == 'spo' or advantage == 'spo':
+    return 'spo'
+  return {'vade': 'vade', 'cures': 'count'}.get(selector, 'beta')
+
+
+def zero_variance(rewards: list) -> bool:
+  """Whether a group's rewards are all equal (no GRPO signal)."""
+  return len(rewards) == 0 or float(np.ptp(rewards)) == 0.0
+
+
+class Curriculum:
+  """Selection, allocation and filtering over a pool of N train prompts.
+
+  Args:
+    cfg: the curriculum config (rlx.config.CurriculumConfig).
+    rl: the RL config (batch_prompts B, group_size G).
+    pool: N, the number of train prompts selectable.
+    embed_fn: (params, prompt ids [n]) -> [n, D] prompt embeddings (DOTS).
+  """
+
+  def __init__(self, cfg, rl, pool: int, *, advantage: str = 'grpo',
+               embed_fn: Optional[Callable] = None, seed: int = 0):
+    self.cfg, self.rl, self.pool, self.seed = cfg, rl, pool, seed
+    g = rl.group_size
+    self.estimator_name = resolve_estimator(cfg.estimator, cfg.selector,
+                                            advantage)
+    self.max_group = cfg.max_group or 2 * g
+    self.estimator = est.make(
+        self.estimator_name, lam=cfg.discount, gamma=cfg.vade_decay,
+        rho=cfg.spo_discount, alpha0=cfg.prior_alpha, beta0=cfg.prior_beta)
+    self._select = jax.jit(
+        sel.make(cfg.selector, mmr1_mix=cfg.mmr1_mix,
+                 spo_floor=cfg.spo_floor, dots_tau=cfg.dots_tau),
+        static_argnums=2)
+    self.allocator = alloc_lib.make(
+        cfg.allocator, group_size=rl.group_size, min_group=cfg.min_group,
+        max_group=self.max_group,
+        first_round=cfg.first_round or max(g // 2, cfg.min_group),
+        dars_schedule=cfg.dars_schedule, xrpo_bonus=cfg.xrpo_bonus,
+        num_bins=cfg.gdro_bins)
+    self._update = jax.jit(self.estimator.update)
+    self._prob_same = jax.jit(est.prob_all_same, static_argnums=2)
+    self.embed_fn = embed_fn
+    self.filters = set(cfg.filter.split('+')) - {'none'}
+
+  # State -----------------------------------------------------------------
+
+  def init(self, params=None) -> sel.CurriculumState:
+    """The initial state; DOTS embeds the pool with `params` here."""
+    embed = self.embed_pool(params) if self.cfg.selector == 'dots' else None
+    return self._init(embed)
+
+  def abstract(self, embed_dim: int):
+    """Shapes of the state, for restoring a checkpoint."""
+    embed = jnp.zeros((self.pool, embed_dim))
+    return jax.eval_shape(lambda: self._init(
+        embed if self.cfg.selector == 'dots' else None))
+
+  def _init(self, embed) -> sel.CurriculumState:
+    refs = self.cfg.dots_ref_prompts if embed is not None else 1
+    dots = sel.DotsState(
+        embed=jnp.zeros((1, 1)) if embed is None else embed,
+        ref_ids=jnp.full((refs,), -1, jnp.int32),
+        ref_rates=jnp.zeros((refs,)))
+    return sel.CurriculumState(stats=self.estimator.init(self.pool),
+                               gdro=sel.gdro_init(self.cfg.gdro_bins),
+                               dots=dots)
+
+  def embed_pool(self, params) -> jax.Array:
+    """[N, D] prompt embeddings of the whole pool (DOTS)."""
+    if self.embed_fn is None or params is None:
+      raise ValueError('the dots selector needs prompt embeddings: pass '
+                       'embed_fn and params')
+    chunk = 1024
+    parts = [self.embed_fn(params, np.arange(i, min(i + chunk, self.pool)))
+             for i in range(0, self.pool, chunk)]
+    return jnp.concatenate(parts).astype(jnp.float32)
+
+  def eligible(self, state) -> Optional[jax.Array]:
+    """Pre-rollout skip: prompts whose group is not predicted all-equal."""
+    if 'skip' not in self.filters:
+      return None
+    s = state.stats
+    same = self._prob_same(s.alpha, s.beta, self.rl.group_size)
+    return same < self.cfg.skip_threshold
+
+  # One step --------------------------------------------------------------
+
+  def collect(self, state, params, key, rollout_fn, step: int):
+    """Samples one step's training groups.
+
+    Args:
+      state: CurriculumState.
+      params: policy parameters (DOTS embedding refreshes).
+      key: this step's key.
+      rollout_fn: (params, prompt ids [R], key, num_samples) -> (sampler
+        Rollout [R, num_samples, ...], rewards [R, num_samples]); ids may
+        repeat.
+      step: the RL step (embedding refresh schedule).
+
+    Returns:
+      (Collected, new state, metrics dict).
+    """
+    cfg, b = self.cfg, self.rl.batch_prompts
+    # The first round samples with `key` itself; the rest fold it in.
+    k1 = key
+    k_ref, k_sel, k2, k_dapo = (jax.random.fold_in(key, i)
+                                for i in range(1, 5))
+    metrics, evidence = {}, []
+    spent = [0, 0]  # rollouts, tokens
+
+    sample = lambda ids, key, per_id: self._sample_rows(
+        params, ids, key, rollout_fn, spent, per_id)
+
+    eligible = self.eligible(state)
+    if eligible is not None:
+      metrics['curriculum/eligible_frac'] = float(jnp.mean(eligible))
+    if cfg.selector == 'dots':
+      state = self._dots_refresh(state, params, k_ref, eligible, sample,
+                                 evidence, step, metrics)
+    if cfg.selector == 'uniform' and eligible is None:
+      # Plain data order: a seeded permutation of the pool per epoch.
+      ids = epoch_order(self.seed, step, b, self.pool)
+    else:
+      ids = np.asarray(self._select(state, k_sel, b, eligible))
+    p_sel = np.asarray(est.mean(state.stats))[ids]
+    groups = _Groups.empty(b)
+    counts, m = self.allocator.first(p_sel)
+    metrics.update({f'curriculum/{k}': v for k, v in m.items()})
+    self._extend(groups, ids, counts, k1, sample)
+    if self.allocator.second is not None:
+      extra, m = self.allocator.second(groups.successes(), groups.counts())
+      metrics.update({f'curriculum/{k}': v for k, v in m.items()})
+      self._extend(groups, ids, extra, k2, sample)
+    zero = np.array([zero_variance(r) for r in groups.rewards])
+    metrics['curriculum/zero_var_frac'] = float(zero.mean())
+    evidence.append((ids, groups.successes(), groups.counts()))
+    keep = np.ones(b, bool)
+    if 'dapo' in self.filters or cfg.allocator == 'dars':
+      ids, groups, keep = self._refill(state, ids, groups, zero, eligible,
+                                       k_dapo, sample, evidence, metrics)
+    stats_before = state.stats
+    state = state._replace(stats=self._observe(state.stats, evidence))
+    if cfg.selector == 'prompt_gdro':
+      fail = 1.0 - groups.successes() / np.maximum(groups.counts(), 1)
+      state = state._replace(gdro=sel.gdro_update(
+          state.gdro, stats_before, jnp.asarray(ids), jnp.asarray(fail),
+          eta=cfg.gdro_eta, decay=cfg.gdro_ema, explore=cfg.gdro_explore))
+    out = self._assemble(ids, groups, keep,
+                         np.asarray(est.mean(stats_before))[ids], spent)
+    metrics.update(self._metrics(p_sel, out))
+    return out, state, metrics
+
+  def _sample_rows(self, params, ids, key, rollout_fn, spent, per_id=1):
+    """Rolls out `per_id` responses per id, flattened id-major.
+
+    With per_id == 1 (ragged groups flattened to rows) the rows are padded
+    to a bucket so the sampler compiles once per bucket; equal groups are
+    sampled as groups (one prefill per prompt).
+    """
+    r = len(ids)
+    padded = r if per_id > 1 else round_up(r, _ROW_BUCKET, 1 << 30)
+    rows = np.concatenate([ids, np.full(padded - r, ids[0])]).astype(int)
+    ro, rewards = rollout_fn(params, rows, key, per_id)
+    flat = lambda x: np.asarray(x)[:r].reshape((r * per_id,) + x.shape[2:])
+    ro = jax.tree.map(flat, ro)
+    spent[0] += r * per_id
+    spent[1] += int(ro.lengths.sum())
+    return ro, flat(np.asarray(rewards))
+
+  def _extend(self, groups: _Groups, ids, counts, key, sample):
+    """Adds counts[i] responses to prompt slot i."""
+    counts = np.asarray(counts, int)
+    if counts.sum() == 0:
+      return
+    slot = np.repeat(np.arange(len(ids)), counts)
+    if np.all(counts == counts[0]):
+      ro, rewards = sample(np.asarray(ids), key, int(counts[0]))
+    else:
+      ro, rewards = sample(np.asarray(ids)[slot], key, 1)
+    for j, i in enumerate(slot):
+      groups.rows[i].append(tuple(np.asarray(x)[j] for x in ro))
+      groups.rewards[i].append(float(rewards[j]))
+
+  def _refill(self, state, ids, groups, zero, eligible, key, sample,
+              evidence, metrics):
+    """DAPO dynamic sampling: replace all-equal groups, bounded retries.
+
+    Replacement prompts come from the same selector (excluding prompts
+    already used this step) with G rollouts each. Groups still all-equal
+    after `dapo_max_retries` rounds stay in the batch with their mask off.
+    With the DARS allocator (without 'dapo') no resampling happens: the
+    card's merged groups with accuracy 0 or 1 are just dropped.
+    """
+    cfg, g = self.cfg, self.rl.group_size
+    retries = cfg.dapo_max_retries if 'dapo' in self.filters else 0
+    used = np.zeros(self.pool, bool)
+    used[ids] = True
+    ids = ids.copy()
+    done = 0
+    for attempt in range(retries):
+      holes = np.flatnonzero(zero)
+      if not len(holes):
+        break
+      done = attempt + 1
+      elig = ~used if eligible is None else np.asarray(eligible) & ~used
+      new = np.asarray(self._select(state, jax.random.fold_in(key, attempt),
+                                    len(holes), jnp.asarray(elig)))
+      used[new] = True
+      fresh = _Groups.empty(len(new))
+      self._extend(fresh, new, np.full(len(new), g),
+                   jax.random.fold_in(key, 1000 + attempt), sample)
+      evidence.append((new, fresh.successes(), fresh.counts()))
+      for hole, j in zip(holes, range(len(new))):
+        if not zero_variance(fresh.rewards[j]):
+          ids[hole] = new[j]
+          groups.rows[hole] = fresh.rows[j]
+          groups.rewards[hole] = fresh.rewards[j]
+          zero[hole] = False
+    metrics['curriculum/dapo_retries'] = done
+    metrics['curriculum/dapo_bound_hit'] = float(retries > 0 and zero.any())
+    return ids, groups, ~zero
+
+  def _observe(self, stats, evidence):
+    """One estimator update with every group observed this step."""
+    ids = np.concatenate([e[0] for e in evidence])
+    succ = np.concatenate([e[1] for e in evidence])
+    cnt = np.concatenate([e[2] for e in evidence])
+    uniq, inv = np.unique(ids, return_inverse=True)
+    s = np.bincount(inv, succ, len(uniq))
+    n = np.bincount(inv, cnt, len(uniq))
+    return self._update(stats, jnp.asarray(uniq), jnp.asarray(s),
+                        jnp.asarray(n))
+
+  def _dots_refresh(self, state, params, key, eligible, sample, evidence,
+                    step, metrics):
+    """DOTS: roll out a random reference set, store its pass rates."""
+    cfg = self.cfg
+    dots = state.dots
+    if cfg.dots_embed_every and step and step % cfg.dots_embed_every == 0:
+      dots = dots._replace(embed=self.embed_pool(params))
+    k1, k2 = jax.random.split(key)
+    ref = np.asarray(sel.uniform(state, k1, cfg.dots_ref_prompts, eligible))
+    groups = _Groups.empty(len(ref))
+    self._extend(groups, ref, np.full(len(ref), cfg.dots_ref_samples), k2,
+                 sample)
+    rates = groups.successes() / groups.counts()
+    evidence.append((ref, groups.successes(), groups.counts()))
+    dots = dots._replace(ref_ids=jnp.asarray(ref, jnp.int32),
+                         ref_rates=jnp.asarray(rates, jnp.float32))
+    metrics['curriculum/dots_ref_pass_mean'] = float(rates.mean())
+    return state._replace(dots=dots)
+
+  def _assemble(self, ids, groups: _Groups, keep, values, spent):
+    counts = groups.counts()
+    gc = round_up(int(counts.max()), _GROUP_BUCKET, 1 << 30)
+    b = len(ids)
+    t = groups.rows[0][0][0].shape[-1]
+    arr = lambda shape, dtype: np.zeros((b, gc) + shape, dtype)
+    out = Collected(
+        ids=np.asarray(ids), tokens=arr((t,), np.int32),
+        loss_mask=arr((t,), bool), logp=arr((t,), np.float32),
+        entropy=arr((t,), np.float32), lengths=arr((), np.int32),
+        finish=arr((), np.int32), rewards=arr((), np.float32),
+        group_mask=arr((), bool), values=np.asarray(values, np.float32),
+        counts=counts, rollouts=spent[0], decoded_tokens=spent[1])
+    fields = ('tokens', 'loss_mask', 'logp', 'entropy', 'lengths', 'finish')
+    for i in range(b):
+      for j, row in enumerate(groups.rows[i]):
+        for name, value in zip(fields, row):
+          getattr(out, name)[i, j] = value
+        out.rewards[i, j] = groups.rewards[i][j]
+        out.group_mask[i, j] = keep[i]
+    return out
+
+  def _metrics(self, p_sel, out: Collected) -> dict:
+    hist = np.histogram(p_sel, bins=NUM_HIST_BINS, range=(0, 1))[0]
+    kept = out.group_mask.sum(-1)
+    varied = np.array([np.ptp(out.rewards[i, :max(int(c), 1)]) > 0
+                       for i, c in enumerate(out.counts)])
+    row = {
+        'curriculum/selected_pass_mean': float(np.mean(p_sel)),
+        'curriculum/rollouts': out.rollouts,
+        'curriculum/effective_samples': int(kept[varied].sum()),
+        'curriculum/kept_groups': int((kept > 0).sum()),
+        'curriculum/group_size_max': int(out.counts.max()),
+        'curriculum/group_size_min': int(out.counts.min()),
+    }
+    for i, h in enumerate(hist):
+      row[f'curriculum/selected_pass_hist/{i}'] = int(h)
+    return row

@@ -1,0 +1,224 @@
+"""Prompt selectors: pure `(state, key, k, eligible) -> prompt ids [k]`.
+
+Each selector turns the curriculum state into either per-prompt sampling
+weights (drawn without replacement by the Gumbel-top-k trick, which equals
+sequential weighted sampling) or per-prompt scores (the k best, ties broken
+by the key). `eligible [N] bool` removes prompts (the pre-rollout skip); when
+fewer than k are eligible the rest are drawn from the ineligible ones, so a
+selector always returns k distinct ids. Same state and key, same ids.
+Formulas: ALGORITHMS.md section C; the choices the cards leave open are in
+each docstring.
+"""
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rlx.curriculum import estimators as est
+from rlx.types import Array
+
+SELECTORS = ('uniform', 'vade', 'insight', 'cures', 'mmr1_vas', 'prompt_gdro',
+             'spo', 'dots')
+
+_OUT = -1e9  # Score of ineligible prompts: chosen only if nothing else is.
+
+
+class GdroState(NamedTuple):
+  """Prompt-GDRO multiplicative weights over pass-rate bins."""
+  log_q: Array  # [bins] float32, log weights (normalised).
+  ema: Array  # [bins] float32, EMA of each bin's failure rate (biased).
+  updates: Array  # [bins] int32, EMA updates per bin (for the debiasing).
+
+
+class DotsState(NamedTuple):
+  """DOTS: prompt embeddings and the latest reference pass rates."""
+  embed: Array  # [N, D] float32 (D = 0 when DOTS is off).
+  ref_ids: Array  # [R] int32 reference prompts (-1: none yet).
+  ref_rates: Array  # [R] float32 their measured pass rates.
+
+
+class CurriculumState(NamedTuple):
+  stats: est.PromptStats
+  gdro: GdroState
+  dots: DotsState
+
+
+def _eligible(eligible, n: int) -> Array:
+  return jnp.ones((n,), bool) if eligible is None else eligible
+
+
+def sample_weighted(key, weights: Array, k: int, eligible=None,
+                    taken=None) -> Array:
+  """k distinct ids drawn without replacement with P proportional to weights.
+
+  Gumbel-top-k: argtop_k(log w + Gumbel) is exactly sequential sampling
+  without replacement. Zero weights are drawn only after positive ones,
+  ineligible prompts after those, and `taken [N] bool` ones never while
+  others remain.
+  """
+  n = weights.shape[0]
+  logw = jnp.log(jnp.maximum(weights, 1e-30))
+  logw = jnp.where(_eligible(eligible, n), logw, _OUT)
+  if taken is not None:
+    logw = jnp.where(taken, 2 * _OUT, logw)
+  g = jax.random.gumbel(key, (n,))
+  return jax.lax.top_k(logw + g, k)[1].astype(jnp.int32)
+
+
+def top_scores(key, scores: Array, k: int, eligible=None) -> Array:
+  """The k highest scores; exact ties are broken uniformly by `key`."""
+  n = scores.shape[0]
+  scores = jnp.where(_eligible(eligible, n), scores, _OUT)
+  # Rank by score, then by a random permutation among equal scores.
+  order = jnp.lexsort((jax.random.permutation(key, n), -scores))
+  return order[:k].astype(jnp.int32)
+
+
+def uniform(state: CurriculumState, key, k: int, eligible=None) -> Array:
+  """k distinct prompts uniformly at random."""
+  return sample_weighted(key, jnp.ones_like(state.stats.alpha), k, eligible)
+
+
+def vade(state: CurriculumState, key, k: int, eligible=None) -> Array:
+  """VADE: Thompson draw p ~ Beta, the k largest p (1 - p)."""
+  k1, k2 = jax.random.split(key)
+  p = est.thompson(state.stats, k1)
+  return top_scores(k2, p * (1 - p), k, eligible)
+
+
+def insight(state: CurriculumState, key, k: int, eligible=None) -> Array:
+  """InSight: the k largest weighted mutual informations (posterior mean)."""
+  s = state.stats
+  return top_scores(key, est.insight_score(s.alpha, s.beta), k, eligible)
+
+
+def cures(state: CurriculumState, key, k: int, eligible=None) -> Array:
+  """CurES: P(prompt) proportional to sqrt(p_hat (1 - p_hat))."""
+  p = est.mean(state.stats)
+  return sample_weighted(key, jnp.sqrt(p * (1 - p)), k, eligible)
+
+
+def make_mmr1_vas(mix: float) -> Callable:
+  """MMR1-VAS: round(mix * k) drawn by VPS = p (1 - p), the rest uniform."""
+  def select(state, key, k, eligible=None):
+    n_vps = int(round(mix * k))
+    k1, k2 = jax.random.split(key)
+    p = est.mean(state.stats)
+    first = sample_weighted(k1, p * (1 - p), n_vps, eligible)
+    taken = jnp.zeros(p.shape, bool).at[first].set(True)
+    second = sample_weighted(k2, jnp.ones_like(p), k - n_vps, eligible,
+                             taken)
+    return jnp.concatenate([first, second])
+  return select
+
+
+def gdro_bins(stats: est.PromptStats, num_bins: int) -> Array:
+  """Pass-rate bin [N] of each prompt: floor(mean * bins), clipped."""
+  return jnp.clip(jnp.floor(est.mean(stats) * num_bins).astype(jnp.int32),
+                  0, num_bins - 1)
+
+
+def prompt_gdro(state: CurriculumState, key, k: int, eligible=None) -> Array:
+  """Prompt-GDRO: a bin by its weight q_b, then a prompt uniformly in it.
+
+  Drawn jointly without replacement with per-prompt weight q_b / n_b (n_b:
+  eligible prompts in bin b).
+  """
+  num_bins = state.gdro.log_q.shape[0]
+  bins = gdro_bins(state.stats, num_bins)
+  elig = _eligible(eligible, bins.shape[0])
+  size = jnp.zeros((num_bins,), jnp.float32).at[bins].add(
+      elig.astype(jnp.float32))
+  w = jnp.exp(state.gdro.log_q)[bins] / jnp.maximum(size[bins], 1.0)
+  return sample_weighted(key, w, k, eligible)
+
+
+def gdro_init(num_bins: int) -> GdroState:
+  return GdroState(log_q=jnp.full((num_bins,), -jnp.log(num_bins)),
+                   ema=jnp.zeros((num_bins,), jnp.float32),
+                   updates=jnp.zeros((num_bins,), jnp.int32))
+
+
+def gdro_update(gdro: GdroState, stats_before: est.PromptStats, ids: Array,
+                fail_rate: Array, *, eta: float, decay: float,
+                explore: float) -> GdroState:
+  """Multiplicative-weights step q_b <- q_b exp(eta s_b).
+
+  s_b is the bias-corrected EMA of the failure rate of bin b's prompts
+  (Adam-style correction 1 - decay^t), centred over the bins so only
+  relative hardness moves the weights; q is then mixed with `explore` of the
+  uniform distribution so no bin starves. Bins are taken before the update
+  (the bins the prompts were selected from).
+
+  Args:
+    gdro: current state.
+    stats_before: the estimator state the prompts were selected with.
+    ids: [B] selected prompt ids.
+    fail_rate: [B] 1 - mean reward of each prompt's group.
+    eta, decay, explore: step size, EMA decay, uniform mix.
+  """
+  num_bins = gdro.log_q.shape[0]
+  bins = gdro_bins(stats_before, num_bins)[ids]
+  total = jnp.zeros((num_bins,)).at[bins].add(fail_rate)
+  seen = jnp.zeros((num_bins,)).at[bins].add(1.0)
+  obs = total / jnp.maximum(seen, 1.0)
+  hit = seen > 0
+  ema = jnp.where(hit, decay * gdro.ema + (1 - decay) * obs, gdro.ema)
+  updates = gdro.updates + hit.astype(jnp.int32)
+  debiased = ema / jnp.maximum(1 - decay ** updates, 1e-6)
+  known = updates > 0
+  centre = jnp.sum(jnp.where(known, debiased, 0)) / jnp.maximum(
+      jnp.sum(known), 1)
+  score = jnp.where(known, debiased - centre, 0.0)
+  q = jax.nn.softmax(gdro.log_q + eta * score)
+  q = (1 - explore) * q + explore / num_bins
+  return GdroState(log_q=jnp.log(q), ema=ema, updates=updates)
+
+
+def make_spo(floor: float) -> Callable:
+  """SPO priority sampling: P proportional to sqrt(v (1 - v)) + floor."""
+  def select(state, key, k, eligible=None):
+    v = est.mean(state.stats)
+    return sample_weighted(key, jnp.sqrt(v * (1 - v)) + floor, k, eligible)
+  return select
+
+
+def dots_predict(dots: DotsState) -> Array:
+  """DOTS pass-rate prediction [N] by attention over the reference set.
+
+  p_hat_i = sum_r softmax_r(<e_i, e_r> / sqrt(D)) rate_r, over the valid
+  references (ref_ids >= 0). With no references yet, 0.5 everywhere.
+  """
+  valid = dots.ref_ids >= 0
+  keys = dots.embed[jnp.maximum(dots.ref_ids, 0)]  # [R, D]
+  logits = dots.embed @ keys.T / jnp.sqrt(dots.embed.shape[-1])  # [N, R]
+  logits = jnp.where(valid[None], logits, -jnp.inf)
+  attn = jax.nn.softmax(logits, axis=-1)
+  pred = jnp.sum(jnp.nan_to_num(attn) * dots.ref_rates[None], axis=-1)
+  return jnp.where(jnp.any(valid), pred, 0.5)
+
+
+def make_dots(tau: float) -> Callable:
+  """DOTS: P proportional to exp(-|p_hat - 0.5| / tau)."""
+  def select(state, key, k, eligible=None):
+    p = dots_predict(state.dots)
+    return sample_weighted(key, jnp.exp(-jnp.abs(p - 0.5) / tau), k,
+                           eligible)
+  return select
+
+
+def make(name: str, *, mmr1_mix: float, spo_floor: float,
+         dots_tau: float) -> Callable:
+  """The selector registered under `name` (see SELECTORS)."""
+  fixed = {'uniform': uniform, 'vade': vade, 'insight': insight,
+           'cures': cures, 'prompt_gdro': prompt_gdro}
+  if name in fixed:
+    return fixed[name]
+  if name == 'mmr1_vas':
+    return make_mmr1_vas(mmr1_mix)
+  if name == 'spo':
+    return make_spo(spo_floor)
+  if name == 'dots':
+    return make_dots(dots_tau)
+  raise ValueError(f'unknown selector {name!r}; known: {list(SELECTORS)}')

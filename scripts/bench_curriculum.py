@@ -1,0 +1,146 @@
+"""Curricula against uniform GRPO at equal rollout budgets.
+
+  python scripts/bench_curriculum.py --tasks=grpo_hardmix,grpo \
+      --seeds=0,1 --workdir=runs/bench_curriculum
+
+For each task recipe, uniform GRPO runs --steps RL steps (B * G rollouts
+each); its final held-out pass@1 (mean over seeds) is the target. Every
+method then runs with the same total rollout budget (rl.max_rollouts;
+rollouts spent on DOTS references and DAPO refills count). Reported per
+method: rollouts and wall seconds until the first evaluation at or above
+the target (mean over the seeds that reached it; '-' if none did), the
+ratio of those rollouts to uniform's, the final pass@1, and the mean
+fraction of zero-variance groups among the groups rolled out. Selection
+is restricted to a pool of --pool prompts so that prompts come back (the
+multi-epoch regime the estimators learn in). Finished runs in --workdir
+are read back, not repeated.
+"""
+
+import importlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+import jax
+import numpy as np
+
+from rlx import config as config_lib
+from rlx import trainer
+from rlx.logbook import read_metrics
+
+# name -> curriculum overrides (selector / allocator / filter).
+METHODS = {
+    'uniform': {},
+    'vade': {'selector': 'vade'},
+    'insight': {'selector': 'insight'},
+    'cures': {'selector': 'cures', 'allocator': 'cures'},
+    'mmr1_vas': {'selector': 'mmr1_vas'},
+    'prompt_gdro': {'selector': 'prompt_gdro'},
+    'spo': {'selector': 'spo'},
+    'dots': {'selector': 'dots'},
+    'alloc_cures': {'allocator': 'cures'},
+    'rollout_gdro': {'allocator': 'rollout_gdro'},
+    'xrpo': {'allocator': 'xrpo'},
+    'dars': {'allocator': 'dars'},
+    'dapo': {'filter': 'dapo'},
+    'skip': {'filter': 'skip'},
+    'vade_skip_dars': {'selector': 'vade', 'filter': 'skip',
+                       'allocator': 'dars'},
+}
+
+_TASKS = flags.DEFINE_list('tasks', ['grpo_hardmix', 'grpo'],
+                           'Task recipes (configs/<name>.py).')
+_METHODS = flags.DEFINE_list('methods', list(METHODS), 'Methods to run.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1'], 'RL seeds.')
+_STEPS = flags.DEFINE_integer('steps', 16, 'RL steps of the uniform run.')
+_EVAL_EVERY = flags.DEFINE_integer('eval_every', 4, 'Steps between evals.')
+_EVAL_PROMPTS = flags.DEFINE_integer('eval_prompts', 256,
+                                     'Held-out prompts per evaluation.')
+_POOL = flags.DEFINE_integer('pool', 128, 'curriculum.pool_size.')
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/bench_curriculum',
+                               'Where runs are written.')
+
+
+def run_one(task: str, method: str, seed: int) -> list[dict]:
+  config = importlib.import_module(f'configs.{task}').get_config()
+  config.seed = seed
+  rl = config.rl
+  budget = _STEPS.value * rl.batch_prompts * rl.group_size
+  rl.num_steps = 4 * _STEPS.value  # The budget stops it first.
+  rl.max_rollouts = budget
+  config.eval.every = _EVAL_EVERY.value
+  config.eval.num_prompts = _EVAL_PROMPTS.value
+  config.curriculum.pool_size = _POOL.value
+  for key, value in METHODS[method].items():
+    config.curriculum[key] = value
+  config.log.progress = False
+  config.log.tensorboard = False
+  config.log.checkpoint_every = 1000
+  cfg = config_lib.build(config)
+  workdir = os.path.join(_WORKDIR.value, f'{task}/{method}_seed{seed}')
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  rows = read_metrics(metrics) if os.path.exists(metrics) else []
+  if not any(r.get('rollouts/total', 0) >= budget for r in rows):
+    trainer.train(cfg, workdir)
+    rows = read_metrics(metrics)
+  return rows
+
+
+def evals(rows: list[dict]) -> list[tuple[int, float, float]]:
+  """(rollouts so far, seconds so far, pass@1) at every evaluation."""
+  spent = {0: 0}
+  for r in rows:
+    if 'rollouts/total' in r:
+      spent[r['step']] = r['rollouts/total']
+  t0 = next(r['time/elapsed_s'] for r in rows if 'eval/pass@1' in r)
+  return [(spent[r['step']], r['time/elapsed_s'] - t0, r['eval/pass@1'])
+          for r in rows if 'eval/pass@1' in r]
+
+
+def reach(rows, target):
+  for rollouts, seconds, p in evals(rows):
+    if p >= target - 1e-9:
+      return rollouts, seconds
+  return None
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  # Runs share compiled executables through the persistent cache.
+  jax.config.update('jax_compilation_cache_dir',
+                    os.path.join(_WORKDIR.value, 'jax_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  seeds = [int(s) for s in _SEEDS.value]
+  for task in _TASKS.value:
+    runs = {m: [run_one(task, m, s) for s in seeds] for m in _METHODS.value}
+    base = runs.get('uniform') or [run_one(task, 'uniform', s)
+                                   for s in seeds]
+    target = float(np.mean([evals(r)[-1][2] for r in base]))
+    base_reach = [reach(r, target) for r in base]
+    base_rollouts = np.mean([x[0] for x in base_reach if x])
+    print(f'\n{task}: target pass@1 {target:.3f} (uniform, final, mean of '
+          f'{len(seeds)} seeds); start {evals(base[0])[0][2]:.3f}')
+    print('| method | seeds reaching | rollouts to target | vs uniform | '
+          's to target | final pass@1 | zero-var groups |')
+    print('|---|---|---|---|---|---|---|')
+    for method, rs in runs.items():
+      hits = [x for x in (reach(r, target) for r in rs) if x]
+      roll = np.mean([h[0] for h in hits]) if hits else None
+      secs = np.mean([h[1] for h in hits]) if hits else None
+      final = np.mean([evals(r)[-1][2] for r in rs])
+      zero = np.mean([r['curriculum/zero_var_frac'] for run in rs
+                      for r in run if 'curriculum/zero_var_frac' in r])
+      cell = lambda v, f: '-' if v is None else f.format(v)
+      print(f'| {method} | {len(hits)}/{len(rs)} | {cell(roll, "{:.0f}")} | '
+            f'{cell(roll and roll / base_rollouts, "{:.2f}")} | '
+            f'{cell(secs, "{:.0f}")} | {final:.3f} | {zero:.2f} |',
+            flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

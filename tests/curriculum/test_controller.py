@@ -1,0 +1,161 @@
+"""The step controller with a fake sampler: variable groups end to end."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlx import config as config_lib
+from rlx import objectives
+from rlx.curriculum import controller as ctl
+from rlx.curriculum import estimators as est
+from rlx.curriculum import selectors as sel
+from rlx.sampling.sampler import Rollout
+
+N, B, G, T = 40, 4, 4, 6
+# True pass rate per prompt: a third never solved, a third always, the rest
+# in between.
+P_TRUE = np.where(np.arange(N) % 3 == 0, 0.0,
+                  np.where(np.arange(N) % 3 == 1, 1.0, 0.5))
+
+
+def fake_rollout(params, ids, key, num_samples):
+  """Tokens encode the prompt id; reward ~ Bernoulli(P_TRUE[id])."""
+  del params
+  rows = np.repeat(np.asarray(ids), num_samples)
+  r = len(rows)
+  seed = int(jax.random.randint(key, (), 0, 2 ** 30))
+  rewards = (np.random.default_rng(seed).uniform(size=r)
+             < P_TRUE[rows]).astype(np.float32)
+  tokens = np.repeat(np.asarray(rows)[:, None, None], T, -1).astype(np.int32)
+  lengths = (np.asarray(rows) % T + 1).astype(np.int32)[:, None]
+  mask = np.arange(T)[None, None] < lengths[..., None]
+  ro = Rollout(tokens=tokens, loss_mask=mask,
+               logp=np.full((r, 1, T), -0.5, np.float32),
+               entropy=np.ones((r, 1, T), np.float32), lengths=lengths,
+               finish=np.ones((r, 1), np.int32))
+  regroup = lambda x: x.reshape((len(ids), num_samples) + x.shape[2:])
+  return jax.tree.map(regroup, ro), regroup(rewards)
+
+
+def _curriculum(**kw):
+  c = config_lib.default_config_dict()
+  c.rl.batch_prompts, c.rl.group_size = B, G
+  c.task.num_train = N
+  for k, v in kw.items():
+    c.curriculum[k] = v
+  cfg = config_lib.build(c)
+  embed = lambda params, ids: jax.nn.one_hot(np.asarray(ids) % 3, 3) * 5.0
+  return ctl.Curriculum(cfg.curriculum, cfg.rl, N, embed_fn=embed)
+
+
+def _collect(cur, state, step=0):
+  return cur.collect(state, None, jax.random.key(step), fake_rollout, step)
+
+
+@pytest.mark.parametrize('allocator', ['fixed', 'cures', 'rollout_gdro',
+                                       'xrpo', 'dars'])
+def test_groups_hold_exactly_what_was_sampled(allocator):
+  cur = _curriculum(allocator=allocator)
+  state = cur.init()
+  for step in range(3):
+    got, state, m = _collect(cur, state, step)
+    assert got.counts.sum() == B * G == m['curriculum/rollouts']
+    sampled = np.arange(got.rewards.shape[1]) < got.counts[:, None]
+    if allocator != 'dars':
+      np.testing.assert_array_equal(got.group_mask, sampled)
+    assert not got.group_mask[~sampled].any()
+    # Every sampled row belongs to its prompt and carries its reward.
+    want = np.broadcast_to(got.ids[:, None], sampled.shape)
+    np.testing.assert_array_equal(got.tokens[..., 0][sampled], want[sampled])
+    assert set(np.unique(got.rewards[sampled])) <= {0.0, 1.0}
+    assert got.tokens.shape[1] % 4 == 0
+
+
+def test_estimator_sees_every_rollout():
+  cur = _curriculum(estimator='count', allocator='cures')
+  state = cur.init()
+  got, new, _ = _collect(cur, state)
+  s = new.stats
+  total = np.asarray(s.alpha + s.beta - 2.0)
+  np.testing.assert_allclose(total[got.ids], got.counts)
+  np.testing.assert_allclose(np.asarray(s.alpha - 1.0)[got.ids],
+                             got.rewards.sum(-1))
+  assert total.sum() == B * G
+  np.testing.assert_allclose(got.values, 0.5)  # Prior mean before update.
+
+
+def test_dapo_refills_all_equal_groups_and_counts_the_rollouts():
+  cur = _curriculum(filter='dapo', dapo_max_retries=5)
+  got, state, m = _collect(cur, cur.init())
+  kept = got.group_mask.any(-1)
+  for i in np.flatnonzero(kept):
+    r = got.rewards[i, :got.counts[i]]
+    assert r.min() != r.max()
+  refills = m['curriculum/rollouts'] - B * G
+  assert refills % G == 0 and (refills > 0) == (m['curriculum/dapo_retries']
+                                                > 0)
+  seen = np.asarray(state.stats.alpha + state.stats.beta - 2.0).sum()
+  assert seen == m['curriculum/rollouts']
+  assert m['curriculum/dapo_bound_hit'] == float(not kept.all())
+
+
+def test_skip_filter_avoids_prompts_known_to_be_all_equal():
+  cur = _curriculum(filter='skip', estimator='count')
+  state = cur.init()
+  stats = state.stats
+  solved = np.arange(N) % 3 != 2  # Pass rate 0 or 1: learn it first.
+  ids = jnp.asarray(np.flatnonzero(solved))
+  succ = jnp.asarray(P_TRUE[np.flatnonzero(solved)] * 16)
+  state = state._replace(stats=cur.estimator.update(
+      stats, ids, succ, jnp.full(ids.shape, 16.0)))
+  got, _, m = _collect(cur, state)
+  assert np.all(np.asarray(got.ids) % 3 == 2)
+  np.testing.assert_allclose(m['curriculum/eligible_frac'],
+                             np.mean(~solved))
+
+
+def test_dots_reference_rollouts_are_counted_and_update_predictions():
+  cur = _curriculum(selector='dots', dots_ref_prompts=6, dots_ref_samples=2)
+  state = cur.init(params={})
+  got, new, m = _collect(cur, state)
+  assert m['curriculum/rollouts'] == B * G + 6 * 2
+  assert np.all(np.asarray(new.dots.ref_ids) >= 0)
+  pred = np.asarray(sel.dots_predict(new.dots))
+  assert pred.shape == (N,) and np.all((pred >= 0) & (pred <= 1))
+  del got
+
+
+def test_selected_pass_histogram_counts_the_batch():
+  cur = _curriculum()
+  _, _, m = _collect(cur, cur.init())
+  hist = [m[f'curriculum/selected_pass_hist/{i}'] for i in range(5)]
+  assert sum(hist) == B and hist[2] == B  # All at the prior mean 0.5.
+
+
+@pytest.mark.parametrize('name', ['grpo', 'dr_grpo', 'rloo'])
+def test_variable_group_advantages_equal_per_group_computation(name):
+  rng = np.random.default_rng(0)
+  counts = np.array([2, 5, 8, 3])
+  rewards = rng.binomial(1, 0.5, (4, 8)).astype(np.float32)
+  rewards[1, :5] = [1, 0, 1, 1, 0]
+  mask = np.arange(8)[None] < counts[:, None]
+  got = np.asarray(objectives.compute_advantages(
+      name, jnp.asarray(np.where(mask, rewards, 7.0)), jnp.asarray(mask)))
+  for i, c in enumerate(counts):
+    r = rewards[i, :c].astype(np.float64)
+    if name == 'grpo':
+      want = (r - r.mean()) / (r.std(ddof=1) + 1e-6)  # Sample std.
+    elif name == 'dr_grpo':
+      want = r - r.mean()
+    else:
+      want = r - (r.sum() - r) / (c - 1)
+    np.testing.assert_allclose(got[i, :c], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[i, c:], 0.0)
+
+
+def test_collected_is_a_plain_dataclass():
+  assert dataclasses.is_dataclass(ctl.Collected)
+  assert est.ESTIMATORS == ('beta', 'vade', 'count', 'spo')

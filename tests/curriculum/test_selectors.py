@@ -1,0 +1,129 @@
+"""Selectors: preference for p near 0.5, determinism, eligibility, GDRO."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlx.curriculum import estimators as est
+from rlx.curriculum import selectors as sel
+
+N, MID = 60, 12  # Prompts 0..11 sit at p = 0.5, the rest near 0 or 1.
+
+
+def _state(num_refs: int = 4):
+  alpha = np.ones(N, np.float32)
+  beta = np.ones(N, np.float32)
+  alpha[:MID], beta[:MID] = 20.0, 20.0
+  half = MID + (N - MID) // 2
+  beta[MID:half] = 40.0  # p ~ 0.02: far too hard.
+  alpha[half:] = 40.0  # p ~ 0.98: far too easy.
+  stats = est.PromptStats(jnp.asarray(alpha), jnp.asarray(beta),
+                          jnp.zeros(N, jnp.int32), jnp.full(N, -1, jnp.int32),
+                          jnp.zeros((), jnp.int32))
+  # DOTS: one-hot-ish embeddings by group, references with their rates.
+  group = np.where(np.arange(N) < MID, 0, np.where(np.arange(N) < half, 1, 2))
+  embed = np.eye(3, dtype=np.float32)[group] * 10.0
+  refs = np.array([0, MID, half, 1])[:num_refs]
+  rates = np.array([0.5, 0.0, 1.0, 0.5])[:num_refs]
+  dots = sel.DotsState(jnp.asarray(embed), jnp.asarray(refs, jnp.int32),
+                       jnp.asarray(rates, jnp.float32))
+  return sel.CurriculumState(stats, sel.gdro_init(5), dots)
+
+
+def _selector(name):
+  return sel.make(name, mmr1_mix=0.5, spo_floor=0.05, dots_tau=0.1)
+
+
+INFORMED = ('vade', 'insight', 'cures', 'mmr1_vas', 'spo', 'dots')
+
+
+@pytest.mark.parametrize('name', sel.SELECTORS)
+def test_deterministic_under_a_fixed_key_and_distinct(name):
+  fn = jax.jit(_selector(name), static_argnums=2)
+  state, key = _state(), jax.random.key(3)
+  a, b = fn(state, key, 10), fn(state, key, 10)
+  np.testing.assert_array_equal(a, b)
+  assert len(set(np.asarray(a).tolist())) == 10
+  assert np.all((np.asarray(a) >= 0) & (np.asarray(a) < N))
+
+
+@pytest.mark.parametrize('name', INFORMED)
+def test_prefers_prompts_near_half(name):
+  fn = jax.jit(_selector(name), static_argnums=2)
+  state = _state()
+  picks = np.zeros(N)
+  for i in range(200):
+    picks[np.asarray(fn(state, jax.random.key(i), 6))] += 1
+  mid_rate, far_rate = picks[:MID].mean() / 200, picks[MID:].mean() / 200
+  assert mid_rate > 2 * far_rate, (mid_rate, far_rate)
+
+
+@pytest.mark.parametrize('name', ('vade', 'insight'))
+def test_score_selectors_take_only_the_informative(name):
+  ids = _selector(name)(_state(), jax.random.key(0), MID)
+  assert set(np.asarray(ids).tolist()) == set(range(MID))
+
+
+def test_uniform_ignores_the_posterior():
+  fn = jax.jit(sel.uniform, static_argnums=2)
+  picks = np.zeros(N)
+  for i in range(300):
+    picks[np.asarray(fn(_state(), jax.random.key(i), 6))] += 1
+  np.testing.assert_allclose(picks / 300, 0.1, atol=0.07)
+
+
+@pytest.mark.parametrize('name', sel.SELECTORS)
+def test_respects_eligibility_until_exhausted(name):
+  fn = _selector(name)
+  eligible = jnp.zeros(N, bool).at[jnp.arange(30, 45)].set(True)
+  ids = np.asarray(fn(_state(), jax.random.key(1), 10, eligible))
+  assert np.all((ids >= 30) & (ids < 45))
+  ids = np.asarray(fn(_state(), jax.random.key(1), 20, eligible))
+  assert set(range(30, 45)) <= set(ids.tolist()) and len(set(ids)) == 20
+
+
+def test_gumbel_top_one_matches_weights():
+  w = jnp.array([1.0, 2.0, 3.0, 4.0])
+  draws = jax.vmap(lambda k: sel.sample_weighted(k, w, 1)[0])(
+      jax.random.split(jax.random.key(0), 20000))
+  freq = np.bincount(np.asarray(draws), minlength=4) / 20000
+  np.testing.assert_allclose(freq, np.asarray(w) / 10, atol=0.015)
+
+
+def test_mmr1_mixes_vps_and_uniform_draws():
+  fn = jax.jit(sel.make_mmr1_vas(0.5), static_argnums=2)
+  picks = np.zeros(N)
+  for i in range(300):
+    picks[np.asarray(fn(_state(), jax.random.key(i), 10))] += 1
+  # Far prompts are still drawn by the uniform half.
+  assert picks[MID:].sum() > 0.3 * 300 * 5 * (N - MID) / N
+
+
+def test_gdro_update_by_hand():
+  gdro = sel.gdro_init(2)
+  stats = est.beta_bernoulli().init(2)
+  stats = stats._replace(alpha=jnp.array([1.0, 9.0]),
+                         beta=jnp.array([9.0, 1.0]))  # Bins 0 and 1.
+  new = sel.gdro_update(gdro, stats, jnp.array([0, 1]), jnp.array([1.0, 0.0]),
+                        eta=1.0, decay=0.5, explore=0.0)
+  # EMA 0.5 * obs, debiased by 1 - 0.5 -> obs; centred: [0.5, -0.5].
+  q = np.exp(np.asarray(new.log_q))
+  np.testing.assert_allclose(q[0], 1 / (1 + np.exp(-1.0)), rtol=1e-5)
+  np.testing.assert_allclose(q.sum(), 1.0, rtol=1e-6)
+  ids = [np.asarray(sel.prompt_gdro(
+      sel.CurriculumState(stats, new, _state().dots), jax.random.key(i), 1))[0]
+         for i in range(400)]
+  np.testing.assert_allclose(np.mean(np.array(ids) == 0), q[0], atol=0.07)
+
+
+def test_dots_prediction_by_hand():
+  embed = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+  dots = sel.DotsState(embed, jnp.array([0, 1, -1], jnp.int32),
+                       jnp.array([0.2, 0.8, 0.0]))
+  logits = np.asarray(embed) @ np.asarray(embed)[[0, 1]].T / np.sqrt(2)
+  attn = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  np.testing.assert_allclose(sel.dots_predict(dots), attn @ [0.2, 0.8],
+                             rtol=1e-5)
+  none = dots._replace(ref_ids=jnp.full((3,), -1, jnp.int32))
+  np.testing.assert_allclose(sel.dots_predict(none), 0.5)
