@@ -1,0 +1,103 @@
+"""Math final-answer verifier: is the response's answer equal to the gold?
+
+Equivalence is decided by Hugging Face's `math-verify` (LaTeX and plain
+expressions parsed to SymPy, compared symbolically and numerically: \\frac12
+= 0.5 = 1/2, 1,000 = 1000, \\left(1,2\\right) = (1,2) as an interval, units
+and \\text{} dropped, sets/tuples/intervals compared as such). rlx adds:
+
+  * only the last \\boxed{...} (or \\fbox{...}) of a response counts when
+    there is one, so a model may revise itself (math-verify alone would
+    read several boxes as a set);
+  * the gold answer is read as LaTeX even without $...$ around it, which is
+    how datasets store it ('(1,2)', '\\frac{3}{4}', '1,000');
+  * answers that are not mathematics ('Monday', '(B)') fall back to a
+    normalised string comparison;
+  * math-verify's signal-based timeouts only work in a process's main
+    thread; elsewhere (thread pools) parsing runs without them.
+"""
+
+from collections.abc import Sequence
+import re
+import threading
+from typing import Optional
+
+import math_verify
+import numpy as np
+
+TIMEOUT_S = 5  # Per parse / comparison, in the main thread.
+_BOX = re.compile(r'\\(?:boxed|fbox)\s*\{')
+_TEXT = re.compile(r'\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}')
+
+
+def last_boxed(response: str) -> Optional[str]:
+  """Content of the last \\boxed{...} / \\fbox{...}, braces balanced.
+
+  Returns:
+    The content, or None if there is no complete box.
+  """
+  starts = [m.end() for m in _BOX.finditer(response)]
+  for start in reversed(starts):
+    depth = 1
+    for i in range(start, len(response)):
+      depth += {'{': 1, '}': -1}.get(response[i], 0)
+      if depth == 0:
+        return response[start:i]
+  return None
+
+
+def _timeout() -> Optional[int]:
+  main = threading.current_thread() is threading.main_thread()
+  return TIMEOUT_S if main else None
+
+
+def _parse(text: str) -> list:
+  return math_verify.parse(text, parsing_timeout=_timeout())
+
+
+def _normalise(text: str) -> str:
+  """Lower-cased answer text without $, \\text{}, spaces, final period."""
+  text = _TEXT.sub(r'\1', text)
+  text = text.replace('$', '').replace('\\!', '').replace('\\,', '')
+  return re.sub(r'\s+', '', text).rstrip('.').lower()
+
+
+def is_correct(response: str, answer: str) -> bool:
+  """True iff the response's final answer is equivalent to `answer`.
+
+  Args:
+    response: the decoded model output.
+    answer: the gold answer as datasets store it (LaTeX with or without
+      $...$, a number, or a \\boxed{} expression).
+
+  Returns:
+    Whether they agree.
+  """
+  boxed = last_boxed(response)
+  pred = _parse(f'\\boxed{{{boxed}}}' if boxed is not None else response)
+  gold_box = last_boxed(answer)
+  gold_text = gold_box if gold_box is not None else answer
+  gold = _parse(f'${gold_text}$') or _parse(gold_text)
+  if gold and pred and math_verify.verify(gold, pred,
+                                          timeout_seconds=_timeout()):
+    return True
+  claimed = boxed if boxed is not None else response
+  return bool(gold_text.strip()) and _normalise(claimed) == _normalise(
+      gold_text)
+
+
+def reward(response: str, answer: str) -> float:
+  """1.0 if `is_correct`, else 0.0."""
+  return 1.0 if is_correct(response, answer) else 0.0
+
+
+def score(responses: Sequence[str], answers: Sequence[str]) -> np.ndarray:
+  """Rewards a batch: float32 [N] of 0.0 / 1.0.
+
+  Raises:
+    ValueError: if the two lengths differ.
+  """
+  if len(responses) != len(answers):
+    raise ValueError(
+        f'got {len(responses)} responses but {len(answers)} answers')
+  return np.array([reward(r, a) for r, a in zip(responses, answers)],
+                  dtype=np.float32)
