@@ -30,6 +30,7 @@ EXPECTED = {
     'mc_grpo': dict(advantage='mc_grpo', mc_scale='none'),
     'rloo': dict(advantage='rloo'),
     'reinforce_pp': dict(advantage='reinforce_pp'),
+    'grpo_hardmix': dict(advantage='grpo', loss='ppo_clip'),
 }
 
 
@@ -45,6 +46,10 @@ def test_recipe_builds_with_its_objective(recipe):
     assert getattr(cfg.objective, key) == value, (recipe, key)
   if recipe == 'mc_grpo':
     assert cfg.rl.group_size == 5  # G + 1 with the pivot.
+  if recipe == 'grpo_hardmix':  # Short clean demos, long chains unseen.
+    assert (cfg.task.max_steps, cfg.task.zipf_s) == (16, 0.0)
+    assert (cfg.warmstart.max_steps, cfg.warmstart.demo_error_rate) == (8,
+                                                                       0.02)
 
 
 def test_library_only_advantages_are_refused_by_the_trainer():
