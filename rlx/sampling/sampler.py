@@ -185,8 +185,9 @@ def make_sampler(apply_fn: ApplyFn, init_cache_fn: InitCacheFn,
   return jax.jit(sample, static_argnames=('num_samples',))
 
 
-def transformer_sampler(model, cfg: SamplerConfig):
-  """`make_sampler` for an `rlx.models.transformer.Transformer`."""
+def transformer_fns(model) -> tuple[ApplyFn, InitCacheFn]:
+  """(apply_fn, init_cache_fn) for an `rlx.models.transformer.Transformer`
+  (shared by this sampler and the continuous engine)."""
   mcfg = model.cfg
 
   def apply_fn(params, tokens, positions, mask, cache, index):
@@ -200,4 +201,9 @@ def transformer_sampler(model, cfg: SamplerConfig):
         num_kv_heads=mcfg.num_kv_heads, head_dim=mcfg.head_dim,
         dtype=jnp.dtype(mcfg.dtype))
 
-  return make_sampler(apply_fn, init_cache_fn, cfg)
+  return apply_fn, init_cache_fn
+
+
+def transformer_sampler(model, cfg: SamplerConfig):
+  """`make_sampler` for an `rlx.models.transformer.Transformer`."""
+  return make_sampler(*transformer_fns(model), cfg)

@@ -1,0 +1,1 @@
+"""Buffers carried across RL steps, with policy-version bookkeeping."""

@@ -1,0 +1,528 @@
+"""Continuous batching: a fixed pool of decode slots over one KV cache.
+
+The engine holds R slots, each with a preallocated cache row of
+S = P + T columns: the prompt is left-padded into columns [0, P), the
+response follows from column P. Every slot has its own response length,
+RoPE position and `kv_valid` row, so slots advance independently and the
+cache is written at a per-row index.
+
+Two jitted functions move the state, both with fixed shapes (one
+compilation each, whatever is inserted):
+
+  insert(params, state, requests, ...)  prefills M new rows (fresh prompts,
+      or prompt + a partial response to resume) into the slots they name
+      and samples each row's next token;
+  decode(params, state, ...)  runs up to `chunk_steps` decode steps in a
+      `lax.while_loop`, leaving early once enough slots have finished to
+      make a full insert worthwhile.
+
+`run` is the host loop between them: it refills free slots from a queue of
+jobs, harvests finished rows, and stops when the queue is drained or a
+caller's predicate says so (APRIL, `rlx/sampling/partial.py`). Every
+sampled token carries its behaviour log-prob and the policy version that
+produced it. `ContinuousSampler` wraps `run` with the static sampler's
+signature, so it can replace `sampler.make_sampler` in the actor.
+"""
+
+import collections
+import dataclasses
+import time
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlx.models import kv_cache
+from rlx.sampling import sampler as sampler_lib
+from rlx.types import Array, FinishReason, Params, PRNGKey
+
+_RUNNING = int(FinishReason.RUNNING)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  """Static engine settings (changing any of these recompiles)."""
+  num_slots: int  # R: sequences decoded at once (rows of the KV cache).
+  prompt_len: int  # P: prompt window; prompts are left-padded to it.
+  max_new_tokens: int  # T: response budget, resumed prefix included.
+  stop_tokens: tuple[int, ...]  # Ending a response (kept in it).
+  pad_id: int = 0  # Written after a response ends.
+  top_k: int = 0  # 0 disables top-k filtering.
+  chunk_steps: int = 16  # k: most decode steps per jitted call.
+  insert_rows: int = 0  # M: rows prefilled per insert; 0: max(1, R // 8).
+  insert_prompts: int = 0  # U: distinct prompts per fresh insert, each
+  # prefilled once for all its rows (a group's samples share it); 0: M.
+  resume_bucket: int = 16  # Resumed prefixes are prefilled in windows of
+  # P + a multiple of this (at most T / resume_bucket + 1 compilations).
+
+  def __post_init__(self):
+    for name in ('num_slots', 'prompt_len', 'max_new_tokens', 'chunk_steps',
+                 'resume_bucket'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'EngineConfig.{name}={getattr(self, name)} must '
+                         'be >= 1')
+    if not 0 <= self.insert_rows <= self.num_slots:
+      raise ValueError(f'EngineConfig.insert_rows={self.insert_rows} must be '
+                       f'in [0, num_slots={self.num_slots}]')
+    if not 0 <= self.insert_prompts <= self.rows_per_insert:
+      raise ValueError(
+          f'EngineConfig.insert_prompts={self.insert_prompts} must be in '
+          f'[0, rows per insert={self.rows_per_insert}]')
+
+  @property
+  def rows_per_insert(self) -> int:
+    return self.insert_rows or max(1, self.num_slots // 8)
+
+  @property
+  def prompts_per_insert(self) -> int:
+    return self.insert_prompts or self.rows_per_insert
+
+  @property
+  def cache_len(self) -> int:
+    return self.prompt_len + self.max_new_tokens
+
+  def window(self, prefix_len: int) -> int:
+    """Prefill width for prefixes of at most `prefix_len` tokens."""
+    b = self.resume_bucket
+    return self.prompt_len + min(-(-prefix_len // b) * b, self.max_new_tokens)
+
+
+class Tracks(NamedTuple):
+  """Per-response records; leading axes `[...]` are rows (or [B, G])."""
+  tokens: Array  # [..., T] int32, pad after the end.
+  logp: Array  # [..., T] f32 behaviour log-probs (temperature applied).
+  entropy: Array  # [..., T] f32 entropy of the behaviour distribution.
+  version: Array  # [..., T] int32 policy version per token; -1 unsampled.
+  length: Array  # [...] int32 tokens sampled so far.
+  finish: Array  # [...] int32 `FinishReason` (RUNNING: unfinished).
+
+
+class SlotState(NamedTuple):
+  """The engine's device state: R slots."""
+  tracks: Tracks  # [R, ...] the response in each slot.
+  live: Array  # [R] bool, slot is decoding.
+  next_pos: Array  # [R] int32 RoPE position of the next token to feed.
+  kv_valid: Array  # [R, S] bool, cache columns holding real tokens.
+  cache: kv_cache.Cache  # R rows of S columns.
+  key: PRNGKey
+  busy: Array  # scalar int32: live slot-steps decoded so far.
+  steps: Array  # scalar int32: decode steps run so far.
+
+
+class Requests(NamedTuple):
+  """M rows to insert; padding rows name slot R and are dropped."""
+  slot: Array  # [M] int32 target slot.
+  source: Array  # [M] int32 row of `prompt` that each row continues.
+  prompt: Array  # [U, P] int32, left-padded (U = M when resuming).
+  prompt_mask: Array  # [U, P] bool.
+  prefix: Tracks  # [M, ...] response so far (length 0: a fresh prompt).
+
+
+class Engine(NamedTuple):
+  """The jitted engine functions (see the module docstring)."""
+  cfg: EngineConfig
+  init: Callable[[PRNGKey], SlotState]
+  insert: Callable[..., SlotState]
+  decode: Callable[..., SlotState]
+
+
+def empty_tracks(shape: tuple[int, ...], max_new_tokens: int, *,
+                 pad_id: int = 0, xp=np) -> Tracks:
+  """Tracks of `shape` rows with no sampled token (numpy or jnp via xp)."""
+  full = shape + (max_new_tokens,)
+  return Tracks(tokens=xp.full(full, pad_id, xp.int32),
+                logp=xp.zeros(full, xp.float32),
+                entropy=xp.zeros(full, xp.float32),
+                version=xp.full(full, -1, xp.int32),
+                length=xp.zeros(shape, xp.int32),
+                finish=xp.full(shape, _RUNNING, xp.int32))
+
+
+def _record(tr: Tracks, live: Array, token: Array, lp: Array, ent: Array,
+            version: Array, *, stop: Array, t_max: int
+            ) -> tuple[Tracks, Array]:
+  """Appends one token to each live row of `tr [R, ...]`.
+
+  Returns the new tracks and the rows still live afterwards.
+  """
+  r = live.shape[0]
+  rows = jnp.arange(r)
+  col = jnp.where(live, tr.length, t_max)  # Out of range: dropped.
+  put = lambda a, x: a.at[rows, col].set(x, mode='drop')
+  hit_stop = live & jnp.isin(token, stop)
+  hit_len = live & ~hit_stop & (tr.length + 1 >= t_max)
+  finish = jnp.where(hit_stop, int(FinishReason.STOP), tr.finish)
+  finish = jnp.where(hit_len, int(FinishReason.LENGTH), finish)
+  tr = Tracks(tokens=put(tr.tokens, token), logp=put(tr.logp, lp),
+              entropy=put(tr.entropy, ent),
+              version=put(tr.version, jnp.broadcast_to(version, (r,))),
+              length=tr.length + live.astype(jnp.int32), finish=finish)
+  return tr, live & ~hit_stop & ~hit_len
+
+
+def _scatter_rows(dst: Array, slot: Array, src: Array) -> Array:
+  """dst[slot[m], :d1, :d2, ...] = src[m] (src may be narrower than dst)."""
+  index = (slot,) + tuple(slice(0, d) for d in src.shape[1:])
+  return dst.at[index].set(src.astype(dst.dtype), mode='drop')
+
+
+def make_engine(apply_fn: sampler_lib.ApplyFn,
+                init_cache_fn: sampler_lib.InitCacheFn,
+                cfg: EngineConfig) -> Engine:
+  """Builds the jitted `Engine` for a `tokens_to_logits`-style model.
+
+  Args:
+    apply_fn: `(params, tokens [B, L], positions [B, L], mask [B, L, S],
+      cache, index) -> (logits [B, L, V], cache)`; `index` is the int 0 for
+      a prefill and an int array [B] (per-row cache column) for decoding.
+    init_cache_fn: `(batch, length) -> empty cache`.
+    cfg: engine settings.
+  """
+  r, p, t_max, s = (cfg.num_slots, cfg.prompt_len, cfg.max_new_tokens,
+                    cfg.cache_len)
+  stop = jnp.asarray(cfg.stop_tokens, jnp.int32)
+  record = lambda *a: _record(*a, stop=stop, t_max=t_max)
+
+  def pick(key, logits, temperature, top_p):
+    """Samples from logits [R, V]; returns (key, token, logp, entropy)."""
+    key, sub = jax.random.split(key)
+    sample_logp, behaviour = sampler_lib.process_logits(
+        logits, temperature, top_p, top_k=cfg.top_k)
+    token = jax.random.categorical(sub, sample_logp, axis=-1).astype(jnp.int32)
+    lp = jnp.take_along_axis(behaviour, token[:, None], -1)[:, 0]
+    ent = -jnp.sum(jnp.exp(behaviour) * behaviour, axis=-1)
+    return key, token, lp, ent
+
+  def init(key: PRNGKey) -> SlotState:
+    return SlotState(
+        tracks=empty_tracks((r,), t_max, pad_id=cfg.pad_id, xp=jnp),
+        live=jnp.zeros((r,), bool), next_pos=jnp.zeros((r,), jnp.int32),
+        kv_valid=jnp.zeros((r, s), bool), cache=init_cache_fn(r, s), key=key,
+        busy=jnp.zeros((), jnp.int32), steps=jnp.zeros((), jnp.int32))
+
+  def insert(params: Params, state: SlotState, req: Requests, temperature,
+             top_p, version, *, window: int) -> SlotState:
+    """Prefills `req` rows into their slots and samples one token each.
+
+    `window` (static) is the prefill width: P for fresh prompts (the prefix
+    is ignored; each of the U prompts is prefilled once and shared by the
+    rows naming it), `cfg.window(longest prefix)` to resume partial
+    responses (one prefill per row).
+    """
+    m = req.slot.shape[0]
+    if window > p:
+      prefix, src = req.prefix, jnp.arange(m)
+      tokens = jnp.concatenate([req.prompt[req.source],
+                                prefix.tokens[:, :window - p]], 1)
+      valid = jnp.concatenate(
+          [req.prompt_mask[req.source].astype(bool),
+           jnp.arange(window - p)[None] < prefix.length[:, None]], 1)
+    else:
+      prefix = empty_tracks((m,), t_max, pad_id=cfg.pad_id, xp=jnp)
+      src, tokens, valid = req.source, req.prompt, req.prompt_mask.astype(
+          bool)
+    n = tokens.shape[0]
+    positions = kv_cache.positions_from_mask(valid)
+    mask = kv_cache.causal_mask(valid, query_len=window, cache_index=0)
+    logits, cache = apply_fn(params, tokens, positions, mask,
+                             init_cache_fn(n, window), 0)
+    # Rows [M] of the prefill outputs [n] (a gather when prompts are shared).
+    cache = jax.tree.map(lambda x: x[src], cache)
+    valid, positions = valid[src], positions[src]
+    last = p - 1 + prefix.length  # Column of the last real token.
+    rows = jnp.arange(m)
+    key, token, lp, ent = pick(state.key, logits[src, last], temperature,
+                               top_p)
+    tracks, live = record(prefix._replace(finish=jnp.full(
+        (m,), _RUNNING, jnp.int32)), jnp.ones((m,), bool), token, lp, ent,
+                          version)
+    kv_valid = jnp.concatenate([valid, jnp.zeros((m, s - window), bool)], 1)
+    put = lambda dst, x: _scatter_rows(dst, req.slot, x)
+    return state._replace(
+        tracks=jax.tree.map(put, state.tracks, tracks),
+        live=put(state.live, live),
+        next_pos=put(state.next_pos, positions[rows, last] + 1),
+        kv_valid=put(state.kv_valid, kv_valid),
+        cache=jax.tree.map(put, state.cache, cache), key=key)
+
+  def step(params, st: SlotState, temperature, top_p, version) -> SlotState:
+    """One decode step for every slot (rows not live are left unchanged)."""
+    rows = jnp.arange(r)
+    live = st.live
+    length = jnp.maximum(st.tracks.length, 1)
+    last = st.tracks.tokens[rows, length - 1]
+    index = p + length - 1  # Cache column of `last`.
+    kv_valid = st.kv_valid.at[rows, jnp.where(live, index, s)].set(
+        True, mode='drop')
+    mask = kv_cache.causal_mask(kv_valid, query_len=1, cache_index=index)
+    logits, cache = apply_fn(params, last[:, None], st.next_pos[:, None],
+                             mask, st.cache, index)
+    key, token, lp, ent = pick(st.key, logits[:, 0], temperature, top_p)
+    tracks, still = record(st.tracks, live, token, lp, ent, version)
+    return st._replace(
+        tracks=tracks, live=still, kv_valid=kv_valid, cache=cache, key=key,
+        next_pos=st.next_pos + live.astype(jnp.int32),
+        busy=st.busy + jnp.sum(live, dtype=jnp.int32), steps=st.steps + 1)
+
+  def decode(params: Params, state: SlotState, temperature, top_p, version,
+             refill_at) -> SlotState:
+    """Up to `chunk_steps` steps; stops early when no slot is live or when
+    `refill_at` (int32 scalar) slots have finished since the call began."""
+    started = state.live
+
+    def cond(carry):
+      i, st = carry
+      finished = jnp.sum(started & ~st.live)
+      return (i < cfg.chunk_steps) & jnp.any(st.live) & (finished < refill_at)
+
+    def body(carry):
+      i, st = carry
+      return i + 1, step(params, st, temperature, top_p, version)
+
+    return jax.lax.while_loop(cond, body, (0, state))[1]
+
+  def init_committed(key: PRNGKey) -> SlotState:
+    # Committed to one device, like the outputs of insert and decode: jit
+    # keys its cache on committedness, so mixing them would recompile.
+    return jax.device_put(jax.jit(init)(key), jax.devices()[0])
+
+  return Engine(
+      cfg=cfg, init=init_committed,
+      insert=jax.jit(insert, static_argnames=('window',), donate_argnums=1),
+      decode=jax.jit(decode, donate_argnums=1))
+
+
+def precompile(engine: Engine, params: Params) -> None:
+  """Compiles every insert window and the decode chunk up front (on a
+  scratch state whose inserts are all padding rows), so that no compilation
+  lands inside a timed or latency-sensitive rollout."""
+  cfg = engine.cfg
+  m, t_max = cfg.rows_per_insert, cfg.max_new_tokens
+  state = engine.init(jax.random.key(0))
+  sampling = (jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0))
+  for window in sorted({cfg.window(n) for n in range(t_max + 1)}):
+    u = cfg.prompts_per_insert if window == cfg.prompt_len else m
+    req = Requests(slot=np.full((m,), cfg.num_slots, np.int32),
+                   source=np.zeros((m,), np.int32),
+                   prompt=np.zeros((u, cfg.prompt_len), np.int32),
+                   prompt_mask=np.ones((u, cfg.prompt_len), bool),
+                   prefix=empty_tracks((m,), t_max, pad_id=cfg.pad_id))
+    state = engine.insert(params, state, req, *sampling, window=window)
+  jax.block_until_ready(engine.decode(params, state, *sampling, jnp.int32(1)))
+
+
+def with_key(state: SlotState, key: PRNGKey) -> SlotState:
+  """The state with a new sampling key, placed like the state (committed)."""
+  return state._replace(key=jax.device_put(key, state.live.sharding))
+
+
+def transformer_engine(model, cfg: EngineConfig) -> Engine:
+  """`make_engine` for an `rlx.models.transformer.Transformer`."""
+  return make_engine(*sampler_lib.transformer_fns(model), cfg)
+
+
+def _take(tracks: Tracks, index) -> Tracks:
+  return Tracks(*(np.asarray(x)[index] for x in tracks))
+
+
+def _put(dst: Tracks, index, src: Tracks) -> None:
+  for d, x in zip(dst, src):
+    d[index] = x
+
+
+def _chunks(jobs: np.ndarray, job_prompt: np.ndarray, *, rows: int,
+            prompts: int) -> list[np.ndarray]:
+  """Splits `jobs` in order into runs of <= `rows` jobs that use <=
+  `prompts` distinct prompts."""
+  out, cur, seen = [], [], set()
+  for j in jobs:
+    if len(cur) == rows or (job_prompt[j] not in seen and
+                            len(seen) == prompts):
+      out.append(np.array(cur))
+      cur, seen = [], set()
+    cur.append(j)
+    seen.add(job_prompt[j])
+  return out + ([np.array(cur)] if cur else [])
+
+
+def _request(cfg: EngineConfig, slots, part, *, job_prompt, prompts,
+             prompt_mask, out: Tracks, fresh: bool) -> Requests:
+  """Requests for jobs `part` into `slots`, padded to M rows (padding rows
+  repeat the first job and target slot R, so they are dropped)."""
+  m = cfg.rows_per_insert
+  pad = m - len(part)
+  idx = np.concatenate([part, np.full(pad, part[0])])
+  slot = np.concatenate([slots, np.full(pad, cfg.num_slots)])
+  if fresh:  # U distinct prompts, each prefilled once.
+    uniq, source = np.unique(job_prompt[idx], return_inverse=True)
+    rows = np.concatenate([uniq, np.full(cfg.prompts_per_insert - len(uniq),
+                                         uniq[0])])
+  else:
+    rows, source = job_prompt[idx], np.arange(m)
+  return Requests(slot=slot.astype(np.int32), source=source.astype(np.int32),
+                  prompt=prompts[rows], prompt_mask=prompt_mask[rows],
+                  prefix=_take(out, idx))
+
+
+def _insert_jobs(engine: Engine, params, state: SlotState, slots, jobs, *,
+                 job_prompt, prompts, prompt_mask, out: Tracks, sampling
+                 ) -> tuple[SlotState, int]:
+  """Inserts `jobs` (rows of `out`) into `slots`: fresh jobs through the
+  prompt-only prefill, partial ones resumed in windows fitted to their
+  prefixes (sorted by length, so windows are tight).
+
+  Returns the new state and the number of insert calls.
+  """
+  cfg = engine.cfg
+  lengths = out.length[jobs]
+  order = np.argsort(lengths, kind='stable')
+  slot_of = dict(zip(jobs[order].tolist(), slots[order].tolist()))
+  calls = 0
+  for fresh in (True, False):
+    sel = jobs[order][(lengths[order] == 0) == fresh]
+    for part in _chunks(sel, job_prompt, rows=cfg.rows_per_insert,
+                        prompts=cfg.prompts_per_insert if fresh else
+                        cfg.rows_per_insert):
+      req = _request(cfg, np.array([slot_of[j] for j in part]), part,
+                     job_prompt=job_prompt, prompts=prompts,
+                     prompt_mask=prompt_mask, out=out, fresh=fresh)
+      window = cfg.window(int(out.length[part].max()))
+      state = engine.insert(params, state, req, *sampling, window=window)
+      calls += 1
+  return state, calls
+
+
+def run(engine: Engine, params: Params, state: SlotState, prompts: np.ndarray,
+        prompt_mask: np.ndarray, prefix: Tracks, *, temperature: float,
+        top_p: float, version: int, job_prompt: Optional[np.ndarray] = None,
+        stop: Optional[Callable[[np.ndarray], bool]] = None
+        ) -> tuple[SlotState, Tracks, dict]:
+  """Decodes a queue of J jobs through the slots (the host loop).
+
+  Jobs enter free slots in index order; a job with a partial prefix
+  (length > 0, RUNNING) is resumed, one already finished is returned as is.
+  Between decode chunks finished rows are harvested and slots refilled.
+
+  Args:
+    engine: from `make_engine`.
+    params: model parameters.
+    state: slot state (from `engine.init`; no slot live). Donated.
+    prompts: [U, P] int32 left-padded; prompt_mask: [U, P] bool.
+    prefix: host `Tracks [J, ...]`, e.g. `empty_tracks((J,), T)`.
+    temperature, top_p: sampling settings (no recompilation).
+    version: policy version recorded on every token sampled now.
+    job_prompt: [J] int, the prompt row of each job (jobs sharing a prompt
+      share its prefill); None: job j uses prompt row j (U = J).
+    stop: optional predicate on `done [J]` bool, checked between chunks;
+      True ends the call with the unfinished jobs handed back.
+
+  Returns:
+    (state with no slot live, tracks [J, ...] on the host: finished jobs
+    with their finish reason, the others RUNNING with their partial
+    response, stats) where stats has `decode_steps`, `busy_slot_steps`,
+    `slot_utilisation` (busy / (R * steps)), `decode_calls`,
+    `insert_calls`, `seconds`.
+  """
+  cfg = engine.cfg
+  r = cfg.num_slots
+  start = time.perf_counter()
+  out = Tracks(*(np.array(x) for x in prefix))
+  if job_prompt is None:
+    job_prompt = np.arange(len(out.length))
+  job_prompt = np.asarray(job_prompt)
+  done = out.finish != _RUNNING
+  pending = collections.deque(np.flatnonzero(~done).tolist())
+  slot_job = np.full(r, -1)
+  sampling = (jnp.float32(temperature), jnp.float32(top_p),
+              jnp.int32(version))
+  base = np.asarray(jax.device_get((state.busy, state.steps)))
+  calls = collections.Counter()
+  while not (stop is not None and stop(done)):
+    free = np.flatnonzero(slot_job < 0)[:len(pending)]
+    jobs = np.array([pending.popleft() for _ in free], np.int64)
+    if len(jobs):
+      slot_job[free] = jobs
+      state, n = _insert_jobs(engine, params, state, free, jobs,
+                              job_prompt=job_prompt, prompts=prompts,
+                              prompt_mask=prompt_mask, out=out,
+                              sampling=sampling)
+      calls['insert_calls'] += n
+    if np.all(slot_job < 0):
+      break
+    refill_at = min(cfg.rows_per_insert, len(pending)) if pending else r + 1
+    state = engine.decode(params, state, *sampling, jnp.int32(refill_at))
+    calls['decode_calls'] += 1
+    finish = np.asarray(state.tracks.finish)
+    fin = np.flatnonzero((slot_job >= 0) & (finish != _RUNNING))
+    if len(fin):
+      _put(out, slot_job[fin], _take(jax.device_get(state.tracks), fin))
+      done[slot_job[fin]] = True
+      slot_job[fin] = -1
+  held = np.flatnonzero(slot_job >= 0)
+  if len(held):  # Stopped early: hand back the partial responses.
+    _put(out, slot_job[held], _take(jax.device_get(state.tracks), held))
+    state = state._replace(live=jnp.zeros_like(state.live))
+  busy, steps = np.asarray(jax.device_get((state.busy, state.steps))) - base
+  stats = {'decode_steps': int(steps), 'busy_slot_steps': int(busy),
+           'slot_utilisation': float(busy / max(r * steps, 1)),
+           'seconds': time.perf_counter() - start, **calls}
+  return state, out, stats
+
+
+def pad_prompts(prompts: np.ndarray, prompt_mask: np.ndarray,
+                prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads `[B, P'] -> [B, P]` (P' <= P = the engine's prompt window)."""
+  b, width = prompts.shape
+  if width > prompt_len:
+    raise ValueError(f'prompts are {width} tokens wide but the engine\'s '
+                     f'prompt window is EngineConfig.prompt_len={prompt_len}')
+  pad = prompt_len - width
+  return (np.concatenate([np.zeros((b, pad), np.int32),
+                          np.asarray(prompts, np.int32)], 1),
+          np.concatenate([np.zeros((b, pad), bool),
+                          np.asarray(prompt_mask, bool)], 1))
+
+
+def to_rollout(tracks: Tracks, group_size: int) -> sampler_lib.Rollout:
+  """Host tracks `[B*G, ...]` (group-major) -> `Rollout [B, G, T]`."""
+  g = group_size
+  split = lambda x: jnp.asarray(x.reshape((-1, g) + x.shape[1:]))
+  loss_mask = np.arange(tracks.tokens.shape[-1]) < tracks.length[..., None]
+  return sampler_lib.Rollout(
+      tokens=split(tracks.tokens), loss_mask=split(loss_mask),
+      logp=split(tracks.logp), entropy=split(tracks.entropy),
+      lengths=split(tracks.length), finish=split(tracks.finish))
+
+
+class ContinuousSampler:
+  """Continuous batching behind the static sampler's call signature.
+
+  `sampler(params, prompts [B, P'], prompt_mask, key, temperature, top_p,
+  num_samples=G) -> Rollout [B, G, T]`, like `sampler.make_sampler`'s
+  function, so the actor can use either. The B*G responses queue for the
+  R slots. The slot state (KV cache) is allocated once and reused; the
+  statistics of the last call are in `last_stats`.
+  """
+
+  def __init__(self, engine: Engine):
+    self.engine = engine
+    self.last_stats: dict = {}
+    self._state: Optional[SlotState] = None
+
+  def __call__(self, params: Params, prompts, prompt_mask, key: PRNGKey,
+               temperature, top_p=1.0, *, num_samples: int, version: int = 0
+               ) -> sampler_lib.Rollout:
+    cfg = self.engine.cfg
+    prompts, prompt_mask = pad_prompts(np.asarray(prompts),
+                                       np.asarray(prompt_mask),
+                                       cfg.prompt_len)
+    jobs = len(prompts) * num_samples
+    if self._state is None:
+      self._state = self.engine.init(key)
+    self._state, out, self.last_stats = run(
+        self.engine, params, with_key(self._state, key), prompts, prompt_mask,
+        empty_tracks((jobs,), cfg.max_new_tokens, pad_id=cfg.pad_id),
+        temperature=temperature, top_p=top_p, version=version,
+        job_prompt=np.arange(jobs) // num_samples)
+    return to_rollout(out, num_samples)

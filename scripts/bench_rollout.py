@@ -1,0 +1,275 @@
+"""Rollout throughput: static batching vs continuous batching vs APRIL.
+
+  python scripts/bench_rollout.py --steps=4 --slots=64
+
+Workload: the warm-started default chain_arith policy (configs default,
+`warmstart.load_or_train`, reused from its cache) sampling its own
+responses at temperature 1 on training prompts. Chain lengths follow a
+truncated Zipf law, so response lengths are long-tailed (10..80 tokens,
+most short). All three modes get the same KV memory (--slots rows) and want
+--groups groups of --group_size responses per RL step:
+
+  static      the jitted sampler on --slots rows at a time; a call lasts as
+              long as its longest response;
+  continuous  the slot engine; finished slots are refilled between chunks;
+  april       the engine with 2x over-provisioning; stops at --groups
+              complete groups and carries the rest to the next step.
+
+Weights are fixed (no learning), so every step samples the same
+distribution; the policy version still advances so staleness is reported.
+Prints useful tokens/s (response tokens of returned groups), seconds per
+step and slot utilisation, with ratios to static measured in this process;
+then decode tokens/s of the chunked engine against a naive Python loop over
+a jitted single step, and against the roofline from the measured matmul
+rate and memory bandwidth.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlx import config as config_lib
+from rlx import trainer
+from rlx import warmstart
+from rlx.data.task import load_task
+from rlx.models import transformer
+from rlx.sampling import engine as en
+from rlx.sampling import partial
+from rlx.sampling import sampler as sampler_lib
+
+_STEPS = flags.DEFINE_integer('steps', 4, 'Timed RL steps per mode (after '
+                              'one untimed warm-up step).')
+_SLOTS = flags.DEFINE_integer('slots', 64, 'R: KV-cache rows for every mode.')
+_GROUPS = flags.DEFINE_integer('groups', 16, 'N: groups per RL step.')
+_GROUP_SIZE = flags.DEFINE_integer('group_size', 8, 'G: responses per group.')
+_CHUNK = flags.DEFINE_integer('chunk_steps', 16, 'Engine decode chunk k.')
+_INSERT_ROWS = flags.DEFINE_integer('insert_rows', 0, 'Engine insert width '
+                                    'M; 0: slots // 8.')
+_INSERT_PROMPTS = flags.DEFINE_integer(
+    'insert_prompts', 2, 'Engine U: distinct prompts per fresh insert, each '
+    'prefilled once for its group\'s rows; 0: M (no sharing).')
+_DECODE_STEPS = flags.DEFINE_integer('decode_steps', 64, 'Steps timed in the '
+                                     'decode-speed comparison; 0 skips it.')
+
+
+def _setup():
+  cfg = config_lib.build(config_lib.default_config_dict())
+  task = load_task(cfg.task)
+  model, logits_fn = trainer.build_model(cfg, task.tokenizer.vocab_size)
+  init_p = transformer.init_params(model.cfg, jax.random.key(0))
+  params, _ = warmstart.load_or_train(cfg, logits_fn, task, init_p)
+  return cfg, task, model, params
+
+
+def _engine_cfg(cfg, task, *, chunk, stop=True) -> en.EngineConfig:
+  tok = task.tokenizer
+  return en.EngineConfig(
+      num_slots=_SLOTS.value, prompt_len=cfg.task.prompt_len,
+      max_new_tokens=cfg.sampling.max_new_tokens,
+      stop_tokens=(tok.eos_id,) if stop else (), pad_id=tok.pad_id,
+      chunk_steps=chunk, insert_rows=_INSERT_ROWS.value,
+      insert_prompts=_INSERT_PROMPTS.value)
+
+
+def _prompt_ids(task, start: int, n: int) -> np.ndarray:
+  """Training prompts start..start+n-1 (wrapping), the same for all modes."""
+  return np.arange(start, start + n) % len(task.train)
+
+
+def _bench_static(model, params, cfg, task):
+  tok, g = task.tokenizer, _GROUP_SIZE.value
+  sample = sampler_lib.transformer_sampler(model, sampler_lib.SamplerConfig(
+      max_new_tokens=cfg.sampling.max_new_tokens, stop_tokens=(tok.eos_id,),
+      pad_id=tok.pad_id))
+  per_call = _SLOTS.value // g
+
+  def step(i):
+    idx = _prompt_ids(task, i * _GROUPS.value, _GROUPS.value)
+    useful = busy = 0
+    for c in range(0, len(idx), per_call):
+      part = idx[c:c + per_call]
+      out = sample(params, task.train_prompts[part],
+                   task.train_prompt_mask[part], jax.random.key(i * 100 + c),
+                   1.0, 1.0, num_samples=g)
+      lengths = np.asarray(out.lengths)
+      useful += lengths.sum()
+      busy += _SLOTS.value * lengths.max()  # Rows x steps the loop ran.
+    return useful, useful / busy, {}
+
+  return step
+
+
+def _bench_continuous(engine, params, task):
+  sampler = en.ContinuousSampler(engine)
+
+  def step(i):
+    idx = _prompt_ids(task, i * _GROUPS.value, _GROUPS.value)
+    out = sampler(params, task.train_prompts[idx],
+                  task.train_prompt_mask[idx], jax.random.key(i), 1.0,
+                  num_samples=_GROUP_SIZE.value, version=i)
+    return (int(np.asarray(out.lengths).sum()),
+            sampler.last_stats['slot_utilisation'], {})
+
+  return step
+
+
+def _bench_april(engine, params, task):
+  sampler = partial.AprilSampler(engine, partial.AprilConfig(_GROUPS.value),
+                                 group_size=_GROUP_SIZE.value)
+  state = {'buf': sampler.init_buffer(), 'next': 0}
+
+  def step(i):
+    n = sampler.prompts_needed(state['buf'])
+    idx = _prompt_ids(task, state['next'], n)
+    state['next'] += n
+    batch, state['buf'], metrics = sampler(
+        params, state['buf'], task.train_prompts[idx],
+        task.train_prompt_mask[idx], idx, jax.random.key(i), 1.0, version=i)
+    return (int(np.asarray(batch.rollout.lengths).sum()),
+            metrics['rollout/slot_utilisation'], metrics)
+
+  return step
+
+
+def _time_steps(step_fn):
+  step_fn(0)  # Warm-up: compilation (and APRIL's first, N' step).
+  useful, util, extra = 0, [], {}
+  start = time.perf_counter()
+  for i in range(1, _STEPS.value + 1):
+    u, ut, extra = step_fn(i)
+    useful += u
+    util.append(ut)
+  seconds = time.perf_counter() - start
+  return {'tok_s': useful / seconds, 's_step': seconds / _STEPS.value,
+          'util': float(np.mean(util)), **extra}
+
+
+def _fill(engine, params, state, task):
+  """Inserts a prompt into every slot (M rows per insert call)."""
+  ecfg = engine.cfg
+  m = ecfg.rows_per_insert
+  for start in range(0, ecfg.num_slots, m):
+    u = ecfg.prompts_per_insert
+    idx = _prompt_ids(task, start, u)
+    req = en.Requests(
+        slot=np.arange(start, start + m, dtype=np.int32),
+        source=np.arange(m, dtype=np.int32) % u,
+        prompt=task.train_prompts[idx], prompt_mask=task.train_prompt_mask[idx],
+        prefix=en.empty_tracks((m,), ecfg.max_new_tokens))
+    state = engine.insert(params, state, req, jnp.float32(1.0),
+                          jnp.float32(1.0), jnp.int32(0),
+                          window=ecfg.prompt_len)
+  return state
+
+
+def _decode_speed(model, params, cfg, task) -> dict:
+  """Decode tokens/s with every slot live (no stop token), chunked engine
+  vs a Python loop calling the jitted decode one step at a time."""
+  out = {}
+  for name, chunk in (('engine', _CHUNK.value), ('naive', 1)):
+    engine = en.transformer_engine(model, _engine_cfg(cfg, task, chunk=chunk,
+                                                      stop=False))
+    args = (jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0),
+            jnp.int32(_SLOTS.value + 1))
+    for timed in (False, True):  # The first pass compiles.
+      state = _fill(engine, params, engine.init(jax.random.key(0)), task)
+      jax.block_until_ready(state)
+      start = time.perf_counter()
+      for _ in range(_DECODE_STEPS.value // chunk):
+        state = engine.decode(params, state, *args)
+      steps = int(state.steps)  # Blocks until done.
+      seconds = time.perf_counter() - start
+    out[name] = _SLOTS.value * steps / seconds
+  return out
+
+
+def _roofline(mcfg, params, cache_len: int) -> dict:
+  """Tokens/s bound: max(FLOPs / matmul rate, bytes / bandwidth) per step."""
+  def best_time(fn, x, reps=5):
+    jax.block_until_ready(fn(x))
+    times = []
+    for _ in range(reps):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(x))
+      times.append(time.perf_counter() - start)
+    return min(times)
+
+  n = 1024
+  flops_rate = 2 * n ** 3 / best_time(jax.jit(lambda a: a @ a),
+                                      jnp.ones((n, n), jnp.float32))
+  big = jnp.ones((32 * 2 ** 20,), jnp.float32)  # 128 MiB: beyond caches.
+  bandwidth = big.nbytes / best_time(jax.jit(jnp.sum), big)  # Read only.
+  r, s, d, v = _SLOTS.value, cache_len, mcfg.embed_dim, mcfg.vocab_size
+  kv = mcfg.num_layers * 2 * mcfg.num_kv_heads * s * mcfg.head_dim
+  n_params = transformer.count_params(params)
+  matmul = 2 * (n_params - v * d) + 2 * v * d  # Tied: logits use the table.
+  attn = mcfg.num_layers * 4 * s * mcfg.num_heads * mcfg.head_dim
+  flops_tok = matmul + attn
+  bytes_step = 4 * n_params + r * 4 * kv  # f32 weights once, each KV row.
+  step_s = max(r * flops_tok / flops_rate, bytes_step / bandwidth)
+  return {'tok_s': r / step_s, 'flops_rate': flops_rate,
+          'bandwidth': bandwidth, 'flops_tok': flops_tok,
+          'bytes_tok': bytes_step / r}
+
+
+def main(argv):
+  del argv
+  if _SLOTS.value % _GROUP_SIZE.value:
+    sys.exit(f'--slots={_SLOTS.value} must be a multiple of '
+             f'--group_size={_GROUP_SIZE.value} (static calls hold whole '
+             'groups)')
+  cfg, task, model, params = _setup()
+  print(f'device: {jax.devices()[0].device_kind}; model '
+        f'{transformer.count_params(params):,} parameters; slots '
+        f'{_SLOTS.value}; {_GROUPS.value} groups x {_GROUP_SIZE.value} per '
+        f'step; T={cfg.sampling.max_new_tokens}')
+
+  # --- Rollout steps, side by side ---
+  engine = en.transformer_engine(model, _engine_cfg(cfg, task,
+                                                    chunk=_CHUNK.value))
+  en.precompile(engine, params)
+  modes = {'static': _bench_static(model, params, cfg, task),
+           'continuous': _bench_continuous(engine, params, task),
+           'april': _bench_april(engine, params, task)}
+  rows = {name: _time_steps(fn) for name, fn in modes.items()}
+  base = rows['static']['tok_s']
+  print('\n| mode | useful tok/s | x static | s/step | slot util |')
+  print('|---|---|---|---|---|')
+  for name, row in rows.items():
+    print(f"| {name} | {row['tok_s']:.0f} | {row['tok_s'] / base:.2f} | "
+          f"{row['s_step']:.3f} | {row['util']:.2f} |")
+  april = rows['april']
+  print(f"april (last step): off-policy token frac "
+        f"{april['rollout/off_policy_token_frac']:.2f}, staleness "
+        + ', '.join(f"{k.split('/')[-1]}: {v:.2f}" for k, v in april.items()
+                    if k.startswith('rollout/staleness/')))
+
+  # --- Decode speed against a naive loop and the roofline ---
+  if not _DECODE_STEPS.value:
+    return
+  speed = _decode_speed(model, params, cfg, task)
+  roof = _roofline(model.cfg, params, cfg.task.prompt_len +
+                   cfg.sampling.max_new_tokens)
+  print(f"\nmatmul {roof['flops_rate'] / 1e9:.1f} GFLOP/s, bandwidth "
+        f"{roof['bandwidth'] / 1e9:.1f} GB/s; per token "
+        f"{roof['flops_tok'] / 1e6:.2f} MFLOP, "
+        f"{roof['bytes_tok'] / 1e3:.1f} kB")
+  print('| decode | tok/s | x naive | of roofline |')
+  print('|---|---|---|---|')
+  for name in ('engine', 'naive'):
+    print(f"| {name} | {speed[name]:.0f} | "
+          f"{speed[name] / speed['naive']:.2f} | "
+          f"{speed[name] / roof['tok_s']:.1%} |")
+  print(f"| roofline | {roof['tok_s']:.0f} | | 100% |")
+
+
+if __name__ == '__main__':
+  app.run(main)
