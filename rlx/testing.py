@@ -1,11 +1,28 @@
 """Helpers shared by tests and notebooks: tiny configs and fake models."""
 
+import functools
+import importlib.util
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from rlx import config as config_lib
 from rlx.types import Array
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@functools.lru_cache(maxsize=None)
+def load_script(name: str):
+  """Imports scripts/<name>.py once (absl flags can only be defined once)."""
+  spec = importlib.util.spec_from_file_location(
+      f'rlx_script_{name}', os.path.join(_ROOT, 'scripts', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def tiny_config_dict(tmp_dir: str) -> ml_collections.ConfigDict:

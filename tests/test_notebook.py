@@ -1,7 +1,5 @@
 """Runs notebooks/quickstart.ipynb end to end; tests scripts/plot_curve.py."""
 
-import functools
-import importlib.util
 import json
 import os
 import re
@@ -9,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+
+from rlx import testing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, 'notebooks', 'quickstart.ipynb')
@@ -21,16 +21,6 @@ def _ensure_python3_kernel():
   if 'python3' not in kernelspec.find_kernel_specs():
     subprocess.run([sys.executable, '-m', 'ipykernel', 'install', '--user',
                     '--name', 'python3'], check=True)
-
-
-@functools.lru_cache(maxsize=1)
-def _load_plot_curve():
-  """Imports the script once (its absl flags can only be defined once)."""
-  spec = importlib.util.spec_from_file_location(
-      'plot_curve', os.path.join(ROOT, 'scripts', 'plot_curve.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _stdout(nb) -> str:
@@ -98,7 +88,7 @@ def _synthetic_rows(steps=12, every=4):
 
 
 def test_plot_writes_png(tmp_path):
-  plot_curve = _load_plot_curve()
+  plot_curve = testing.load_script('plot_curve')
   out = tmp_path / 'curve.png'
   plot_curve.plot(_synthetic_rows(), str(out), 'synthetic')
   data = out.read_bytes()
@@ -107,7 +97,7 @@ def test_plot_writes_png(tmp_path):
 
 
 def test_plot_without_eval_rows_fails_clearly(tmp_path):
-  plot_curve = _load_plot_curve()
+  plot_curve = testing.load_script('plot_curve')
   rows = [r for r in _synthetic_rows() if 'eval/pass@1' not in r]
   with pytest.raises(ValueError, match='no eval rows'):
     plot_curve.plot(rows, str(tmp_path / 'curve.png'), None)
@@ -115,7 +105,7 @@ def test_plot_without_eval_rows_fails_clearly(tmp_path):
 
 
 def test_moving_average():
-  plot_curve = _load_plot_curve()
+  plot_curve = testing.load_script('plot_curve')
   got = plot_curve.moving_average([1, 2, 3, 4, 5, 6], window=5)
   assert got.tolist() == [1.0, 1.5, 2.0, 2.5, 3.0, 4.0]
 

@@ -1,26 +1,18 @@
 """scripts/sample.py: greedy text equals the decoded HF reference."""
 
-import importlib.util
 import os
 
 import numpy as np
 
+from rlx import testing
 from rlx.models import hf_tokenizer
 
 ROOT = os.path.join(os.path.dirname(__file__), '..', '..')
 LLAMA = os.path.join(ROOT, 'tests', 'fixtures', 'hf', 'llama')
 
 
-def _script():
-  spec = importlib.util.spec_from_file_location(
-      'sample_script', os.path.join(ROOT, 'scripts', 'sample.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_generate_matches_reference_greedy_text():
-  sample = _script()
+  sample = testing.load_script('sample')
   ref = np.load(os.path.join(LLAMA, 'reference.npz'))
   tok = hf_tokenizer.HFTokenizer.from_dir(LLAMA)
   # The fixture's prompt 1 is this chat turn, prompt 0 this text with bos.
