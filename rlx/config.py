@@ -189,6 +189,46 @@ class LogConfig:
   keep: int = 2  # Checkpoints kept.
   tensorboard: bool = True  # Also write TensorBoard event files.
   progress: bool = True  # Show a progress bar.
+  memory_stats: bool = True  # At start, compile the largest train step
+  # ahead of time and log its memory per device.
+
+
+# Logical axis -> mesh axes. Weights carry the logical names of
+# rlx/models/transformer.py; `batch` is the prompt axis B of rollouts and
+# train batches (over data and fsdp, so a group stays on one device).
+DEFAULT_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('q_heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('head_dim', None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh over axes (data, fsdp, tensor); see rlx/sharding.py."""
+  shape: tuple = (-1, 1, 1)  # Sizes of (data, fsdp, tensor); one -1 takes
+  # the remaining devices. The product may be less than the device count
+  # (the first devices are used) on one host; on many hosts it must use all.
+  rules: tuple = DEFAULT_RULES  # (logical axis, mesh axis or axes or None)
+  # pairs; a weight dimension that a mesh axis does not divide is replicated.
+  sampler_shape: tuple = ()  # A separate (data, fsdp, tensor) mesh for the
+  # sampler over the same devices (weights resharded each step); (): the
+  # learner's mesh.
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendConfig:
+  """Platform choices (rlx/backend.py); `auto` picks per platform."""
+  attention: str = 'auto'  # auto | einsum | xla | cudnn: the attention
+  # implementation. einsum: rlx's grouped-query einsums (the reference);
+  # xla / cudnn: jax.nn.dot_product_attention with that implementation;
+  # auto: cudnn on NVIDIA GPUs where the model allows it, else einsum.
+  xla_flags: str = 'auto'  # Extra XLA_FLAGS set before the backend starts;
+  # auto: rlx's documented per-platform flags; '' none.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +244,8 @@ class Config:
   warmstart: WarmstartConfig = WarmstartConfig()
   eval: EvalConfig = EvalConfig()
   log: LogConfig = LogConfig()
+  mesh: MeshConfig = MeshConfig()
+  backend: BackendConfig = BackendConfig()
 
 
 class ConfigError(ValueError):
@@ -320,6 +362,7 @@ def validate(cfg: Config) -> Config:
            s.max_new_tokens, 'objective.overlong_buffer',
            f'must be in [0, sampling.max_new_tokens={s.max_new_tokens})')
   _validate_curriculum(cfg)
+  _validate_mesh(cfg)
   _require(obj.advantage not in NEEDS_INPUTS, 'objective.advantage',
            f'{obj.advantage!r} needs {NEEDS_INPUTS.get(obj.advantage)}, '
            'which the trainer does not produce yet; it is available as a '
@@ -369,6 +412,33 @@ def _validate_curriculum(cfg: Config) -> None:
   _require(cur.dapo_max_retries >= 0, 'curriculum.dapo_max_retries',
            'must be >= 0')
   _require(cfg.rl.max_rollouts >= 0, 'rl.max_rollouts', 'must be >= 0')
+
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+ATTENTION_IMPLS = ('auto', 'einsum', 'xla', 'cudnn')
+
+
+def _validate_mesh(cfg: Config) -> None:
+  """Static checks; device counts are checked in rlx.sharding.make_mesh."""
+  for key in ('shape', 'sampler_shape'):
+    shape = getattr(cfg.mesh, key)
+    if key == 'sampler_shape' and not shape:
+      continue
+    _require(len(shape) == 3 and all(isinstance(n, int) and (n >= 1 or n ==
+                                                              -1)
+                                     for n in shape)
+             and list(shape).count(-1) <= 1, f'mesh.{key}',
+             f'{shape!r} must be 3 sizes (data, fsdp, tensor), each >= 1 '
+             'or one of them -1')
+  for rule in cfg.mesh.rules:
+    ok = isinstance(rule, (tuple, list)) and len(rule) == 2
+    axes = rule[1] if ok else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    _require(ok and isinstance(rule[0], str) and set(axes) <= set(MESH_AXES),
+             'mesh.rules', f'{rule!r} must be (logical name, mesh axis or '
+             f'axes from {MESH_AXES} or None)')
+  _require(cfg.backend.attention in ATTENTION_IMPLS, 'backend.attention',
+           f'{cfg.backend.attention!r} is not one of {list(ATTENTION_IMPLS)}')
 
 
 # Advantages whose inputs the RL loop cannot supply yet (library-only).

@@ -228,11 +228,21 @@ def _shape_rewards(logits_fn, cfg: Config, ref_params, batch: Batch):
 
 
 def make_train_step(logits_fn: LogitsFn,
-                    optimizer: optax.GradientTransformation, cfg: Config):
+                    optimizer: optax.GradientTransformation, cfg: Config, *,
+                    shardings: tuple | None = None):
   """Returns `step(state, ref_params, batch) -> (state, metrics)`, jitted.
 
   `state` is donated. `ref_params` is the frozen reference for the KL term
   (ignored when objective.kl_beta == 0; pass the params or None).
+
+  Args:
+    logits_fn: full-sequence forward.
+    optimizer: the optax transformation of the state.
+    cfg: the run config.
+    shardings: optional (state, ref_params, batch, replicated) shardings
+      (rlx/sharding.py); `batch` is one sharding for every Batch leaf (all
+      lead with B). The state comes back in its input sharding and the
+      metrics replicated. None: single-device jit.
   """
   num_micro = cfg.optim.num_microbatches
   obj = cfg.objective
@@ -298,4 +308,9 @@ def make_train_step(logits_fn: LogitsFn,
                            opt_state=opt_state)
     return new_state, metrics
 
-  return jax.jit(step, donate_argnums=(0,))
+  if shardings is None:
+    return jax.jit(step, donate_argnums=(0,))
+  state_sh, ref_sh, batch_sh, replicated = shardings
+  return jax.jit(step, donate_argnums=(0,),
+                 in_shardings=(state_sh, ref_sh, batch_sh),
+                 out_shardings=(state_sh, replicated))

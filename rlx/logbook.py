@@ -28,11 +28,23 @@ def _jsonable(value):
 
 
 class Logbook:
-  """Writes metric rows; `resume_step` trims rows past the checkpoint."""
+  """Writes metric rows; `resume_step` trims rows past the checkpoint.
+
+  On many hosts only the primary process (index 0) writes; the others get a
+  Logbook that drops everything, so the shared workdir has one writer.
+  """
 
   def __init__(self, workdir: str, *, total_steps: int, resume_step: int,
-               tensorboard: bool = True, progress: bool = True):
+               tensorboard: bool = True, progress: bool = True,
+               primary: bool = True):
     self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.primary = primary
+    self._file = self._tb = None
+    self._bar = tqdm.tqdm(total=total_steps, initial=resume_step,
+                          disable=not (progress and primary), desc='rl',
+                          dynamic_ncols=True, file=sys.stderr)
+    if not primary:
+      return
     if resume_step and os.path.exists(self.path):
       rows = read_metrics(self.path)
       keep = [r for r in rows if r['step'] <= resume_step]
@@ -44,16 +56,14 @@ class Logbook:
         f.writelines(json.dumps(r) + '\n' for r in keep)
       os.replace(self.path + '.tmp', self.path)
     self._file = open(self.path, 'a')
-    self._tb = None
     if tensorboard:
       import tensorboardX  # pylint: disable=g-import-not-at-top
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tb'),
                                             purge_step=resume_step or None)
-    self._bar = tqdm.tqdm(total=total_steps, initial=resume_step,
-                          disable=not progress, desc='rl', dynamic_ncols=True,
-                          file=sys.stderr)
 
   def write(self, row: dict) -> None:
+    if not self.primary:
+      return
     row = {k: _jsonable(v) for k, v in row.items()}
     self._file.write(json.dumps(row) + '\n')
     self._file.flush()
@@ -71,10 +81,12 @@ class Logbook:
     self._bar.update(1)
 
   def message(self, text: str) -> None:
-    self._bar.write(text, file=sys.stderr)
+    if self.primary:
+      self._bar.write(text, file=sys.stderr)
 
   def close(self) -> None:
     self._bar.close()
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()

@@ -42,6 +42,7 @@ def tiny_config_dict(tmp_dir: str) -> ml_collections.ConfigDict:
   c.eval.samples_per_prompt, c.eval.batch_prompts = 2, 8
   c.log.checkpoint_every, c.log.progress = 2, False
   c.log.tensorboard = False
+  c.mesh.shape = (1, 1, 1)  # One device; tests/test_sharding.py does meshes.
   return c
 
 

@@ -22,6 +22,7 @@ from rlx import checkpoint
 from rlx import config as config_lib
 from rlx import evaluation
 from rlx import learner
+from rlx import sharding
 from rlx import warmstart
 from rlx.actor import Actor
 from rlx.config import Config
@@ -34,7 +35,8 @@ from rlx.models import transformer
 
 # Config keys that may change when a run is resumed (schedule and logging);
 # anything else differing from the checkpoint's config is an error.
-RESUMABLE_CHANGES = ('rl.num_steps', 'eval.every', 'log.')
+RESUMABLE_CHANGES = ('rl.num_steps', 'eval.every', 'log.', 'mesh.',
+                     'backend.')
 
 
 def build_model(cfg: Config, vocab_size: int):
@@ -44,6 +46,12 @@ def build_model(cfg: Config, vocab_size: int):
     raise config_lib.ConfigError(
         f'model.vocab_size={mcfg["vocab_size"]} is smaller than the '
         f'tokenizer vocabulary ({vocab_size})')
+  from rlx import backend  # pylint: disable=g-import-not-at-top
+  # The attention kernel is a runtime choice per platform: parameters,
+  # checkpoints and the warm-start cache key (cfg.model) do not depend on it.
+  mcfg['attention'] = backend.resolve_attention(
+      cfg.backend.attention, backend.platform(), cfg.model,
+      capability=backend.compute_capability())
   model = transformer.Transformer(transformer.TransformerConfig(**mcfg))
 
   def logits_fn(params, tokens, positions, mask):
@@ -97,23 +105,40 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   start_step = _check_resume(workdir, ckpt, cfg)
   run_start = time.time()
 
+  plan = sharding.Plan.from_config(cfg.mesh)
+  _check_batch_fits_mesh(cfg, plan)
+  # A separate sampler mesh gets an explicit weight reshard every step.
+  splan = (sharding.Plan.from_config(cfg.mesh, sampler=True)
+           if cfg.mesh.sampler_shape else plan)
   task = load_task(cfg.task)
   model, logits_fn = build_model(cfg, task.tokenizer.vocab_size)
   optimizer = learner.make_optimizer(cfg.optim)
-  init_p = transformer.init_params(model.cfg,
-                                   jax.random.key(cfg.warmstart.seed))
+  init_fn = functools.partial(transformer.init_params, model.cfg)
+  seed_key = jax.random.key(cfg.warmstart.seed)
+  logical = transformer.logical_specs(model.cfg)
+  abstract_params = jax.eval_shape(init_fn, seed_key)
+  param_sh = plan.params(abstract_params, logical)
+  sampler_param_sh = splan.params(abstract_params, logical)
+  init_p = jax.jit(init_fn, out_shardings=param_sh)(seed_key)
   pool = cfg.curriculum.pool_size or len(task.train)
   curriculum = Curriculum(cfg.curriculum, cfg.rl, pool,
                           advantage=cfg.objective.advantage,
                           embed_fn=_embed_fn(model, task), seed=cfg.seed)
-  abstract = {'train': jax.eval_shape(
-      lambda: learner.init_state(init_p, optimizer)),
-              'ref': jax.eval_shape(lambda: init_p) if cfg.objective.kl_beta
-                     else {},
+  abstract_state = jax.eval_shape(
+      lambda: learner.init_state(init_p, optimizer))
+  state_sh = sharding.train_state_shardings(plan, optimizer, abstract_state,
+                                            param_sh)
+  abstract = {'train': sharding.with_shardings(abstract_state, state_sh),
+              'ref': sharding.with_shardings(abstract_params, param_sh)
+                     if cfg.objective.kl_beta else {},
               'curriculum': curriculum.abstract(model.cfg.embed_dim)}
   log = Logbook(workdir, total_steps=cfg.rl.num_steps,
                 resume_step=start_step, tensorboard=cfg.log.tensorboard,
-                progress=cfg.log.progress)
+                progress=cfg.log.progress, primary=jax.process_index() == 0)
+  log.message(f'mesh {dict(plan.mesh.shape)} over {plan.size} of '
+              f'{jax.device_count()} {jax.devices()[0].platform} devices'
+              + (f'; sampler mesh {dict(splan.mesh.shape)}'
+                 if splan is not plan else ''))
   counters = {'rollouts/total': 0, 'tokens/decoded_total': 0,
               'elapsed_s': 0.0}
   if start_step:
@@ -124,8 +149,11 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   else:
     params, info = warmstart.load_or_train(cfg, logits_fn, task, init_p,
                                            log=log.message)
+    params = plan.put(params, param_sh)
     # The reference is a copy: the train state's buffers are donated.
-    state = {'train': learner.init_state(params, optimizer),
+    state = {'train': jax.jit(functools.partial(
+        learner.init_state, optimizer=optimizer), out_shardings=state_sh)(
+            params),
              'ref': jax.tree.map(jnp.copy, params) if cfg.objective.kl_beta
                     else {},
              'curriculum': curriculum.init(params)}
@@ -135,8 +163,16 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   base_elapsed = counters.pop('elapsed_s')  # Wall time of earlier runs.
   elapsed = lambda: base_elapsed + time.time() - run_start
   actor = Actor(model, task, cfg.sampling.max_new_tokens,
-                top_k=cfg.sampling.top_k)
-  train_step = learner.make_train_step(logits_fn, optimizer, cfg)
+                top_k=cfg.sampling.top_k, plan=splan)
+  train_step = learner.make_train_step(
+      logits_fn, optimizer, cfg,
+      shardings=(state_sh, param_sh if cfg.objective.kl_beta else
+                 plan.replicated, plan.batch((_minibatch(cfg),)),
+                 plan.replicated))
+  if start_step == 0 and cfg.log.memory_stats:
+    _log_memory(log, train_step, train_state, ref_params, cfg, plan, task)
+  to_sampler = (lambda p: p) if splan is plan else (
+      lambda p: jax.device_put(p, sampler_param_sh))
 
   def rollout_fn(params, rows, key, num_samples):
     scored = actor.rollout(
@@ -151,7 +187,8 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   eval_key = jax.random.fold_in(base_key, 2)  # Same draws every eval.
 
   def run_eval(step: int) -> dict:
-    row = evaluation.evaluate(actor, train_state.params, cfg.eval, eval_key,
+    row = evaluation.evaluate(actor, to_sampler(train_state.params),
+                              cfg.eval, eval_key,
                               max_new_tokens=cfg.sampling.max_new_tokens)
     row = {'step': step, **row, 'time/elapsed_s': elapsed()}
     log.write(row)
@@ -167,7 +204,7 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
     t0 = time.time()
     key = jax.random.fold_in(jax.random.fold_in(base_key, 1), step)
     got, cur_state, cur_metrics = curriculum.collect(
-        cur_state, train_state.params, key, rollout_fn, step)
+        cur_state, to_sampler(train_state.params), key, rollout_fn, step)
     t1 = time.time()
     idx = got.ids
     rewards = got.rewards
@@ -189,7 +226,8 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
     metrics = {}
     mini = rl.batch_prompts // rl.num_minibatches
     for m in range(rl.num_minibatches):
-      part = jax.tree.map(lambda x, m=m: x[m * mini:(m + 1) * mini], batch)
+      part = plan.put_batch(
+          jax.tree.map(lambda x, m=m: x[m * mini:(m + 1) * mini], batch))
       train_state, metrics = train_step(train_state, ref_params, part)
     metrics = jax.device_get(metrics)
     counters['rollouts/total'] += got.rollouts
@@ -234,6 +272,47 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   log.close()
   ckpt.close()
   return {'params': train_state.params, 'step': end, 'last_eval': last_eval}
+
+
+def _minibatch(cfg: Config) -> int:
+  return cfg.rl.batch_prompts // cfg.rl.num_minibatches
+
+
+def _check_batch_fits_mesh(cfg: Config, plan: sharding.Plan) -> None:
+  """Train batches shard B over the `batch` axes: they must divide it."""
+  size = 1
+  for axis in plan.axes_for('batch'):
+    size *= plan.mesh.shape[axis]
+  if _minibatch(cfg) % size:
+    raise config_lib.ConfigError(
+        f'mesh.shape={tuple(plan.mesh.shape.values())}: the batch axes '
+        f'{plan.axes_for("batch")} span {size} devices, which must divide '
+        f'the prompts per minibatch ({_minibatch(cfg)} = rl.batch_prompts '
+        '/ rl.num_minibatches); change mesh.shape or rl.batch_prompts')
+
+
+def _log_memory(log, train_step, train_state, ref_params, cfg: Config,
+                plan: sharding.Plan, task) -> None:
+  """Compiles the largest train step ahead of time and logs its memory."""
+  b, g, t = _minibatch(cfg), cfg.rl.group_size, cfg.sampling.max_new_tokens
+  p = task.train_prompts.shape[1]
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
+  batch = learner.Batch(
+      prompt=spec((b, p), jnp.int32), prompt_mask=spec((b, p), bool),
+      response=spec((b, g, t), jnp.int32), loss_mask=spec((b, g, t), bool),
+      old_logp=spec((b, g, t), jnp.float32), rewards=spec((b, g), jnp.float32),
+      group_mask=spec((b, g), bool),
+      behaviour_logp=spec((b, g, t), jnp.float32),
+      entropy=spec((b, g, t), jnp.float32),
+      values=spec((b,), jnp.float32) if cfg.objective.advantage == 'spo'
+      else None)
+  stats = sharding.memory_stats(train_step, train_state, ref_params, batch)
+  if stats:
+    fmt = sharding.format_bytes
+    log.message(
+        f'train step [B={b}, G={g}, T={t}] memory per device: arguments '
+        f'{fmt(stats["argument"])}, temporaries {fmt(stats["temp"])}, '
+        f'outputs {fmt(stats["output"])} (donated {fmt(stats["alias"])})')
 
 
 def _embed_fn(model, task):

@@ -138,7 +138,11 @@ def load_or_train(cfg: Config, logits_fn: LogitsFn, task: Task,
     return init_params, {'path': '', 'reused': False, 'seconds': 0.0}
   path = os.path.join(os.path.expanduser(cfg.warmstart.cache_dir),
                       cache_key(cfg))
-  abstract = jax.eval_shape(lambda: init_params)
+  # Restored straight into the shardings of `init_params`.
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=getattr(x, 'sharding', None)),
+      init_params)
   if os.path.isdir(path) and checkpoint.Checkpointer(path).latest_step() is not None:
     params, _ = checkpoint.load_params(path, abstract)
     log(f'warm start: reusing {path}')

@@ -23,6 +23,9 @@ from rlx.models import kv_cache
 from rlx.types import Array
 
 _NEG_INF = -1e30
+# 'einsum': rlx's own grouped-query attention, the reference. 'xla' and
+# 'cudnn': jax.nn.dot_product_attention with that implementation.
+ATTENTION_IMPLS = ('einsum', 'xla', 'cudnn')
 _ACTIVATIONS = {
     'silu': nn.silu,
     # tanh-approximated GELU (HF's gelu_pytorch_tanh).
@@ -56,6 +59,9 @@ class TransformerConfig:
   rope_low_freq_factor: float = 1.0  # llama3 only.
   rope_high_freq_factor: float = 4.0  # llama3 only.
   rope_original_max_len: int = 8192  # llama3: pre-scaling context length.
+  attention: str = 'einsum'  # Kernel (ATTENTION_IMPLS; see `attend`): a
+  # runtime choice that leaves the parameters unchanged. rlx/backend.py
+  # picks it per platform for the trainer.
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -70,6 +76,9 @@ class TransformerConfig:
     if self.rope_scaling not in ('none', 'linear', 'llama3'):
       raise ValueError(f'model.rope_scaling={self.rope_scaling!r} is not one '
                        "of 'none', 'linear', 'llama3'")
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(f'model.attention={self.attention!r} is not one of '
+                       f'{list(ATTENTION_IMPLS)}')
 
 
 def _init(init_fn, *names):
@@ -143,6 +152,73 @@ def apply_rope(x: Array, positions: Array, theta: float, *,
   return out.astype(x.dtype)
 
 
+def _einsum_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """The reference: keys and values stay heads-first, as in the cache."""
+  b, l, n, h = q.shape
+  kv = k.shape[1]
+  # Group query heads by the kv head they share: N = K * R.
+  q = q.reshape(b, l, kv, n // kv, h) * (h ** -0.5)
+  logits = jnp.einsum('blkrh,bksh->bkrls', q, k,
+                      preferred_element_type=jnp.float32)
+  logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+  return jnp.einsum('bkrls,bksh->blkrh', probs, v).reshape(b, l, n, h)
+
+
+def _even_lengths(q: Array, k: Array, v: Array, mask: Array):
+  """Pads odd L and S by one masked query row / key slot.
+
+  cuDNN refuses odd lengths when it differentiates through a mask (which it
+  turns into an additive bias), and the learner's forward has length
+  P + T - 1. A padded slot is masked for every query and a padded query row
+  is dropped afterwards, so the result is unchanged.
+  """
+  pad_l, pad_s = q.shape[1] % 2, k.shape[1] % 2
+  if not (pad_l or pad_s):
+    return q, k, v, mask
+  seq = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
+  mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad_l), (0, pad_s)))
+  return seq(q, pad_l), seq(k, pad_s), seq(v, pad_s), mask
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array, *,
+           implementation: str = 'einsum') -> Array:
+  """Grouped-query attention; softmax in float32 whatever the dtype.
+
+  'xla' and 'cudnn' call jax.nn.dot_product_attention, which wants keys
+  sequence-major [B, S, K, H]; for 'xla' XLA folds that transpose into the
+  matmuls. cuDNN (flash attention) takes float16/bfloat16 only, a head dim
+  that is a multiple of 8 (see rlx.backend.cudnn_limitation), turns the
+  boolean mask into a [B, 1, L, S] bias, and needs even lengths when
+  differentiated (padded here).
+
+  Args:
+    q: [B, L, N, H] queries, RoPE applied, not scaled.
+    k: [B, K, S, H] keys (the KV cache layout); N % K == 0.
+    v: [B, K, S, H] values.
+    mask: [B, L, S] bool, True where query l may attend slot s. A row with
+      no True entry (a padding query) gets finite, unused output.
+    implementation: one of ATTENTION_IMPLS.
+
+  Returns:
+    [B, L, N, H] in the dtype of q.
+  """
+  if implementation == 'einsum':
+    return _einsum_attention(q, k, v, mask)
+  if implementation not in ATTENTION_IMPLS:
+    raise ValueError(f'attention implementation {implementation!r} is not '
+                     f'one of {list(ATTENTION_IMPLS)}')
+  l = q.shape[1]
+  k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, S, K, H]
+  mask = mask[:, None]  # [B, 1, L, S]: one mask for every head.
+  if implementation == 'cudnn':
+    q, k, v, mask = _even_lengths(q, k, v, mask)
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                     scale=q.shape[-1] ** -0.5,
+                                     implementation=implementation)
+  return out[:, :l]
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention with an optional KV cache."""
   cfg: TransformerConfig
@@ -168,21 +244,17 @@ class Attention(nn.Module):
     q = apply_rope(q, positions, cfg.rope_theta, inv_freq=freq)
     key = apply_rope(key, positions, cfg.rope_theta, inv_freq=freq)
 
-    new_cache = None
+    new_cache, impl = None, cfg.attention
     if layer_cache is not None:
       new_cache = kv_cache.write(layer_cache, key, val, cache_index)
       key, val = new_cache.k.astype(dtype), new_cache.v.astype(dtype)
+      # cuDNN would need the heads-first cache transposed (a full copy per
+      # layer per decode step) and a one-token query gains nothing from a
+      # fused kernel: cached calls (the sampler) take XLA's path.
+      impl = 'xla' if impl == 'cudnn' else impl
     else:
       key, val = jnp.swapaxes(key, 1, 2), jnp.swapaxes(val, 1, 2)  # [B,K,S,H]
-
-    # Group query heads by the kv head they share: N = K * R.
-    b, l = q.shape[:2]
-    q = q.reshape(b, l, k, n // k, h) * (h ** -0.5)
-    logits = jnp.einsum('blkrh,bksh->bkrls', q, key,
-                        preferred_element_type=jnp.float32)
-    logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    out = jnp.einsum('bkrls,bksh->blkrh', probs, val).reshape(b, l, n, h)
+    out = attend(q, key, val, mask, implementation=impl)
     out = dense(cfg.embed_dim, (-2, -1), ('q_heads', 'head_dim', 'embed'),
                 'o')(out)
     return out, new_cache

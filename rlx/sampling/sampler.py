@@ -95,9 +95,20 @@ def process_logits(logits: Array, temperature: Array, top_p: Array, *,
 
 
 def make_sampler(apply_fn: ApplyFn, init_cache_fn: InitCacheFn,
-                 cfg: SamplerConfig):
+                 cfg: SamplerConfig, *, constrain=None):
   """Builds `sample(params, prompts, prompt_mask, key, temperature, top_p,
-  num_samples=G) -> Rollout`, jitted with G static."""
+  num_samples=G) -> Rollout`, jitted with G static.
+
+  `constrain(tree, names)` (e.g. `rlx.sharding.Plan.constrain`) pins the
+  sharding of the loop state inside jit: rows over the batch axes, the KV
+  cache's heads by the `kv_heads` rule. None: let XLA propagate.
+  """
+  if constrain is None:
+    constrain = lambda tree, names=None: tree
+
+  def pin(state: _LoopState) -> _LoopState:
+    return constrain(state._replace(
+        cache=constrain(state.cache, ('batch', 'kv_heads'))))
   stop = jnp.asarray(cfg.stop_tokens, jnp.int32)
   t_max = cfg.max_new_tokens
 
@@ -156,7 +167,7 @@ def make_sampler(apply_fn: ApplyFn, init_cache_fn: InitCacheFn,
         next_pos=positions[:, -1] + 1,
         kv_valid=kv_valid, cache=cache, key=key)
     k, token, stats = pick(state.key, logits[:, -1], temperature, top_p)
-    state = record(state._replace(key=k), token, stats)
+    state = pin(record(state._replace(key=k), token, stats))
 
     def cond(st: _LoopState):
       return (st.step < t_max) & ~jnp.all(st.done)
@@ -172,11 +183,12 @@ def make_sampler(apply_fn: ApplyFn, init_cache_fn: InitCacheFn,
       st = st._replace(kv_valid=kv_valid, cache=cache,
                        next_pos=st.next_pos + 1)
       k, token, stats = pick(st.key, logits[:, 0], temperature, top_p)
-      return record(st._replace(key=k), token, stats)
+      return pin(record(st._replace(key=k), token, stats))
 
     state = jax.lax.while_loop(cond, body, state)
     loss_mask = jnp.arange(t_max)[None, :] < state.lengths[:, None]
-    split = lambda x: einops.rearrange(x, '(b g) ... -> b g ...', g=g)
+    split = lambda x: constrain(
+        einops.rearrange(x, '(b g) ... -> b g ...', g=g))
     return Rollout(tokens=split(state.tokens), loss_mask=split(loss_mask),
                    logp=split(state.logp), entropy=split(state.entropy),
                    lengths=split(state.lengths),
@@ -204,6 +216,6 @@ def transformer_fns(model) -> tuple[ApplyFn, InitCacheFn]:
   return apply_fn, init_cache_fn
 
 
-def transformer_sampler(model, cfg: SamplerConfig):
+def transformer_sampler(model, cfg: SamplerConfig, *, constrain=None):
   """`make_sampler` for an `rlx.models.transformer.Transformer`."""
-  return make_sampler(*transformer_fns(model), cfg)
+  return make_sampler(*transformer_fns(model), cfg, constrain=constrain)

@@ -1,4 +1,7 @@
-"""Transformer: cache equivalence, GQA, RoPE, logical axis names."""
+"""Transformer: cache equivalence, GQA, RoPE, logical axis names, attention
+implementations."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,20 +35,7 @@ def test_cached_decode_equals_full_forward(kw):
       {'params': params}, tokens, pos,
       kv_cache.causal_mask(valid, query_len=p + extra, cache_index=0))
 
-  cache = kv_cache.init_cache(num_layers=2, batch=b, length=p + extra,
-                              num_kv_heads=cfg.num_kv_heads, head_dim=8)
-  kvv = jnp.concatenate([pmask, jnp.zeros((b, extra), bool)], 1)
-  out, cache, _ = model.apply(
-      {'params': params}, tokens[:, :p], pos[:, :p],
-      kv_cache.causal_mask(kvv, query_len=p, cache_index=0), cache, 0)
-  outs = [out]
-  for i in range(p, p + extra):
-    kvv = kvv.at[:, i].set(True)
-    out, cache, _ = model.apply(
-        {'params': params}, tokens[:, i:i + 1], pos[:, i:i + 1],
-        kv_cache.causal_mask(kvv, query_len=1, cache_index=i), cache, i)
-    outs.append(out)
-  cached = jnp.concatenate(outs, 1)
+  cached, _ = _cached_logits(cfg, params, tokens, pmask, p, extra)
   np.testing.assert_allclose(np.where(valid[..., None], cached, 0),
                              np.where(valid[..., None], full, 0),
                              atol=1e-4, rtol=1e-4)
@@ -126,3 +116,147 @@ def test_param_count_matches_formula():
 def test_bad_head_config_is_rejected():
   with pytest.raises(ValueError, match='num_kv_heads'):
     _cfg(num_heads=4, num_kv_heads=3)
+
+
+# --- Attention implementations (rlx/backend.py picks one per platform) ---
+
+
+def _padded_batch(b=3, p=6, extra=5, vocab=23):
+  tokens = jax.random.randint(jax.random.key(1), (b, p + extra), 3, vocab)
+  pmask = jnp.array([[0, 0, 1, 1, 1, 1], [1] * 6, [0, 0, 0, 0, 0, 1]], bool)
+  return tokens, pmask, p, extra
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _full_logits(cfg, params, tokens, valid):
+  pos = kv_cache.positions_from_mask(valid)
+  mask = kv_cache.causal_mask(valid, query_len=tokens.shape[1], cache_index=0)
+  return tr.Transformer(cfg).apply({'params': params}, tokens, pos, mask)[0]
+
+
+def _cached_logits(cfg, params, tokens, pmask, p, extra):
+  """Prefill p left-padded tokens, then decode `extra` one at a time."""
+  model, b = tr.Transformer(cfg), tokens.shape[0]
+  valid = jnp.concatenate([pmask, jnp.ones((b, extra), bool)], 1)
+  pos = kv_cache.positions_from_mask(valid)
+  cache = kv_cache.init_cache(num_layers=cfg.num_layers, batch=b,
+                              length=p + extra, head_dim=cfg.head_dim,
+                              num_kv_heads=cfg.num_kv_heads)
+  kvv = jnp.concatenate([pmask, jnp.zeros((b, extra), bool)], 1)
+  out, cache, _ = model.apply(
+      {'params': params}, tokens[:, :p], pos[:, :p],
+      kv_cache.causal_mask(kvv, query_len=p, cache_index=0), cache, 0)
+  outs = [out]
+  for i in range(p, p + extra):
+    kvv = kvv.at[:, i].set(True)
+    out, cache, _ = model.apply(
+        {'params': params}, tokens[:, i:i + 1], pos[:, i:i + 1],
+        kv_cache.causal_mask(kvv, query_len=1, cache_index=i), cache, i)
+    outs.append(out)
+  return jnp.concatenate(outs, 1), valid
+
+
+@pytest.mark.parametrize('kw', [{}, {'num_kv_heads': 1}, {'qk_norm': True}])
+def test_xla_attention_matches_einsum_without_cache(kw):
+  ref_cfg = _cfg(**kw)
+  params = tr.init_params(ref_cfg, jax.random.key(0))
+  tokens, pmask, p, extra = _padded_batch()
+  valid = jnp.concatenate([pmask, jnp.ones((3, extra), bool)], 1)
+  ref = _full_logits(ref_cfg, params, tokens, valid)
+  got = _full_logits(_cfg(attention='xla', **kw), params, tokens, valid)
+  np.testing.assert_allclose(np.where(valid[..., None], got, 0),
+                             np.where(valid[..., None], ref, 0), atol=1e-5)
+  # Padding queries attend to nothing: finite, never NaN.
+  assert np.isfinite(np.asarray(got)).all()
+
+
+@pytest.mark.parametrize('kw', [{}, {'num_kv_heads': 1}])
+def test_xla_attention_matches_einsum_with_cache(kw):
+  ref_cfg = _cfg(**kw)
+  params = tr.init_params(ref_cfg, jax.random.key(0))
+  tokens, pmask, p, extra = _padded_batch()
+  ref, valid = _cached_logits(ref_cfg, params, tokens, pmask, p, extra)
+  got, _ = _cached_logits(_cfg(attention='xla', **kw), params, tokens, pmask,
+                          p, extra)
+  np.testing.assert_allclose(np.where(valid[..., None], got, 0),
+                             np.where(valid[..., None], ref, 0), atol=1e-5)
+
+
+def test_xla_attention_matches_einsum_with_per_row_cache_index():
+  """Engine-style decode: every row writes at its own slot."""
+  ref_cfg = _cfg()
+  params = tr.init_params(ref_cfg, jax.random.key(0))
+  b, s = 3, 8
+  kvs = [jax.random.normal(jax.random.key(i), (b, 2, s, 8)) for i in (2, 3)]
+  index = jnp.array([2, 5, 7])
+  kv_valid = jnp.arange(s)[None] <= index[:, None]  # Slots written so far.
+  kv_valid = kv_valid.at[1, :3].set(False)  # Row 1 starts with padding.
+  tokens = jnp.array([[4], [9], [11]])
+  mask = kv_cache.causal_mask(kv_valid, query_len=1, cache_index=index)
+  outs = {}
+  for impl in ('einsum', 'xla'):
+    cache = tuple(kv_cache.LayerCache(*kvs) for _ in range(2))
+    logits, new_cache, _ = tr.Transformer(_cfg(attention=impl)).apply(
+        {'params': params}, tokens, index[:, None], mask, cache, index)
+    outs[impl] = (logits, new_cache)
+  np.testing.assert_allclose(outs['xla'][0], outs['einsum'][0], atol=1e-5)
+  np.testing.assert_allclose(outs['xla'][1][1].k, outs['einsum'][1][1].k,
+                             atol=1e-6)
+
+
+def test_xla_attention_gradients_match_einsum():
+  ref_cfg = _cfg()
+  params = tr.init_params(ref_cfg, jax.random.key(0))
+  tokens, pmask, _, extra = _padded_batch()
+  valid = jnp.concatenate([pmask, jnp.ones((3, extra), bool)], 1)
+  def loss(params, cfg):
+    logits = _full_logits(cfg, params, tokens, valid)
+    return jnp.sum(jnp.where(valid[..., None], jax.nn.log_softmax(logits), 0))
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  ref, got = grad(params, ref_cfg), grad(params, _cfg(attention='xla'))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_xla_attention_close_to_einsum_in_bfloat16():
+  ref_cfg = _cfg(dtype='bfloat16')
+  params = tr.init_params(ref_cfg, jax.random.key(0))
+  tokens, pmask, _, extra = _padded_batch()
+  valid = jnp.concatenate([pmask, jnp.ones((3, extra), bool)], 1)
+  ref = _full_logits(ref_cfg, params, tokens, valid)
+  got = _full_logits(_cfg(dtype='bfloat16', attention='xla'), params, tokens,
+                     valid)
+  assert got.dtype == jnp.float32  # Logits stay float32.
+  np.testing.assert_allclose(np.where(valid[..., None], got, 0),
+                             np.where(valid[..., None], ref, 0), atol=5e-2)
+
+
+def test_cudnn_path_pads_odd_lengths_and_skips_the_cache(monkeypatch):
+  """The cuDNN branch, run on CPU by handing its call to XLA."""
+  calls = []
+  xla = jax.nn.dot_product_attention
+  def fake(q, k, v, *, mask, scale, implementation):
+    calls.append((implementation, q.shape[1], k.shape[1]))
+    assert k.shape[2] == 2 and mask.shape == (q.shape[0], 1) + (
+        q.shape[1], k.shape[1])
+    return xla(q, k, v, mask=mask, scale=scale, implementation='xla')
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', fake)
+  ref_cfg = _cfg()
+  params = tr.init_params(ref_cfg, jax.random.key(0))
+  tokens, pmask, p, extra = _padded_batch()
+  valid = jnp.concatenate([pmask, jnp.ones((3, extra), bool)], 1)
+  assert tokens.shape[1] % 2 == 1  # As the learner's P + T - 1 often is.
+  got = _full_logits(_cfg(attention='cudnn'), params, tokens, valid)
+  ref = _full_logits(ref_cfg, params, tokens, valid)
+  np.testing.assert_allclose(np.where(valid[..., None], got, 0),
+                             np.where(valid[..., None], ref, 0), atol=1e-5)
+  assert {c[0] for c in calls} == {'cudnn'}
+  assert all(l % 2 == 0 and s % 2 == 0 for _, l, s in calls)
+  calls.clear()
+  _cached_logits(_cfg(attention='cudnn'), params, tokens, pmask, p, extra)
+  assert calls and {c[0] for c in calls} == {'xla'}
+
+
+def test_unknown_attention_is_rejected():
+  with pytest.raises(ValueError, match='model.attention'):
+    _cfg(attention='pallas')
