@@ -274,6 +274,17 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   return {'params': train_state.params, 'step': end, 'last_eval': last_eval}
 
 
+def warm_started_policy(cfg: Config):
+  """(task, model, params) of the warm-started policy, unsharded: what the
+  benchmarks sample from (the warm start is trained on first use)."""
+  task = load_task(cfg.task)
+  model, logits_fn = build_model(cfg, task.tokenizer.vocab_size)
+  init_p = transformer.init_params(model.cfg,
+                                   jax.random.key(cfg.warmstart.seed))
+  params, _ = warmstart.load_or_train(cfg, logits_fn, task, init_p)
+  return task, model, params
+
+
 def _minibatch(cfg: Config) -> int:
   return cfg.rl.batch_prompts // cfg.rl.num_minibatches
 

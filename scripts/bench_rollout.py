@@ -38,8 +38,6 @@ import numpy as np
 
 from rlx import config as config_lib
 from rlx import trainer
-from rlx import warmstart
-from rlx.data.task import load_task
 from rlx.models import transformer
 from rlx.sampling import engine as en
 from rlx.sampling import partial
@@ -62,11 +60,7 @@ _DECODE_STEPS = flags.DEFINE_integer('decode_steps', 64, 'Steps timed in the '
 
 def _setup():
   cfg = config_lib.build(config_lib.default_config_dict())
-  task = load_task(cfg.task)
-  model, logits_fn = trainer.build_model(cfg, task.tokenizer.vocab_size)
-  init_p = transformer.init_params(model.cfg, jax.random.key(0))
-  params, _ = warmstart.load_or_train(cfg, logits_fn, task, init_p)
-  return cfg, task, model, params
+  return (cfg, *trainer.warm_started_policy(cfg))
 
 
 def _engine_cfg(cfg, task, *, chunk, stop=True) -> en.EngineConfig:

@@ -95,3 +95,40 @@ def causal_mask(kv_valid: Array, *, query_len: int, cache_index) -> Array:
   q_slot = index + jnp.arange(query_len)[None, :, None]  # [1 or B, L, 1]
   causal = jnp.arange(s)[None, None, :] <= q_slot  # [1 or B, L, S]
   return causal & kv_valid[:, None, :]
+
+
+def fork(cache: Cache, kv_valid: Array, *, child: Array, parent: Array,
+         keep: Array) -> tuple[Cache, Array]:
+  """Forks cache rows: child row m becomes parent row m's first keep[m] slots.
+
+  The KV-forking primitive of tree rollouts (TreePO, LATR, EPTree): a new
+  branch shares its parent's prefix, so its cache row is a copy (gather) of
+  the parent's up to the fork point. Slots at and beyond keep[m] are zeroed
+  and marked invalid, so nothing the parent wrote after the fork (or a
+  stale value of the reused row) can leak into the child. Static shapes:
+  M is fixed, padding entries name a child row >= R and are dropped.
+
+  Args:
+    cache: R rows of S slots (`LayerCache` keys and values `[R, K, S, H]`).
+    kv_valid: [R, S] bool, slots holding real tokens.
+    child: [M] int, destination rows, distinct; entries >= R are padding.
+    parent: [M] int, source rows (in [0, R)). All reads happen before any
+      write, so a row may be a parent and, for another entry, a child.
+    keep: [M] int in [0, S], leading slots copied: for a response fork at
+      token f with the prompt in slots [0, P), keep = P + f - 1 when token
+      f - 1 is fed next (the sampler's layout), P + f once it was fed.
+
+  Returns:
+    (cache, kv_valid) with the child rows replaced.
+  """
+  s = kv_valid.shape[-1]
+  cols = jnp.arange(s)[None, :] < jnp.asarray(keep)[:, None]  # [M, S]
+
+  def copy(x, colmask):
+    src = jnp.where(colmask, x[parent], jnp.zeros((), x.dtype))
+    return x.at[child].set(src, mode='drop')
+
+  kv_cols = cols[:, None, :, None]  # [M, 1, S, 1] against [M, K, S, H].
+  new_cache = tuple(LayerCache(copy(layer.k, kv_cols), copy(layer.v, kv_cols))
+                    for layer in cache)
+  return new_cache, copy(kv_valid.astype(bool), cols)

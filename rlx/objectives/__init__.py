@@ -2,6 +2,7 @@
 
 Entry points:
   compute_advantages(name, rewards, mask, **kwargs) -> [B, Gmax]
+      ([B, Gmax, T] for the token-level d3s and treerl)
   policy_loss(name, logp, old_logp, advantages, loss_mask, *,
               behaviour_logp=None, correction='none', **kwargs)
       -> (scalar loss, metrics dict)

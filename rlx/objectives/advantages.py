@@ -11,8 +11,8 @@ valid entry of the batch differs from another, and otherwise shift such
 groups by the batch mean like any other entry.
 
 Registry convention: `ADVANTAGES[name](rewards [B, G], mask [B, G] bool,
-**kwargs) -> [B, G]` (`[B, G, T]` for token-level estimators, `d3s`); each
-estimator takes exactly its documented keyword arguments.
+**kwargs) -> [B, G]` (`[B, G, T]` for token-level estimators, `d3s` and
+`treerl`); each estimator takes exactly its documented keyword arguments.
 """
 
 import jax.numpy as jnp
@@ -339,6 +339,62 @@ def tree(rewards: Array, mask: Array, *, path_ids: Array,
   return batch_whiten(jnp.where(total > 0, raw, 0.0), mask, eps=eps)
 
 
+def treerl(rewards: Array, mask: Array, *, path_ids: Array,
+           depth_start: Array, loss_mask: Array, whiten: bool = False,
+           eps: float = 1e-6) -> Array:
+  """TreeRL process reward per segment (Hou et al. 2025, TreeRL).
+
+  The nodes of a sampling tree are the token spans between branch points
+  (`rlx.sampling.tree` returns them as path ids). With V(s) the mean reward
+  of the valid leaves under node s, a node s at depth d >= 1 with parent s'
+  gets the global plus the local advantage, scaled down for nodes shared
+  by many leaves (their tokens recur once per leaf in the batch):
+    R(s) = ((V(s) - V(root)) + (V(s) - V(s'))) / sqrt(|L(s)|);
+  the root's own tokens (the prefix every leaf shares) get 0. Token t of
+  leaf i gets R of the deepest node on its path starting at or before t.
+  A difference is exactly 0 where the rewards it compares are all equal
+  (no round-off residue). Optionally (not in the paper's formula) the token
+  advantages are whitened over all valid tokens of the batch.
+
+  Args:
+    rewards: [B, G] float, leaf rewards (correctness).
+    mask: [B, G] bool, valid leaves.
+    path_ids: [B, G, D] int, node id of leaf i's ancestor at depth d (as
+      for `tree`; d = 0 the root), -1 past the leaf's last node.
+    depth_start: [B, G, D] int, first response token of that node; non-
+      decreasing in d; -1 where path_ids is -1.
+    loss_mask: [B, G, T] bool, response tokens.
+    whiten: whiten the token advantages over the valid tokens.
+    eps: added to the std when whitening.
+
+  Returns:
+    [B, G, T] float32 token advantages, 0 outside mask & loss_mask.
+  """
+  rewards, mask = _inputs(rewards, mask)
+  path_ids = jnp.asarray(path_ids)
+  pi = path_ids[:, :, None, :]  # [B, i, 1, D]
+  same = ((pi == path_ids[:, None, :, :]) & (pi != -1) &
+          mask[:, None, :, None])  # [B, i, j, D]
+  r_j = jnp.broadcast_to(rewards[:, None, :, None], same.shape)
+  size = jnp.sum(same, axis=2)  # [B, i, D]
+  value = jnp.sum(jnp.where(same, r_j, 0.0), axis=2) / jnp.maximum(size, 1)
+  varied = _spread(r_j, same, axis=2)[:, :, 0] > 0  # [B, i, D]
+  shift = lambda x: jnp.concatenate([x[..., :1], x[..., :-1]], axis=-1)
+  glob = jnp.where(varied[..., :1], value - value[..., :1], 0.0)
+  local = jnp.where(shift(varied), value - shift(value), 0.0)
+  depth = jnp.arange(path_ids.shape[-1])
+  node = jnp.where((depth > 0) & (size > 0),
+                   (glob + local) / jnp.sqrt(jnp.maximum(size, 1)), 0.0)
+  t = jnp.arange(loss_mask.shape[-1])
+  started = ((path_ids != -1)[..., None, :] &
+             (jnp.asarray(depth_start)[..., None, :] <= t[:, None]))
+  token_depth = jnp.maximum(jnp.sum(started, axis=-1) - 1, 0)  # [B, G, T]
+  adv = jnp.take_along_axis(node, token_depth, axis=-1)
+  valid = loss_mask.astype(bool) & mask[..., None]
+  adv = jnp.where(valid, adv, 0.0)
+  return batch_whiten(adv, valid, eps=eps) if whiten else adv
+
+
 def xrpo_sharpen(rewards: Array, mask: Array, *, mean_logp: Array,
                  lam: float = 0.1, clip: float = 1.0,
                  eps: float = 1e-6) -> Array:
@@ -526,6 +582,7 @@ ADVANTAGES = {
     'mc_grpo': mc_grpo,
     'spo': spo,
     'tree': tree,
+    'treerl': treerl,
     'xrpo_sharpen': xrpo_sharpen,
     'd3s': d3s,
 }

@@ -358,6 +358,8 @@ def _all_estimators():
       ('spo', {'values': np.full((B,), 0.2, np.float32)}),
       ('tree', {'path_ids': paths}),
       ('tree', {'path_ids': paths, 'weighting': 'mean'}),
+      ('treerl', {'path_ids': paths, 'depth_start': np.zeros_like(paths),
+                  'loss_mask': np.ones((B, G, T), bool)}),
       ('xrpo_sharpen', {'mean_logp': rng.uniform(-2, 0, (B, G)).astype(
           np.float32)}),
       ('d3s', {'token_entropy': entropy, 'loss_mask': np.ones((B, G, T), bool),
@@ -684,4 +686,4 @@ def test_everything_jits():
 def test_registry_names():
   assert set(objectives.ADVANTAGES) == {
       'grpo', 'dr_grpo', 'rloo', 'reinforce_pp', 'mc_grpo', 'spo', 'tree',
-      'xrpo_sharpen', 'd3s'}
+      'treerl', 'xrpo_sharpen', 'd3s'}
