@@ -436,6 +436,10 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
     raise RuntimeError('jax.distributed.initialize must run before JAX '
                        'starts its backend: call rlx.backend.'
                        'initialize_distributed first')
+  if guess_platform() == 'cpu':
+    # CPU processes exchange collectives through gloo (the default CPU
+    # client has none across processes); how tests run multi-host.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=address,
                              num_processes=count, process_id=index)
   return True

@@ -177,6 +177,21 @@ class Plan:
                                           lambda idx: x[idx])
     return jax.tree.map(put, tree)
 
+  def to_global(self, tree: PyTree) -> PyTree:
+    """Host-local arrays that every process holds identically (the
+    curriculum state) as replicated global arrays, which multi-host orbax
+    saves need; on one process, unchanged."""
+    if jax.process_count() == 1:
+      return tree
+    return self.put(tree, jax.tree.map(lambda _: self.replicated, tree))
+
+  def global_abstract(self, abstract: PyTree) -> PyTree:
+    """The restore target matching `to_global`."""
+    if jax.process_count() == 1:
+      return abstract
+    return with_shardings(abstract,
+                          jax.tree.map(lambda _: self.replicated, abstract))
+
   def put(self, tree: PyTree, shardings: PyTree) -> PyTree:
     """`device_put` of a (host or device) tree into `shardings`."""
     if jax.process_count() == 1:
@@ -185,6 +200,16 @@ class Plan:
         lambda x, s: jax.make_array_from_callback(
             np.shape(x), s, lambda idx, x=np.asarray(x): x[idx]),
         jax.device_get(tree), shardings)
+
+
+def primary_first(fn, *args, **kwargs):
+  """`fn(*args)` on process 0 first, then on the others (one process: just
+  `fn`). For work that writes shared files, e.g. preparing a dataset."""
+  if jax.process_count() == 1:
+    return fn(*args, **kwargs)
+  out = fn(*args, **kwargs) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices('rlx.primary_first')
+  return fn(*args, **kwargs) if out is None else out
 
 
 def to_host(x) -> np.ndarray:

@@ -110,7 +110,8 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   # A separate sampler mesh gets an explicit weight reshard every step.
   splan = (sharding.Plan.from_config(cfg.mesh, sampler=True)
            if cfg.mesh.sampler_shape else plan)
-  task = load_task(cfg.task)
+  # Process 0 prepares the dataset files; the others then read them.
+  task = sharding.primary_first(load_task, cfg.task)
   model, logits_fn = build_model(cfg, task.tokenizer.vocab_size)
   optimizer = learner.make_optimizer(cfg.optim)
   init_fn = functools.partial(transformer.init_params, model.cfg)
@@ -131,7 +132,8 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   abstract = {'train': sharding.with_shardings(abstract_state, state_sh),
               'ref': sharding.with_shardings(abstract_params, param_sh)
                      if cfg.objective.kl_beta else {},
-              'curriculum': curriculum.abstract(model.cfg.embed_dim)}
+              'curriculum': plan.global_abstract(
+                  curriculum.abstract(model.cfg.embed_dim))}
   log = Logbook(workdir, total_steps=cfg.rl.num_steps,
                 resume_step=start_step, tensorboard=cfg.log.tensorboard,
                 progress=cfg.log.progress, primary=jax.process_index() == 0)
@@ -158,7 +160,9 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
                     else {},
              'curriculum': curriculum.init(params)}
   train_state, ref_params = state['train'], state['ref'] or None
-  cur_state = state['curriculum']
+  # Host-local again (on many hosts it was restored as a global array).
+  cur_state = jax.tree.map(lambda x: jnp.asarray(sharding.to_host(x)),
+                           state['curriculum'])
 
   base_elapsed = counters.pop('elapsed_s')  # Wall time of earlier runs.
   elapsed = lambda: base_elapsed + time.time() - run_start
@@ -261,7 +265,7 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
     log.advance(row['reward/mean'], last_eval.get('eval/pass@1'))
     if (step + 1) % cfg.log.checkpoint_every == 0 or step + 1 == end or spent:
       ckpt.save(step + 1, {'train': train_state, 'ref': ref_params or {},
-                           'curriculum': cur_state},
+                           'curriculum': plan.to_global(cur_state)},
                 {'counters': {**counters, 'elapsed_s': elapsed()},
                  'config': config_lib.to_dict(cfg)})
     if spent:

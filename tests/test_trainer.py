@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -155,28 +156,42 @@ def get_config():
 '''
 
 
-def _train_script(tmp_path, name, *flags):
-  """scripts/train.py on 8 simulated CPU devices; returns metrics rows."""
+def _train_script(tmp_path, name, *flags, processes=1):
+  """scripts/train.py on 8 simulated CPU devices (split over `processes`
+  JAX processes); returns (stderr of process 0, metrics rows)."""
   recipe = tmp_path / 'tiny_recipe.py'
   recipe.write_text(_MESH_RECIPE.format(tmp=str(tmp_path)))
   workdir = tmp_path / name
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  proc = subprocess.run(
-      [sys.executable, 'scripts/train.py', f'--config={recipe}',
-       f'--workdir={workdir}', *flags],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc, read_metrics(str(workdir / 'metrics.jsonl'))
+             XLA_FLAGS='--xla_force_host_platform_device_count='
+             f'{8 // processes}')
+  cmd = [sys.executable, 'scripts/train.py', f'--config={recipe}',
+         f'--workdir={workdir}', *flags]
+  if processes > 1:
+    with socket.socket() as s:  # A free port for the coordinator.
+      s.bind(('localhost', 0))
+      port = s.getsockname()[1]
+    cmd += [f'--coordinator_address=localhost:{port}',
+            f'--num_processes={processes}']
+  procs = [subprocess.Popen(
+      cmd + ([f'--process_id={i}'] if processes > 1 else []), cwd=ROOT,
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(processes)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  return outs[0][1], read_metrics(str(workdir / 'metrics.jsonl'))
 
 
-def test_train_script_on_a_mesh_writes_the_one_device_losses(tmp_path):
-  """Acceptance (issue 7): the same loss trajectory for the first 5 steps on
-  mesh (2, 2, 2) of 8 simulated devices as on one device."""
-  _, one = _train_script(tmp_path, 'one', '--config.mesh.shape=1,1,1')
-  proc, mesh = _train_script(tmp_path, 'mesh', '--config.mesh.shape=2,2,2')
-  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8" in proc.stderr
-  assert 'train step [B=4, G=4, T=24] memory per device' in proc.stderr
+@pytest.fixture(scope='module')
+def one_device_run(tmp_path_factory):
+  """The tiny recipe on one device (also prepares the data and warm start
+  that the mesh runs reuse)."""
+  tmp = tmp_path_factory.mktemp('mesh')
+  return tmp, _train_script(tmp, 'one', '--config.mesh.shape=1,1,1')[1]
+
+
+def _assert_same_losses(one, mesh):
   steps = lambda rows: [r for r in rows if 'learner/loss' in r]
   one, mesh = steps(one), steps(mesh)
   assert [r['step'] for r in mesh] == [1, 2, 3, 4, 5]
@@ -186,3 +201,24 @@ def test_train_script_on_a_mesh_writes_the_one_device_losses(tmp_path):
     for key in ('learner/loss', 'learner/grad_norm', 'learner/kl_ref'):
       np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5,
                                  err_msg=f'{key} at step {a["step"]}')
+
+
+def test_train_script_on_a_mesh_writes_the_one_device_losses(one_device_run):
+  """Acceptance (issue 7): the same loss trajectory for the first 5 steps on
+  mesh (2, 2, 2) of 8 simulated devices as on one device."""
+  tmp, one = one_device_run
+  err, mesh = _train_script(tmp, 'mesh', '--config.mesh.shape=2,2,2')
+  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8" in err
+  assert 'train step [B=4, G=4, T=24] memory per device' in err
+  _assert_same_losses(one, mesh)
+
+
+def test_two_processes_write_the_one_device_losses(one_device_run):
+  """Multi-host: two JAX processes with 4 CPU devices each (gloo
+  collectives), one (2, 2, 2) mesh over all 8, the same trajectory; only
+  process 0 writes metrics."""
+  tmp, one = one_device_run
+  err, mesh = _train_script(tmp, 'two', '--config.mesh.shape=2,2,2',
+                            processes=2)
+  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8" in err
+  _assert_same_losses(one, mesh)
