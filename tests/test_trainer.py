@@ -203,12 +203,20 @@ def _assert_same_losses(one, mesh):
                                  err_msg=f'{key} at step {a["step"]}')
 
 
-def test_train_script_on_a_mesh_writes_the_one_device_losses(one_device_run):
+@pytest.mark.parametrize('sampler_shape', ['', '1,1,8'])
+def test_train_script_on_a_mesh_writes_the_one_device_losses(
+    one_device_run, sampler_shape):
   """Acceptance (issue 7): the same loss trajectory for the first 5 steps on
-  mesh (2, 2, 2) of 8 simulated devices as on one device."""
+  mesh (2, 2, 2) of 8 simulated devices as on one device; also with the
+  sampler on its own (1, 1, 8) mesh (weights resharded every step)."""
   tmp, one = one_device_run
-  err, mesh = _train_script(tmp, 'mesh', '--config.mesh.shape=2,2,2')
+  err, mesh = _train_script(
+      tmp, f'mesh{sampler_shape}', '--config.mesh.shape=2,2,2',
+      *([f'--config.mesh.sampler_shape={sampler_shape}'] if sampler_shape
+        else []))
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8" in err
+  if sampler_shape:
+    assert "sampler mesh {'data': 1, 'fsdp': 1, 'tensor': 8}" in err
   assert 'train step [B=4, G=4, T=24] memory per device' in err
   _assert_same_losses(one, mesh)
 
