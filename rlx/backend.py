@@ -125,8 +125,8 @@ def resolve_attention(requested: str, platform_name: str, model=None, *,
 
   'auto' is cuDNN flash attention on NVIDIA GPUs when the model allows it
   (see `cudnn_limitation`) and rlx's einsum attention elsewhere (on a
-  2-core CPU it sampled and differentiated ~1.5x faster than
-  `jax.nn.dot_product_attention`'s XLA path on the default model). An explicit 'cudnn' that
+  2-core CPU it was 1.1-1.3x faster than `jax.nn.dot_product_attention`'s
+  XLA path on the default model: scripts/bench_attention.py). An explicit 'cudnn' that
   cannot run raises here, before anything compiles.
 
   Args:
