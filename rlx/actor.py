@@ -30,15 +30,23 @@ class Actor:
   """
 
   def __init__(self, model, task: Task, max_new_tokens: int, *,
-               top_k: int = 0, plan: sharding.Plan | None = None):
+               top_k: int = 0, plan: sharding.Plan | None = None,
+               sampler=None):
     tok = task.tokenizer
     self.task = task
     self.plan = plan
+    # Chat models end a turn with their own token (<|im_end|>, <|eot_id|>,
+    # <end_of_turn>), not only eos: HF tokenizers list them all in stop_ids.
+    self.stop_tokens = tuple(getattr(tok, 'stop_ids', (tok.eos_id,)))
     self.sample_fn = sampler_lib.transformer_sampler(
         model, sampler_lib.SamplerConfig(
-            max_new_tokens=max_new_tokens, stop_tokens=(tok.eos_id,),
+            max_new_tokens=max_new_tokens, stop_tokens=self.stop_tokens,
             pad_id=tok.pad_id, top_k=top_k),
         constrain=plan.constrain if plan else None)
+    if sampler is not None:
+      # A drop-in with the static sampler's signature, returning a NamedTuple
+      # with its fields (rlx/sampling/modes.py: continuous engine, trees).
+      self.sample_fn = sampler
 
   def rollout(self, params: Params, prompts: np.ndarray,
               prompt_mask: np.ndarray, answers: Sequence[str], key: PRNGKey,

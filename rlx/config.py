@@ -20,19 +20,48 @@ import ml_collections
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-  name: str = 'chain_arith'  # Task (dataset + verifier); only chain_arith.
-  data_dir: str = '~/tensorflow_datasets'  # Where TFDS prepares the data.
-  num_train: int = 20_000  # Training prompts generated.
-  num_test: int = 512  # Held-out prompts (disjoint from train).
-  max_steps: int = 12  # Longest chain (<= 16): the hardest prompts.
-  zipf_s: float = 0.8  # P(steps = n) ~ n^-zipf_s: the long tail of lengths.
-  seed: int = 0  # Dataset generation seed.
+  name: str = 'chain_arith'  # chain_arith (generated, rlx's own model and
+  # character tokenizer) | math_files (problems from local files; needs
+  # model.hf_dir, whose tokenizer encodes them).
+  data_dir: str = '~/tensorflow_datasets'  # chain_arith: where TFDS
+  # prepares the data.
+  num_train: int = 20_000  # chain_arith: training prompts generated;
+  # math_files: at most this many problems read from train_files.
+  num_test: int = 512  # Held-out prompts (disjoint from train); math_files:
+  # at most this many read from test_files.
+  max_steps: int = 12  # chain_arith: longest chain (<= 16): the hardest
+  # prompts.
+  zipf_s: float = 0.8  # chain_arith: P(steps = n) ~ n^-zipf_s: the long
+  # tail of lengths.
+  seed: int = 0  # chain_arith: dataset generation seed.
   prompt_len: int = 40  # P: prompts are left-padded to this many tokens
-  # (chain_arith needs 3 * max_steps + 3).
+  # (chain_arith needs 3 * max_steps + 3; math_files drops longer prompts
+  # and logs how many).
+  train_files: str = ''  # math_files: .jsonl/.json/.parquet files or glob
+  # patterns, comma-separated.
+  test_files: str = ''  # math_files: the same for held-out problems; '':
+  # hold out the last num_test problems read from train_files (at most half
+  # of them).
+  problem_field: str = 'problem'  # math_files: field with the problem
+  # (dots for nested JSON).
+  answer_field: str = 'answer'  # math_files: field with the gold answer.
+  answer_extract: str = 'none'  # math_files: none | boxed (last \\boxed{}
+  # of the answer field, e.g. MATH solutions) | hashes (text after the last
+  # '####', GSM8K).
+  chat_template: bool = True  # math_files: encode prompts with the model
+  # family's chat template (else the text as is, bos where the family has
+  # one).
+  system_prompt: str = ''  # math_files: system message ('' none; Qwen2's
+  # template then adds its default one).
+  user_template: str = '{problem}'  # math_files: the user turn; {problem}
+  # is replaced by the problem text.
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+  hf_dir: str = ''  # '': rlx's own transformer, sized by the fields below;
+  # a path: load that Hugging Face model directory (architecture and sizes
+  # from its config.json; leave the size fields below at their defaults).
   vocab_size: int = 0  # 0: take the tokenizer's vocabulary size.
   num_layers: int = 4  # Transformer blocks.
   embed_dim: int = 128  # Residual width D.
@@ -43,8 +72,20 @@ class ModelConfig:
   rope_theta: float = 10_000.0  # RoPE base.
   qk_norm: bool = False  # RMSNorm on queries and keys.
   tie_embeddings: bool = True  # Share input embedding and output projection.
-  dtype: str = 'float32'  # Activation dtype (bfloat16 on accelerators).
-  param_dtype: str = 'float32'  # Parameter dtype.
+  dtype: str = 'float32'  # Activation dtype (bfloat16 on accelerators);
+  # also applies to a model.hf_dir model.
+  param_dtype: str = 'float32'  # Parameter dtype (model.hf_dir: weights are
+  # cast to it on load).
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+  """LoRA adapters (rlx/models/lora.py): train low-rank updates only."""
+  rank: int = 0  # r of A [in, r] @ B [r, out]; 0: full fine-tuning (every
+  # parameter trained, no adapters).
+  alpha: float = 16.0  # The update is (alpha / rank) * A @ B.
+  targets: tuple = ('q', 'k', 'v', 'o')  # Kernels that get adapters:
+  # q, k, v, o, gate, up, down (or HF's q_proj, ..., down_proj).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +151,72 @@ class CurriculumConfig:
   # P(group all-equal) is at least this.
   dapo_max_retries: int = 3  # dapo: refill rounds before giving up (then
   # all-equal groups stay masked out; curriculum/dapo_bound_hit = 1).
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeRolloutConfig:
+  """Tree rollouts (rollout.mode=tree; rlx/sampling/tree.py). Every prompt
+  gets W = rl.group_size leaves; the defaults suit chain_arith's short
+  responses (10..80 tokens)."""
+  kind: str = 'treepo'  # treepo | latr | eptree (ALGORITHMS.md section D).
+  segment_len: int = 8  # treepo: tokens decoded between branch decisions.
+  init_divergence: int = 2  # treepo: paths the root opens with.
+  divergence: int = 2  # treepo: most paths one live path becomes at a
+  # segment boundary.
+  allocation: str = 'even'  # treepo: unused budget split evenly over live
+  # paths (even) or by their cumulative log-probs (logp).
+  fallback: bool = True  # treepo: when every path of a prompt ended early,
+  # re-branch from a finished one so it still gets W leaves.
+  repeat_ngram: int = 0  # treepo: end a path that repeats an n-gram
+  # (n <= this) repeat_count times in a row; 0: off.
+  repeat_count: int = 4  # treepo: copies that count as a repetition.
+  chunk_steps: int = 16  # latr: decode steps per jitted call.
+  tau_abs: float = 0.15  # latr: branch iff p2 > tau_abs ...
+  tau_rel: float = 0.25  # latr: ... and p1 - p2 < tau_rel (card: math).
+  lookahead: tuple = (6, 12)  # latr: a child is compared with its parent
+  # after this many own tokens (the card's 20..50 exceed most responses
+  # here).
+  prune_edit_dist: float = 0.4  # latr: prune a child whose normalised edit
+  # distance to its parent's continuation is below this.
+  max_branches: int = 0  # latr: branch events per prompt; 0: the budget W.
+  mix: float = 1.0  # latr: share of each group grown as a tree at step 0
+  # (the rest are independent samples).
+  mix_end: float = 1.0  # latr: share after mix_anneal_steps (linear).
+  mix_anneal_steps: int = 0  # latr: RL steps over which mix goes to
+  # mix_end; 0: mix throughout.
+  num_chains: int = 2  # eptree M: independent chains per prompt.
+  fork_points: int = 1  # eptree N: fork points per chain and round.
+  fork_branches: int = 3  # eptree T: branches per fork point.
+  rounds: int = 1  # eptree L: forking rounds; needs M <= W <= M (1 + L N T).
+  fork_score: str = 'entropy'  # eptree: fork at the highest behaviour
+  # entropy (entropy) or surprisal -logp (surprisal).
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """How responses are generated (rlx/sampling/modes.py)."""
+  mode: str = 'static'  # static: one jitted batch per call, as long as its
+  # longest response; continuous: slot engine refilling finished slots;
+  # april: continuous + over-provisioned groups, stopping at B finished
+  # groups and carrying the rest over; tree: prefix-sharing tree rollouts.
+  num_slots: int = 0  # continuous/april: R decode slots (KV-cache rows);
+  # 0: max(B * G / 2, G) (a static batch of B * G rows is half idle on the
+  # long tail).
+  chunk_steps: int = 0  # continuous/april: decode steps per jitted call
+  # between refills; 0: 16.
+  insert_rows: int = 0  # continuous/april: rows prefilled per insert call;
+  # 0: max(1, R / 8).
+  insert_prompts: int = 0  # continuous/april: distinct prompts per fresh
+  # insert, each prefilled once for its group's rows; 0: enough for the
+  # groups an insert spans.
+  resume_bucket: int = 0  # april: resumed prefixes are re-prefilled in
+  # windows of a multiple of this; 0: 16.
+  inflight_groups: int = 0  # april: groups in flight N' (>= B); 0: 2 B.
+  off_policy: str = 'keep'  # april: tokens sampled by an older policy stay
+  # in the loss (keep; correct them with objective.correction=tis|icepop
+  # or objective.loss=decoupled, which need rl.recompute_old_logp) or are
+  # masked out of it (mask).
+  tree: TreeRolloutConfig = TreeRolloutConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,9 +343,11 @@ class Config:
   seed: int = 0  # Seeds init, prompt order and sampling.
   task: TaskConfig = TaskConfig()
   model: ModelConfig = ModelConfig()
+  lora: LoraSection = LoraSection()
   sampling: SamplingConfig = SamplingConfig()
   rl: RLConfig = RLConfig()
   curriculum: CurriculumConfig = CurriculumConfig()
+  rollout: RolloutConfig = RolloutConfig()
   objective: ObjectiveConfig = ObjectiveConfig()
   optim: OptimConfig = OptimConfig()
   warmstart: WarmstartConfig = WarmstartConfig()
@@ -343,8 +452,7 @@ def validate(cfg: Config) -> Config:
   _require(cfg.log.every > 0, 'log.every', 'must be positive')
   _require(cfg.log.checkpoint_every > 0, 'log.checkpoint_every',
            'must be positive')
-  _require(cfg.task.name == 'chain_arith', 'task.name',
-           f'unknown task {cfg.task.name!r}; known: [\'chain_arith\']')
+  _validate_task_and_model(cfg)
   _require(cfg.objective.kl_estimator in ('k1', 'k2', 'k3'),
            'objective.kl_estimator', f'{cfg.objective.kl_estimator!r} is '
            "not one of ['k1', 'k2', 'k3']")
@@ -362,6 +470,7 @@ def validate(cfg: Config) -> Config:
            s.max_new_tokens, 'objective.overlong_buffer',
            f'must be in [0, sampling.max_new_tokens={s.max_new_tokens})')
   _validate_curriculum(cfg)
+  _validate_rollout(cfg)
   _validate_mesh(cfg)
   _require(obj.advantage not in NEEDS_INPUTS, 'objective.advantage',
            f'{obj.advantage!r} needs {NEEDS_INPUTS.get(obj.advantage)}, '
@@ -372,6 +481,59 @@ def validate(cfg: Config) -> Config:
   from rlx import objectives  # pylint: disable=g-import-not-at-top
   objectives.check_names(cfg.objective)
   return cfg
+
+
+TASKS = ('chain_arith', 'math_files')
+ANSWER_EXTRACTS = ('none', 'boxed', 'hashes')  # rlx.data.math_files.
+# ModelConfig fields that a model.hf_dir's config.json decides.
+HF_SIZE_FIELDS = ('vocab_size', 'num_layers', 'embed_dim', 'num_heads',
+                  'num_kv_heads', 'head_dim', 'mlp_dim', 'rope_theta',
+                  'qk_norm', 'tie_embeddings')
+
+
+def _validate_task_and_model(cfg: Config) -> None:
+  """Task name and fields, model.hf_dir, lora.*; files are read later."""
+  task, model, ws = cfg.task, cfg.model, cfg.warmstart
+  _require(task.name in TASKS, 'task.name',
+           f'unknown task {task.name!r}; known: {list(TASKS)}')
+  _require(task.prompt_len > 0, 'task.prompt_len', 'must be positive')
+  if task.name == 'math_files':
+    _require(bool(model.hf_dir), 'model.hf_dir',
+             "task.name='math_files' needs a Hugging Face model directory "
+             '(its tokenizer encodes the problems): set --config.model.hf_dir')
+    _require(bool(task.train_files.strip()), 'task.train_files',
+             "task.name='math_files' needs training files (comma-separated "
+             'paths or globs)')
+    _require(task.answer_extract in ANSWER_EXTRACTS, 'task.answer_extract',
+             f'{task.answer_extract!r} is not one of {list(ANSWER_EXTRACTS)}')
+    _require('{problem}' in task.user_template, 'task.user_template',
+             f'{task.user_template!r} has no {{problem}} placeholder')
+    # Warm start imitates chain_arith demonstrations; math files have none,
+    # and a silently skipped warm start would mislead.
+    _require(ws.num_steps == 0, 'warmstart.num_steps',
+             f"is {ws.num_steps}; the warm start imitates chain_arith "
+             "demonstrations and task.name='math_files' has none: set "
+             '--config.warmstart.num_steps=0')
+  elif model.hf_dir:
+    _require(False, 'model.hf_dir',
+             f"task.name={task.name!r} uses its own character tokenizer; a "
+             "Hugging Face model needs task.name='math_files'")
+  if model.hf_dir:
+    default = ModelConfig()
+    for key in HF_SIZE_FIELDS:
+      _require(getattr(model, key) == getattr(default, key), f'model.{key}',
+               f'is {getattr(model, key)!r}, but model.hf_dir is set: the '
+               'architecture comes from its config.json; leave model.'
+               f'{key} at its default ({getattr(default, key)!r})')
+  lo = cfg.lora
+  _require(lo.rank >= 0, 'lora.rank', 'must be >= 0 (0: full fine-tuning)')
+  if lo.rank:
+    _require(lo.alpha > 0, 'lora.alpha', 'must be > 0')
+    from rlx.models import lora  # pylint: disable=g-import-not-at-top
+    try:
+      lora.LoraConfig(rank=lo.rank, alpha=lo.alpha, targets=lo.targets)
+    except ValueError as e:  # Its message names lora.targets.
+      raise ConfigError(str(e)) from e
 
 
 def _validate_curriculum(cfg: Config) -> None:
@@ -414,6 +576,104 @@ def _validate_curriculum(cfg: Config) -> None:
   _require(cfg.rl.max_rollouts >= 0, 'rl.max_rollouts', 'must be >= 0')
 
 
+ROLLOUT_MODES = ('static', 'continuous', 'april', 'tree')
+TREE_KINDS = ('treepo', 'latr', 'eptree')  # = rlx.sampling.tree.KINDS
+# Advantages that need the tree's path ids (rollout.mode=tree).
+TREE_ADVANTAGES = ('tree', 'treerl')
+
+
+def rollout_engine_sizes(cfg: Config) -> tuple[int, int, int]:
+  """(slots R, rows per insert M, prompts per insert U) of the continuous
+  engine, with the rollout section's 0 defaults resolved."""
+  ro, g = cfg.rollout, cfg.rl.group_size
+  slots = ro.num_slots or max(cfg.rl.batch_prompts * g // 2, g)
+  rows = ro.insert_rows or max(1, slots // 8)
+  # M consecutive group-major jobs span at most ceil(M / G) + 1 prompts.
+  prompts = ro.insert_prompts or min(rows, -(-rows // g) + 1)
+  return slots, rows, prompts
+
+
+def _validate_rollout(cfg: Config) -> None:
+  """The rollout section and what each mode needs from the others."""
+  ro, cur, obj = cfg.rollout, cfg.curriculum, cfg.objective
+  _require(ro.mode in ROLLOUT_MODES, 'rollout.mode',
+           f'{ro.mode!r} is not one of {list(ROLLOUT_MODES)}')
+  for key in ('num_slots', 'chunk_steps', 'insert_rows', 'insert_prompts',
+              'resume_bucket', 'inflight_groups'):
+    _require(getattr(ro, key) >= 0, f'rollout.{key}', 'must be >= 0')
+  slots, rows, _ = rollout_engine_sizes(cfg)
+  _require(rows <= slots, 'rollout.insert_rows',
+           f'{rows} must be <= rollout.num_slots ({slots})')
+  _require(ro.insert_prompts <= rows, 'rollout.insert_prompts',
+           f'{ro.insert_prompts} must be <= the rows per insert ({rows}, '
+           'rollout.insert_rows)')
+  _require(ro.off_policy in ('keep', 'mask'), 'rollout.off_policy',
+           f"{ro.off_policy!r} is not one of ['keep', 'mask']")
+  _require(obj.advantage not in TREE_ADVANTAGES or ro.mode == 'tree',
+           'objective.advantage', f'{obj.advantage!r} needs the path_ids of '
+           f'tree rollouts; set rollout.mode=tree (is {ro.mode!r})')
+  if ro.mode == 'april':
+    _require(not ro.inflight_groups or
+             ro.inflight_groups >= cfg.rl.batch_prompts,
+             'rollout.inflight_groups', f'{ro.inflight_groups} must be 0 '
+             f'(2 B) or >= rl.batch_prompts={cfg.rl.batch_prompts}')
+    # APRIL takes prompts in data order and returns whichever B groups
+    # finish first: no selection, allocation or refill can act on them.
+    for key, value, need in (('selector', cur.selector, 'uniform'),
+                             ('allocator', cur.allocator, 'fixed'),
+                             ('filter', cur.filter, 'none')):
+      _require(value == need, f'curriculum.{key}', f'{value!r} is not '
+               f'supported with rollout.mode=april (needs {need!r})')
+    corrected = obj.correction != 'none' or obj.loss == 'decoupled'
+    _require(ro.off_policy == 'mask' or not corrected or
+             cfg.rl.recompute_old_logp, 'rl.recompute_old_logp',
+             'must be True for rollout.off_policy=keep with objective.'
+             f'correction={obj.correction!r} / objective.loss={obj.loss!r}: '
+             'the correction compares the old policy (the current weights) '
+             'with the stale behaviour log-probs, which are equal without a '
+             'recompute')
+  if ro.mode == 'tree':
+    _validate_tree(cfg)
+
+
+def _validate_tree(cfg: Config) -> None:
+  tr, g = cfg.rollout.tree, cfg.rl.group_size
+  _require(cfg.curriculum.allocator == 'fixed', 'curriculum.allocator',
+           f'{cfg.curriculum.allocator!r} is not supported with '
+           "rollout.mode=tree (needs 'fixed': a tree has W = rl.group_size "
+           'leaves)')
+  for key, known in (('kind', TREE_KINDS), ('allocation', ('even', 'logp')),
+                     ('fork_score', ('entropy', 'surprisal'))):
+    _require(getattr(tr, key) in known, f'rollout.tree.{key}',
+             f'{getattr(tr, key)!r} is not one of {list(known)}')
+  for key in ('segment_len', 'init_divergence', 'divergence', 'chunk_steps',
+              'num_chains', 'fork_points', 'fork_branches'):
+    _require(getattr(tr, key) >= 1, f'rollout.tree.{key}', 'must be >= 1')
+  for key in ('repeat_ngram', 'max_branches', 'mix_anneal_steps', 'rounds'):
+    _require(getattr(tr, key) >= 0, f'rollout.tree.{key}', 'must be >= 0')
+  _require(tr.repeat_count >= 2, 'rollout.tree.repeat_count', 'must be >= 2')
+  for key in ('mix', 'mix_end', 'tau_abs', 'tau_rel'):
+    value = getattr(tr, key)
+    _require(0 <= value <= 1, f'rollout.tree.{key}', f'{value} not in [0, 1]')
+  _require(tr.prune_edit_dist >= 0, 'rollout.tree.prune_edit_dist',
+           'must be >= 0')
+  _require(len(tr.lookahead) > 0 and all(
+      isinstance(n, int) and n >= 1 for n in tr.lookahead),
+           'rollout.tree.lookahead', f'{tr.lookahead!r} must be positive '
+           'token counts')
+  if tr.kind == 'eptree':
+    m = tr.num_chains
+    most = m * (1 + tr.rounds * tr.fork_points * tr.fork_branches)
+    for key, w in (('rl.group_size', g),
+                   ('curriculum.dots_ref_samples',
+                    cfg.curriculum.dots_ref_samples
+                    if cfg.curriculum.selector == 'dots' else g)):
+      _require(m <= w <= most, key, f'{w} leaves per prompt must be in '
+               f'[M, M (1 + L N T)] = [{m}, {most}] for eptree '
+               '(rollout.tree.num_chains, rounds, fork_points, '
+               'fork_branches)')
+
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 ATTENTION_IMPLS = ('auto', 'einsum', 'xla', 'cudnn')
 
@@ -442,7 +702,7 @@ def _validate_mesh(cfg: Config) -> None:
 
 
 # Advantages whose inputs the RL loop cannot supply yet (library-only).
-NEEDS_INPUTS = {'tree': 'tree rollouts with path ids (path_ids=)'}
+NEEDS_INPUTS = {}
 
 # Advantages whose baseline comes from the other members of the group.
 GROUP_RELATIVE = ('grpo', 'dr_grpo', 'rloo', 'reinforce_pp', 'mc_grpo',
@@ -464,6 +724,27 @@ def fingerprint(value: Any) -> str:
   return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _as_json(value: Any) -> Any:
+  """Tuples as lists: a config saved as JSON (a checkpoint's) reads tuple
+  fields back as lists, which are the same setting."""
+  if isinstance(value, (tuple, list)):
+    return [_as_json(v) for v in value]
+  return value
+
+
+def fill_defaults(saved: dict, defaults: dict | None = None) -> dict:
+  """`saved` (e.g. a checkpoint's config) with the keys it lacks taken from
+  today's defaults: a field added after that checkpoint was written, left
+  at its default, is not a change."""
+  defaults = to_dict(Config()) if defaults is None else defaults
+  out = dict(defaults)
+  for key, value in saved.items():
+    if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+      value = fill_defaults(value, defaults[key])
+    out[key] = value
+  return out
+
+
 def diff(a: dict, b: dict, prefix: str = '') -> list[str]:
   """Dotted keys whose values differ between two nested dicts."""
   out = []
@@ -472,6 +753,6 @@ def diff(a: dict, b: dict, prefix: str = '') -> list[str]:
     va, vb = a.get(key), b.get(key)
     if isinstance(va, dict) and isinstance(vb, dict):
       out += diff(va, vb, name + '.')
-    elif va != vb:
+    elif _as_json(va) != _as_json(vb):
       out.append(name)
   return out

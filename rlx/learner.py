@@ -47,6 +47,10 @@ class Batch(NamedTuple):
   entropy: Array | None = None  # [B, G, T] sampler entropies (D3S).
   values: Array | None = None  # [B] per-prompt baseline v(x) from the
   # curriculum's value tracker (SPO).
+  path_ids: Array | None = None  # [B, G, D] int32 tree node per depth, -1
+  # past a leaf's last node (tree rollouts; the tree/treerl advantages).
+  depth_start: Array | None = None  # [B, G, D] int32 first response token
+  # of each of those nodes, -1 likewise (treerl).
 
 
 def round_up(n: int, multiple: int, cap: int) -> int:
@@ -160,6 +164,15 @@ def _advantage_kwargs(obj: ObjectiveConfig, batch: Batch, step) -> dict:
       raise ValueError('the spo advantage needs Batch.values (the '
                        "curriculum's per-prompt value tracker)")
     return {'values': batch.values, 'eps': obj.adv_eps}
+  if name in ('tree', 'treerl'):
+    if batch.path_ids is None or (name == 'treerl' and
+                                  batch.depth_start is None):
+      raise ValueError(f'the {name} advantage needs Batch.path_ids (and '
+                       'depth_start for treerl): tree rollouts')
+    if name == 'tree':
+      return {'path_ids': batch.path_ids, 'eps': obj.adv_eps}
+    return {'path_ids': batch.path_ids, 'depth_start': batch.depth_start,
+            'loss_mask': batch.loss_mask, 'eps': obj.adv_eps}
   if name == 'xrpo_sharpen':
     mask = batch.loss_mask.astype(jnp.float32)
     mean_logp = jnp.sum(_behaviour(batch) * mask, -1) / jnp.maximum(
@@ -229,11 +242,19 @@ def _shape_rewards(logits_fn, cfg: Config, ref_params, batch: Batch):
 
 def make_train_step(logits_fn: LogitsFn,
                     optimizer: optax.GradientTransformation, cfg: Config, *,
-                    shardings: tuple | None = None):
+                    shardings: tuple | None = None,
+                    merge_fn: Callable[[Params, Params], Params] | None = None):
   """Returns `step(state, ref_params, batch) -> (state, metrics)`, jitted.
 
   `state` is donated. `ref_params` is the frozen reference for the KL term
   (ignored when objective.kl_beta == 0; pass the params or None).
+
+  Adapter training (LoRA, `merge_fn` set): `state.params` holds only the
+  trainable adapters and `ref_params` is the frozen base, required even
+  without a KL term. The policy is `merge_fn(base, state.params)`, merged
+  inside the step so that gradients reach the adapters only; the KL
+  reference is the base itself (adapters off), so no second copy of the
+  base exists. The base is never donated.
 
   Args:
     logits_fn: full-sequence forward.
@@ -243,12 +264,21 @@ def make_train_step(logits_fn: LogitsFn,
       (rlx/sharding.py); `batch` is one sharding for every Batch leaf (all
       lead with B). The state comes back in its input sharding and the
       metrics replicated. None: single-device jit.
+    merge_fn: `(base, trainable) -> model params` (e.g. `lora.merge` with
+      its config bound); None: `state.params` are the model params.
   """
   num_micro = cfg.optim.num_microbatches
   obj = cfg.objective
   loss_fn = functools.partial(_microbatch_loss, logits_fn, cfg)
 
   def step(state: TrainState, ref_params, batch: Batch):
+    if merge_fn is None:
+      model_params = lambda p: p
+    elif ref_params is None:
+      raise ValueError('with merge_fn the second argument is the frozen '
+                       'base; got None')
+    else:
+      model_params = functools.partial(merge_fn, ref_params)
     extra = {}
     if obj.kl_beta and obj.kl_in_reward:
       rewards, extra['kl_ref_seq'] = _shape_rewards(logits_fn, cfg,
@@ -280,8 +310,9 @@ def make_train_step(logits_fn: LogitsFn,
     def accumulate(carry, mb):
       grads_acc, loss_acc = carry
       mb_batch, mb_adv = mb
-      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          state.params, ref_params, mb_batch, mb_adv, totals)
+      (loss, metrics), grads = jax.value_and_grad(
+          lambda p, *args: loss_fn(model_params(p), *args), has_aux=True)(
+              state.params, ref_params, mb_batch, mb_adv, totals)
       grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
       return (grads_acc, loss_acc + loss), metrics
 

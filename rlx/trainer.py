@@ -9,6 +9,7 @@ the same result as an uninterrupted one.
 
 import dataclasses
 import functools
+import json
 import os
 import time
 from typing import Any
@@ -22,6 +23,7 @@ from rlx import checkpoint
 from rlx import config as config_lib
 from rlx import evaluation
 from rlx import learner
+from rlx import policy as policy_lib
 from rlx import sharding
 from rlx import warmstart
 from rlx.actor import Actor
@@ -31,7 +33,9 @@ from rlx.logbook import Logbook
 from rlx.rewards import shaping
 from rlx.curriculum.controller import Curriculum
 from rlx.models import kv_cache
+from rlx.models import lora
 from rlx.models import transformer
+from rlx.sampling import modes
 
 # Config keys that may change when a run is resumed (schedule and logging);
 # anything else differing from the checkpoint's config is an error.
@@ -40,19 +44,16 @@ RESUMABLE_CHANGES = ('rl.num_steps', 'eval.every', 'log.', 'mesh.',
 
 
 def build_model(cfg: Config, vocab_size: int):
-  mcfg = dataclasses.asdict(cfg.model)
-  mcfg['vocab_size'] = mcfg['vocab_size'] or vocab_size
-  if mcfg['vocab_size'] < vocab_size:
-    raise config_lib.ConfigError(
-        f'model.vocab_size={mcfg["vocab_size"]} is smaller than the '
-        f'tokenizer vocabulary ({vocab_size})')
+  """(model, logits_fn): rlx's transformer sized by `model.*`, or the
+  architecture of `model.hf_dir` (weights: `policy.initial_params`)."""
+  mcfg = policy_lib.model_config(cfg, vocab_size)
   from rlx import backend  # pylint: disable=g-import-not-at-top
   # The attention kernel is a runtime choice per platform: parameters,
   # checkpoints and the warm-start cache key (cfg.model) do not depend on it.
-  mcfg['attention'] = backend.resolve_attention(
-      cfg.backend.attention, backend.platform(), cfg.model,
-      capability=backend.compute_capability())
-  model = transformer.Transformer(transformer.TransformerConfig(**mcfg))
+  mcfg = dataclasses.replace(mcfg, attention=backend.resolve_attention(
+      cfg.backend.attention, backend.platform(), mcfg,
+      capability=backend.compute_capability()))
+  model = transformer.Transformer(mcfg)
 
   def logits_fn(params, tokens, positions, mask):
     return model.apply({'params': params}, tokens, positions, mask)[0]
@@ -76,7 +77,10 @@ def _check_resume(workdir: str, ckpt: checkpoint.Checkpointer,
 
 
 def _check_same_config(saved: dict, cfg: Config, path: str) -> None:
-  changed = [k for k in config_lib.diff(saved, config_lib.to_dict(cfg))
+  # The saved config went through JSON (tuples came back as lists).
+  current = json.loads(json.dumps(config_lib.to_dict(cfg)))
+  changed = [k for k in config_lib.diff(config_lib.fill_defaults(saved),
+                                        current)
              if not k.startswith(RESUMABLE_CHANGES)]
   if changed:
     raise checkpoint.CheckpointError(
@@ -96,7 +100,9 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
       pre-emption; the run is resumable).
 
   Returns:
-    {'params': final params, 'step': last step, 'last_eval': eval row}.
+    {'params': final model params, 'step': last step, 'last_eval': eval
+    row}; with LoRA also 'adapters' (the trained ones) and 'base' (the
+    frozen base; 'params' is it with the adapters merged).
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
@@ -111,7 +117,9 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   splan = (sharding.Plan.from_config(cfg.mesh, sampler=True)
            if cfg.mesh.sampler_shape else plan)
   # Process 0 prepares the dataset files; the others then read them.
-  task = sharding.primary_first(load_task, cfg.task)
+  task = sharding.primary_first(load_task, cfg.task,
+                                policy_lib.load_tokenizer(cfg))
+  _check_task_size(cfg, task)
   model, logits_fn = build_model(cfg, task.tokenizer.vocab_size)
   optimizer = learner.make_optimizer(cfg.optim)
   init_fn = functools.partial(transformer.init_params, model.cfg)
@@ -120,20 +128,31 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   abstract_params = jax.eval_shape(init_fn, seed_key)
   param_sh = plan.params(abstract_params, logical)
   sampler_param_sh = splan.params(abstract_params, logical)
-  init_p = jax.jit(init_fn, out_shardings=param_sh)(seed_key)
+  policy = policy_lib.Policy(cfg, plan=plan, sampler_plan=splan,
+                             abstract_params=abstract_params,
+                             param_shardings=param_sh,
+                             sampler_param_shardings=sampler_param_sh)
+  # Random init or model.hf_dir's weights; loaded only when needed (a full
+  # fine-tuning run resumes from its checkpoint alone).
+  init_params = lambda: policy_lib.initial_params(cfg, model.cfg, seed_key,
+                                                  param_sh)
   pool = cfg.curriculum.pool_size or len(task.train)
   curriculum = Curriculum(cfg.curriculum, cfg.rl, pool,
                           advantage=cfg.objective.advantage,
                           embed_fn=_embed_fn(model, task), seed=cfg.seed)
-  abstract_state = jax.eval_shape(
-      lambda: learner.init_state(init_p, optimizer))
+  abstract_state = jax.eval_shape(functools.partial(
+      learner.init_state, optimizer=optimizer), policy.abstract_trainable)
   state_sh = sharding.train_state_shardings(plan, optimizer, abstract_state,
-                                            param_sh)
+                                            policy.trainable_shardings)
+  # LoRA: the KL reference is the frozen base, never checkpointed.
+  own_ref = bool(cfg.objective.kl_beta) and policy.lora is None
   abstract = {'train': sharding.with_shardings(abstract_state, state_sh),
               'ref': sharding.with_shardings(abstract_params, param_sh)
-                     if cfg.objective.kl_beta else {},
+                     if own_ref else {},
               'curriculum': plan.global_abstract(
-                  curriculum.abstract(model.cfg.embed_dim))}
+                  curriculum.abstract(model.cfg.embed_dim)),
+              # APRIL's partial buffer and data cursor ({} in other modes).
+              'partial': modes.init_partial(cfg, task)}
   log = Logbook(workdir, total_steps=cfg.rl.num_steps,
                 resume_step=start_step, tensorboard=cfg.log.tensorboard,
                 progress=cfg.log.progress, primary=jax.process_index() == 0)
@@ -141,28 +160,46 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
               f'{jax.device_count()} {jax.devices()[0].platform} devices'
               + (f'; sampler mesh {dict(splan.mesh.shape)}'
                  if splan is not plan else ''))
+  for note in task.notes:
+    log.message(note)
   counters = {'rollouts/total': 0, 'tokens/decoded_total': 0,
               'elapsed_s': 0.0}
+  if policy.lora is not None:  # The base: fresh start and resume alike.
+    base, _ = warmstart.load_or_train(cfg, logits_fn, task, init_params(),
+                                      log=log.message)
+    policy.set_base(plan.put(base, param_sh))
+    log.message(f'LoRA rank {cfg.lora.rank} on {list(cfg.lora.targets)}: '
+                f'{lora.count_params(policy.abstract_trainable):,} trainable '
+                f'of {transformer.count_params(abstract_params):,} parameters')
   if start_step:
     state, meta = ckpt.restore(start_step, abstract)
     _check_same_config(meta['config'], cfg, ckpt.directory)
     counters.update(meta['counters'])
     log.message(f'resumed from step {start_step} ({ckpt.directory})')
   else:
-    params, info = warmstart.load_or_train(cfg, logits_fn, task, init_p,
-                                           log=log.message)
-    params = plan.put(params, param_sh)
+    if policy.lora is None:
+      params, _ = warmstart.load_or_train(cfg, logits_fn, task,
+                                          init_params(), log=log.message)
+      params = plan.put(params, param_sh)
+    else:
+      params = policy.base
+    trainable = policy.init_trainable(
+        params, jax.random.fold_in(jax.random.key(cfg.seed), 3))
     # The reference is a copy: the train state's buffers are donated.
     state = {'train': jax.jit(functools.partial(
         learner.init_state, optimizer=optimizer), out_shardings=state_sh)(
-            params),
-             'ref': jax.tree.map(jnp.copy, params) if cfg.objective.kl_beta
-                    else {},
-             'curriculum': curriculum.init(params)}
+            trainable),
+             'ref': jax.tree.map(jnp.copy, params) if own_ref else {},
+             'curriculum': curriculum.init(params),
+             'partial': modes.init_partial(cfg, task)}
   train_state, ref_params = state['train'], state['ref'] or None
+  if policy.lora is not None:
+    # The train step's frozen, non-donated argument: base and KL reference.
+    ref_params = policy.base
   # Host-local again (on many hosts it was restored as a global array).
   cur_state = jax.tree.map(lambda x: jnp.asarray(sharding.to_host(x)),
                            state['curriculum'])
+  partial_state = state['partial']
 
   base_elapsed = counters.pop('elapsed_s')  # Wall time of earlier runs.
   elapsed = lambda: base_elapsed + time.time() - run_start
@@ -170,23 +207,21 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
                 top_k=cfg.sampling.top_k, plan=splan)
   train_step = learner.make_train_step(
       logits_fn, optimizer, cfg,
-      shardings=(state_sh, param_sh if cfg.objective.kl_beta else
+      shardings=(state_sh, param_sh if ref_params is not None else
                  plan.replicated, plan.batch((_minibatch(cfg),)),
-                 plan.replicated))
+                 plan.replicated), merge_fn=policy.merge_fn)
   if start_step == 0 and cfg.log.memory_stats:
     _log_memory(log, train_step, train_state, ref_params, cfg, plan, task)
-  to_sampler = (lambda p: p) if splan is plan else (
-      lambda p: jax.device_put(p, sampler_param_sh))
+  to_sampler = policy.for_sampler  # LoRA: merged once per call.
 
-  def rollout_fn(params, rows, key, num_samples):
-    scored = actor.rollout(
-        params, task.train_prompts[rows], task.train_prompt_mask[rows],
-        [task.train.answers[i] for i in rows], key, num_samples=num_samples,
-        temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p)
-    return scored.rollout, scored.rewards
+  # rollout.mode: the sampler behind the curriculum, or APRIL's own step.
+  # Evaluation always uses the static `actor` (same draws in every mode).
+  rollouts = modes.Rollouts(cfg, model=model, task=task,
+                            curriculum=curriculum, actor=actor)
 
-  recompute_logp = jax.jit(functools.partial(
+  recompute_jit = jax.jit(functools.partial(
       _recompute_logp, logits_fn, cfg.sampling.temperature))
+  recompute_logp = lambda p, *rows: recompute_jit(policy.merged(p), *rows)
   base_key = jax.random.key(cfg.seed)
   eval_key = jax.random.fold_in(base_key, 2)  # Same draws every eval.
 
@@ -207,10 +242,9 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   for step in range(start_step, end):
     t0 = time.time()
     key = jax.random.fold_in(jax.random.fold_in(base_key, 1), step)
-    got, cur_state, cur_metrics = curriculum.collect(
-        cur_state, to_sampler(train_state.params), key, rollout_fn, step)
+    got, cur_state, partial_state, cur_metrics = rollouts.collect(
+        cur_state, partial_state, to_sampler(train_state.params), key, step)
     t1 = time.time()
-    idx = got.ids
     rewards = got.rewards
     if cfg.objective.overlong_buffer:  # DAPO overlong shaping.
       rewards = rewards + np.asarray(shaping.overlong_penalty(
@@ -218,15 +252,10 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
           buffer=cfg.objective.overlong_buffer))
     old_logp = got.logp
     if rl.recompute_old_logp:
-      old_logp = recompute_logp(train_state.params, task.train_prompts[idx],
-                                task.train_prompt_mask[idx], got.tokens)
-    batch = learner.Batch(
-        prompt=jnp.asarray(task.train_prompts[idx]),
-        prompt_mask=jnp.asarray(task.train_prompt_mask[idx]),
-        response=got.tokens, loss_mask=got.loss_mask, old_logp=old_logp,
-        rewards=jnp.asarray(rewards), group_mask=got.group_mask,
-        behaviour_logp=got.logp, entropy=got.entropy, values=got.values)
-    batch = learner.trim_batch(batch)
+      old_logp = recompute_logp(train_state.params, got.prompt,
+                                got.prompt_mask, got.tokens)
+    batch = learner.trim_batch(rollouts.batch(got, rewards=rewards,
+                                              old_logp=old_logp))
     metrics = {}
     mini = rl.batch_prompts // rl.num_minibatches
     for m in range(rl.num_minibatches):
@@ -254,6 +283,7 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
         'time/elapsed_s': elapsed(),
         **{f'learner/{k}': float(v) for k, v in metrics.items()},
         **cur_metrics,
+        **got.metrics,  # rollout/ (engine modes) and tree/ metrics.
     }
     spent = bool(rl.max_rollouts and counters['rollouts/total']
                  >= rl.max_rollouts)
@@ -264,8 +294,10 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
       last_eval = run_eval(step + 1)
     log.advance(row['reward/mean'], last_eval.get('eval/pass@1'))
     if (step + 1) % cfg.log.checkpoint_every == 0 or step + 1 == end or spent:
-      ckpt.save(step + 1, {'train': train_state, 'ref': ref_params or {},
-                           'curriculum': plan.to_global(cur_state)},
+      # LoRA: the adapters and their optimizer state; the base is not saved.
+      ckpt.save(step + 1, {'train': train_state, 'ref': state['ref'],
+                           'curriculum': plan.to_global(cur_state),
+                           'partial': partial_state},
                 {'counters': {**counters, 'elapsed_s': elapsed()},
                  'config': config_lib.to_dict(cfg)})
     if spent:
@@ -275,7 +307,11 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
       break
   log.close()
   ckpt.close()
-  return {'params': train_state.params, 'step': end, 'last_eval': last_eval}
+  out = {'params': policy.merged(train_state.params), 'step': end,
+         'last_eval': last_eval}
+  if policy.lora is not None:
+    out.update(adapters=train_state.params, base=policy.base)
+  return out
 
 
 def warm_started_policy(cfg: Config):
@@ -291,6 +327,23 @@ def warm_started_policy(cfg: Config):
 
 def _minibatch(cfg: Config) -> int:
   return cfg.rl.batch_prompts // cfg.rl.num_minibatches
+
+
+def _check_task_size(cfg: Config, task) -> None:
+  """Files may hold fewer problems than the config asks for."""
+  n_train, n_test = len(task.train), len(task.test)
+  pool = cfg.curriculum.pool_size or n_train
+  if not cfg.rl.batch_prompts <= pool <= n_train:
+    key = ('curriculum.pool_size' if cfg.curriculum.pool_size else
+           'rl.batch_prompts')
+    raise config_lib.ConfigError(
+        f'{key}: the task has {n_train} training prompts; need '
+        f'rl.batch_prompts={cfg.rl.batch_prompts} <= curriculum.pool_size '
+        f'<= {n_train}')
+  if cfg.eval.num_prompts > n_test:
+    raise config_lib.ConfigError(
+        f'eval.num_prompts={cfg.eval.num_prompts}: the task has only '
+        f'{n_test} held-out prompts')
 
 
 def _check_batch_fits_mesh(cfg: Config, plan: sharding.Plan) -> None:
@@ -320,7 +373,7 @@ def _log_memory(log, train_step, train_state, ref_params, cfg: Config,
       behaviour_logp=spec((b, g, t), jnp.float32),
       entropy=spec((b, g, t), jnp.float32),
       values=spec((b,), jnp.float32) if cfg.objective.advantage == 'spo'
-      else None)
+      else None, **modes.abstract_batch_fields(cfg, b, g))
   stats = sharding.memory_stats(train_step, train_state, ref_params, batch)
   if stats:
     fmt = sharding.format_bytes

@@ -22,6 +22,10 @@ step and slot utilisation, with ratios to static measured in this process;
 then decode tokens/s of the chunked engine against a naive Python loop over
 a jitted single step, and against the roofline from the measured matmul
 rate and memory bandwidth.
+
+--rl_steps > 0 runs the RL comparison instead (seconds per RL step and
+held-out pass@1 after that many trainer steps, static vs continuous vs
+APRIL): it hands over to scripts/bench_rl_modes.py.
 """
 
 import os
@@ -56,6 +60,10 @@ _INSERT_PROMPTS = flags.DEFINE_integer(
     'prefilled once for its group\'s rows; 0: M (no sharing).')
 _DECODE_STEPS = flags.DEFINE_integer('decode_steps', 64, 'Steps timed in the '
                                      'decode-speed comparison; 0 skips it.')
+_RL_STEPS = flags.DEFINE_integer('rl_steps', 0, 'RL steps per mode and seed '
+                                 '(through scripts/bench_rl_modes.py); 0: '
+                                 'rollout throughput only.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1'], 'RL seeds (--rl_steps).')
 
 
 def _setup():
@@ -216,6 +224,13 @@ def _roofline(mcfg, params, cache_len: int) -> dict:
 
 def main(argv):
   del argv
+  if _RL_STEPS.value:  # The trainer with each rollout.mode.
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          'bench_rl_modes.py')
+    os.execv(sys.executable, [
+        sys.executable, script, f'--rl_steps={_RL_STEPS.value}',
+        '--modes=static,continuous,april', '--seeds=' + ','.join(
+            _SEEDS.value)])
   if _SLOTS.value % _GROUP_SIZE.value:
     sys.exit(f'--slots={_SLOTS.value} must be a multiple of '
              f'--group_size={_GROUP_SIZE.value} (static calls hold whole '

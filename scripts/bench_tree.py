@@ -25,9 +25,10 @@ leaf reward is the mean reward of the sampled leaves under the fixed
 warm-started policy (no training): it shows how branching shifts the
 sampled distribution, it is not the held-out pass@1 after RL.
 
---rl_steps > 0 (held-out pass@1 after RL steps with each rollout mode, the
-issue's second acceptance number) needs the trainer's `rollout.mode=tree`
-wiring, which is pending; the flag exits with a message until then.
+--rl_steps > 0 runs the RL comparison instead (held-out pass@1 after that
+many RL steps with each tree kind against independent sampling, the
+issue's second acceptance number): it hands over to
+scripts/bench_rl_modes.py with --modes=static,<kinds> and --seeds.
 """
 
 import os
@@ -71,8 +72,10 @@ _POINTS = flags.DEFINE_integer('fork_points', 1, 'EPTree N.')
 _BRANCHES = flags.DEFINE_integer('fork_branches', 3, 'EPTree T.')
 _ROUNDS = flags.DEFINE_integer('rounds', 1, 'EPTree L.')
 _RL_STEPS = flags.DEFINE_integer('rl_steps', 0, 'RL steps per mode before '
-                                 'a held-out pass@1 (pending: needs the '
-                                 'trainer wiring).')
+                                 'a held-out pass@1 (through '
+                                 'scripts/bench_rl_modes.py); 0: sampling '
+                                 'only.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1'], 'RL seeds (--rl_steps).')
 
 
 def _setup():
@@ -121,9 +124,13 @@ def _run_mode(name, sample, task) -> dict:
 
 def main(argv):
   del argv
-  if _RL_STEPS.value:
-    sys.exit('--rl_steps > 0 needs the trainer wiring of rollout.mode=tree '
-             '(pending); run with --rl_steps=0 for the sampling comparison.')
+  if _RL_STEPS.value:  # The trainer with rollout.mode=tree per kind.
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          'bench_rl_modes.py')
+    os.execv(sys.executable, [
+        sys.executable, script, f'--rl_steps={_RL_STEPS.value}',
+        '--modes=' + ','.join(['static'] + _KINDS.value),
+        '--seeds=' + ','.join(_SEEDS.value)])
   cfg, task, model, params = _setup()
   tok, w = task.tokenizer, _LEAVES.value
   prompts, pmask = task.train_prompts, task.train_prompt_mask
@@ -178,8 +185,8 @@ def main(argv):
                      'tree/depth_mean', 'tree/distinct_answers')}
     print(f"{row['name']} (last step): " + ', '.join(
         f"{k[5:]} {v:.2f}" for k, v in extra.items()))
-  print('held-out pass@1 after RL steps: pending (--rl_steps needs the '
-        'trainer wiring of rollout.mode=tree)')
+  print('held-out pass@1 after RL steps: --rl_steps=N (runs '
+        'scripts/bench_rl_modes.py)')
 
 
 if __name__ == '__main__':

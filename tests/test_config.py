@@ -26,6 +26,11 @@ def _dict(**overrides):
   return d
 
 
+# A valid math_files + Hugging Face model config (files are read later).
+MATH = {'task.name': 'math_files', 'model.hf_dir': '/models/qwen',
+        'task.train_files': 'train.jsonl', 'warmstart.num_steps': 0}
+
+
 def _error(**overrides) -> str:
   with pytest.raises(ConfigError) as e:
     config_lib.build(_dict(**overrides))
@@ -135,12 +140,28 @@ def test_int_for_float_is_converted():
     ({'rl.max_rollouts': -1}, 'rl.max_rollouts'),
     ({'warmstart.max_steps': 13}, 'warmstart.max_steps'),
     ({'objective.advantage': 'tree'}, 'objective.advantage'),
-])
+] + [(dict(MATH, **extra), key) for extra, key in (
+    ({'model.hf_dir': ''}, 'model.hf_dir'),
+    ({'task.train_files': ' '}, 'task.train_files'),
+    ({'warmstart.num_steps': 600}, 'warmstart.num_steps'),
+    ({'model.num_layers': 3}, 'model.num_layers'),
+    ({'model.tie_embeddings': False}, 'model.tie_embeddings'),
+    ({'task.answer_extract': 'last'}, 'task.answer_extract'),
+    ({'task.user_template': 'Solve: {question}'}, 'task.user_template'),
+    ({'task.name': 'chain_arith', 'warmstart.num_steps': 600},
+     'model.hf_dir'),
+    ({'lora.rank': -1}, 'lora.rank'),
+    ({'lora.rank': 4, 'lora.alpha': 0.0}, 'lora.alpha'),
+    ({'lora.rank': 4, 'lora.targets': ('q', 'wq')}, 'lora.targets'),
+)])
 def test_impossible_combination_names_key(overrides, key):
   assert key in _error(**overrides)
 
 
 @pytest.mark.parametrize('overrides', [
+    MATH,
+    dict(MATH, **{'lora.rank': 8, 'lora.targets': ('q_proj', 'down'),
+                  'model.dtype': 'bfloat16', 'task.answer_extract': 'boxed'}),
     {'rl.batch_prompts': 8, 'rl.num_minibatches': 2,
      'optim.num_microbatches': 4},
     {'rl.batch_prompts': 6, 'optim.num_microbatches': 3},
@@ -198,3 +219,13 @@ def test_cli_rejects_impossible_combination(tmp_path):
   assert proc.returncode != 0
   assert 'optim.num_microbatches' in proc.stdout + proc.stderr
   assert 'config error' in proc.stderr
+
+
+def test_fill_defaults_ignores_fields_added_after_a_checkpoint():
+  saved = config_lib.to_dict(config_lib.Config())
+  del saved['rollout']  # A checkpoint from before `rollout` existed.
+  del saved['model']['hf_dir']
+  saved['rl']['num_steps'] = 7
+  current = config_lib.to_dict(config_lib.Config())
+  assert config_lib.diff(config_lib.fill_defaults(saved), current) == [
+      'rl.num_steps']

@@ -31,6 +31,8 @@ EXPECTED = {
     'rloo': dict(advantage='rloo'),
     'reinforce_pp': dict(advantage='reinforce_pp'),
     'grpo_hardmix': dict(advantage='grpo', loss='ppo_clip'),
+    'grpo_math_lora': dict(advantage='grpo', loss='ppo_clip', kl_beta=0.0,
+                           aggregation='token-mean'),
 }
 
 
@@ -50,9 +52,20 @@ def test_recipe_builds_with_its_objective(recipe):
     assert (cfg.task.max_steps, cfg.task.zipf_s) == (16, 0.0)
     assert (cfg.warmstart.max_steps, cfg.warmstart.demo_error_rate) == (8,
                                                                        0.02)
+  if recipe == 'grpo_math_lora':  # A real model on math files, adapters.
+    assert cfg.task.name == 'math_files' and cfg.lora.rank > 0
+    assert (cfg.rl.group_size, cfg.sampling.max_new_tokens) == (8, 1024)
 
 
-def test_library_only_advantages_are_refused_by_the_trainer():
+def test_math_lora_recipe_names_its_placeholder_model_dir(tmp_path):
+  cfg = config_lib.build(
+      importlib.import_module('configs.grpo_math_lora').get_config())
+  with pytest.raises(config_lib.ConfigError,
+                     match=f'model.hf_dir: {cfg.model.hf_dir}: no such'):
+    trainer.train(cfg, str(tmp_path / 'run'))
+
+
+def test_tree_advantages_need_tree_rollouts():
   c = config_lib.default_config_dict()
   c.objective.advantage = 'tree'
   with pytest.raises(config_lib.ConfigError, match='path_ids'):

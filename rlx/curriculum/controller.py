@@ -27,6 +27,7 @@ from rlx.curriculum import allocators as alloc_lib
 from rlx.curriculum import estimators as est
 from rlx.curriculum import selectors as sel
 from rlx.learner import round_up
+from rlx.types import FinishReason
 
 _ROW_BUCKET = 32  # Flat rollout rows are padded to a multiple of this.
 _GROUP_BUCKET = 4  # The group axis is padded to a multiple of this.
@@ -49,12 +50,15 @@ class Collected:
   counts: np.ndarray  # [B] responses sampled per group.
   rollouts: int  # Responses sampled this step (references and retries in).
   decoded_tokens: int  # Tokens sampled this step.
+  extras: dict = dataclasses.field(default_factory=dict)  # Per-response
+  # fields a rollout carries beyond the sampler's Rollout (e.g. a tree's
+  # path_ids [B, Gc, D]), -1 where no response.
 
 
 @dataclasses.dataclass
 class _Groups:
   """Growing per-prompt lists of sampled responses (host)."""
-  rows: list  # [B] lists of (tokens, loss_mask, logp, entropy, len, finish)
+  rows: list  # [B] lists of one response's rollout row (a NamedTuple)
   rewards: list  # [B] lists of float
 
   @classmethod
@@ -183,7 +187,9 @@ class Curriculum:
       key: this step's key.
       rollout_fn: (params, prompt ids [R], key, num_samples) -> (sampler
         Rollout [R, num_samples, ...], rewards [R, num_samples]); ids may
-        repeat.
+        repeat. The rollout may be any NamedTuple with the Rollout's
+        fields and more (carried to `Collected.extras`); a response still
+        RUNNING is no response (an unused tree slot) and is left out.
       step: the RL step (embedding refresh schedule).
 
     Returns:
@@ -266,9 +272,11 @@ class Curriculum:
       ro, rewards = sample(np.asarray(ids), key, int(counts[0]))
     else:
       ro, rewards = sample(np.asarray(ids)[slot], key, 1)
+    running = np.asarray(ro.finish) == int(FinishReason.RUNNING)
     for j, i in enumerate(slot):
-      groups.rows[i].append(tuple(np.asarray(x)[j] for x in ro))
-      groups.rewards[i].append(float(rewards[j]))
+      if not running[j]:
+        groups.rows[i].append(type(ro)(*(np.asarray(x)[j] for x in ro)))
+        groups.rewards[i].append(float(rewards[j]))
 
   def _refill(self, state, ids, groups, zero, eligible, key, sample,
               evidence, metrics):
@@ -309,6 +317,13 @@ class Curriculum:
     metrics['curriculum/dapo_bound_hit'] = float(retries > 0 and zero.any())
     return ids, groups, ~zero
 
+  def observe(self, state, ids, successes, counts):
+    """The state after observing groups sampled outside `collect` (e.g.
+    APRIL's): ids [n], successes [n] and responses [n] per group."""
+    return state._replace(stats=self._observe(
+        state.stats, [(np.asarray(ids), np.asarray(successes, float),
+                       np.asarray(counts))]))
+
   def _observe(self, stats, evidence):
     """One estimator update with every group observed this step."""
     ids = np.concatenate([e[0] for e in evidence])
@@ -343,7 +358,8 @@ class Curriculum:
     counts = groups.counts()
     gc = round_up(int(counts.max()), _GROUP_BUCKET, 1 << 30)
     b = len(ids)
-    t = groups.rows[0][0][0].shape[-1]
+    first = next(r[0] for r in groups.rows if r)
+    t = first.tokens.shape[-1]
     arr = lambda shape, dtype: np.zeros((b, gc) + shape, dtype)
     out = Collected(
         ids=np.asarray(ids), tokens=arr((t,), np.int32),
@@ -353,10 +369,16 @@ class Curriculum:
         group_mask=arr((), bool), values=np.asarray(values, np.float32),
         counts=counts, rollouts=spent[0], decoded_tokens=spent[1])
     fields = ('tokens', 'loss_mask', 'logp', 'entropy', 'lengths', 'finish')
+    extra = [f for f in first._fields if f not in fields]
+    out.extras = {f: np.full((b, gc) + np.shape(getattr(first, f)), -1,
+                             np.asarray(getattr(first, f)).dtype)
+                  for f in extra}
     for i in range(b):
       for j, row in enumerate(groups.rows[i]):
-        for name, value in zip(fields, row):
-          getattr(out, name)[i, j] = value
+        for name in fields:
+          getattr(out, name)[i, j] = getattr(row, name)
+        for name in extra:
+          out.extras[name][i, j] = getattr(row, name)
         out.rewards[i, j] = groups.rewards[i][j]
         out.group_mask[i, j] = keep[i]
     return out

@@ -9,8 +9,10 @@ import numpy as np
 from rlx.config import ConfigError, TaskConfig
 from rlx.data import chain_arith
 from rlx.data import loader
+from rlx.data import math_files
 from rlx.models.tokenizer import CharTokenizer, Tokenizer
 from rlx.rewards import chain_arith as chain_arith_reward
+from rlx.rewards import math_answer
 
 # (responses, answers) -> rewards [N] float32
 RewardFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
@@ -26,13 +28,34 @@ class Task:
   test_prompts: np.ndarray  # [M, P] int32.
   test_prompt_mask: np.ndarray  # [M, P] bool.
   reward_fn: RewardFn
+  notes: tuple[str, ...] = ()  # What loading changed (dropped prompts),
+  # for the run log.
 
 
-def load_task(cfg: TaskConfig) -> Task:
-  """Prepares (first use) and loads the task; checks prompts fit."""
+def load_task(cfg: TaskConfig, tokenizer: Tokenizer | None = None) -> Task:
+  """Prepares (first use) and loads the task; checks prompts fit.
+
+  Args:
+    cfg: the task config.
+    tokenizer: math_files: the model's `HFTokenizer` (prompts go through
+      its chat template); chain_arith: None (it has its own tokenizer).
+
+  Returns:
+    The task. math_files prompts longer than `cfg.prompt_len` are dropped;
+    `Task.notes` says how many (the trainer logs it).
+
+  Raises:
+    ConfigError: naming the key, or the file (and line) that is missing or
+      invalid; raised before any prompt is encoded.
+  """
+  if cfg.name == 'math_files':
+    return _load_math_files(cfg, tokenizer)
   if cfg.name != 'chain_arith':
     raise ConfigError(f"task.name: unknown task {cfg.name!r}; known: "
-                      "['chain_arith']")
+                      "['chain_arith', 'math_files']")
+  if tokenizer is not None:
+    raise ConfigError('task.name: chain_arith uses its own character '
+                      'tokenizer; a model tokenizer needs math_files')
   tok = CharTokenizer(chain_arith.ALPHABET)
   kwargs = dict(data_dir=os.path.expanduser(cfg.data_dir),
                 num_train=cfg.num_train, num_test=cfg.num_test,
@@ -50,3 +73,86 @@ def load_task(cfg: TaskConfig) -> Task:
   return Task(tokenizer=tok, train=train, test=test, train_prompts=train_p,
               train_prompt_mask=train_m, test_prompts=test_p,
               test_prompt_mask=test_m, reward_fn=chain_arith_reward.score)
+
+
+def _read_math(cfg: TaskConfig, key: str, limit: int
+               ) -> math_files.MathData:
+  """Reads `cfg.<key>` (comma-separated paths/globs), errors as ConfigError
+  naming the key and the file."""
+  paths = [p.strip() for p in getattr(cfg, key).split(',') if p.strip()]
+  try:
+    return math_files.load_math_files(
+        [os.path.expanduser(p) for p in paths],
+        problem_field=cfg.problem_field, answer_field=cfg.answer_field,
+        extract=cfg.answer_extract, limit=limit)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'task.{key}: {e}') from e
+
+
+def _encode_math(tok, cfg: TaskConfig, data: math_files.MathData,
+                 split: str) -> tuple[loader.TaskData, np.ndarray,
+                                      np.ndarray, list[str]]:
+  """Encodes problems as left-padded prompts, dropping those too long.
+
+  Returns:
+    (kept problems and answers, prompts [N, P], mask [N, P], notes).
+  """
+  rows, kept = [], []
+  for i, problem in enumerate(data.problems):
+    user = cfg.user_template.replace('{problem}', problem)
+    if cfg.chat_template:
+      messages = ([{'role': 'system', 'content': cfg.system_prompt}]
+                  if cfg.system_prompt else [])
+      ids = tok.encode_chat(messages + [{'role': 'user', 'content': user}])
+    else:
+      ids = tok.encode(user, add_bos=getattr(tok, 'prepends_bos', True))
+    if len(ids) <= cfg.prompt_len:
+      rows.append(ids)
+      kept.append(i)
+  notes = []
+  dropped = len(data) - len(kept)
+  if dropped:
+    kept_set = set(kept)
+    first = next(s for i, s in enumerate(data.sources) if i not in kept_set)
+    notes.append(f'task: dropped {dropped} of {len(data)} {split} problems '
+                 f'longer than task.prompt_len={cfg.prompt_len} tokens '
+                 f'(first: {first})')
+  if not kept:
+    raise ConfigError(f'task.prompt_len={cfg.prompt_len}: every {split} '
+                      f'problem is longer (first: {data.sources[0]})')
+  tokens = np.full((len(rows), cfg.prompt_len), tok.pad_id, np.int32)
+  mask = np.zeros((len(rows), cfg.prompt_len), bool)
+  for i, row in enumerate(rows):  # Left padding: prompts end together.
+    tokens[i, cfg.prompt_len - len(row):] = row
+    mask[i, cfg.prompt_len - len(row):] = True
+  problems = [data.problems[i] for i in kept]
+  answers = [data.answers[i] for i in kept]
+  # No demonstrations: math_files has no warm start (config.py).
+  out = loader.TaskData(prompts=problems, solutions=[''] * len(kept),
+                        answers=answers,
+                        num_steps=np.zeros(len(kept), np.int32))
+  return out, tokens, mask, notes
+
+
+def _load_math_files(cfg: TaskConfig, tok: Tokenizer | None) -> Task:
+  """Problems from local files, scored by `math_answer.score`."""
+  if tok is None:
+    raise ConfigError("task.name='math_files' needs the model's tokenizer "
+                      '(model.hf_dir)')
+  if cfg.test_files.strip():
+    train = _read_math(cfg, 'train_files', cfg.num_train)
+    test = _read_math(cfg, 'test_files', cfg.num_test)
+  else:  # Hold out the last num_test problems read.
+    both = _read_math(cfg, 'train_files', cfg.num_train + cfg.num_test)
+    n = len(both) - min(cfg.num_test, len(both) // 2)
+    part = lambda s: math_files.MathData(both.problems[s], both.answers[s],
+                                         both.sources[s])
+    train, test = part(slice(0, n)), part(slice(n, None))
+  train_data, train_p, train_m, notes = _encode_math(tok, cfg, train,
+                                                     'train')
+  test_data, test_p, test_m, test_notes = _encode_math(tok, cfg, test,
+                                                       'test')
+  return Task(tokenizer=tok, train=train_data, test=test_data,
+              train_prompts=train_p, train_prompt_mask=train_m,
+              test_prompts=test_p, test_prompt_mask=test_m,
+              reward_fn=math_answer.score, notes=tuple(notes + test_notes))

@@ -1,0 +1,165 @@
+"""RL steps under each rollout mode: wall time per step, tokens, pass@1.
+
+  python scripts/bench_rl_modes.py --rl_steps=14 --seeds=0,1 \
+      --modes=static,continuous,april --eval_prompts=256
+
+Runs the trainer (rlx.trainer.train) on the default recipe (configs/grpo.py)
+for --rl_steps steps per mode and seed, from the same cached warm start,
+and evaluates held-out pass@1 at step 0 and at the end (the same
+evaluation draws in every mode: evaluation always uses the static
+sampler). Modes (`MODES`): static, continuous, april (keep), april_mask,
+april_tis (keep + TIS on recomputed old log-probs), and the tree kinds
+treepo, latr, eptree (GRPO advantages over the W = G leaves) plus
+treepo_tree (TreePO's own ancestor-group advantage). Runs go seed-major
+(all modes of seed 0, then seed 1), so machine load drifts hit every mode.
+
+Reports per mode, over the seeds: seconds per RL step (rollout + learner,
+the median over steps 2..N: step 1 compiles), its ratio to static,
+decoded tokens per leaf (tokens the model sampled, shared tree prefixes
+once, over the responses trained on) and its ratio, and final pass@1 per
+seed. Issue 5 asks for >= 25% less wall time per step than static at equal
+or better pass@1 (APRIL); issue 6 for >= 40% fewer decoded tokens per leaf
+than independent sampling at the same or better pass@1 (trees).
+"""
+
+import ast
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+import jax
+import numpy as np
+
+from configs import grpo
+from rlx import config as config_lib
+from rlx import trainer
+from rlx.logbook import read_metrics
+
+MODES = {
+    'static': {},
+    'continuous': {'rollout.mode': 'continuous'},
+    'april': {'rollout.mode': 'april'},
+    'april_mask': {'rollout.mode': 'april', 'rollout.off_policy': 'mask'},
+    'april_tis': {'rollout.mode': 'april', 'objective.correction': 'tis',
+                  'rl.recompute_old_logp': True},
+    'treepo': {'rollout.mode': 'tree', 'rollout.tree.kind': 'treepo'},
+    'treepo_tree': {'rollout.mode': 'tree', 'rollout.tree.kind': 'treepo',
+                    'objective.advantage': 'tree'},
+    'latr': {'rollout.mode': 'tree', 'rollout.tree.kind': 'latr'},
+    'eptree': {'rollout.mode': 'tree', 'rollout.tree.kind': 'eptree'},
+}
+
+_MODES = flags.DEFINE_list('modes', ['static', 'continuous', 'april'],
+                           f'Rollout modes to run, from {list(MODES)}.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1'], 'RL seeds (config.seed).')
+_RL_STEPS = flags.DEFINE_integer('rl_steps', 14, 'RL steps per run.')
+_EVAL_PROMPTS = flags.DEFINE_integer('eval_prompts', 256, 'Held-out '
+                                     'prompts evaluated at 0 and the end.')
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/bench_rl_modes', 'Runs go '
+                               'to WORKDIR/<mode>_s<seed> (replaced).')
+_REPORT_ONLY = flags.DEFINE_bool('report_only', False, 'Only print the '
+                                 'tables of runs already in --workdir.')
+_SET = flags.DEFINE_multi_string('set', [], 'Extra override for every run, '
+                                 'key=value (e.g. rollout.num_slots=32).')
+
+
+def _config(mode: str, seed: int) -> config_lib.Config:
+  c = grpo.get_config()
+  c.seed = seed
+  c.rl.num_steps = _RL_STEPS.value
+  c.eval.every = _RL_STEPS.value  # Step 0 and the end only.
+  c.eval.num_prompts = _EVAL_PROMPTS.value
+  c.log.progress, c.log.memory_stats = False, False
+  pairs = list(MODES[mode].items()) + [
+      tuple(s.split('=', 1)) for s in _SET.value]
+  for key, value in pairs:
+    *groups, name = key.split('.')
+    node = c
+    for g in groups:
+      node = node[g]
+    if isinstance(value, str) and not isinstance(node[name], str):
+      value = type(node[name])(ast.literal_eval(value))
+    node[name] = value
+  return config_lib.build(c)
+
+
+def run_one(mode: str, seed: int) -> dict:
+  """Trains one run (or, with --report_only, reads it); its summary."""
+  workdir = os.path.join(_WORKDIR.value, f'{mode}_s{seed}')
+  wall = 0.0
+  if not _REPORT_ONLY.value:
+    shutil.rmtree(workdir, ignore_errors=True)
+    start = time.time()
+    trainer.train(_config(mode, seed), workdir)
+    wall = time.time() - start
+  rows = read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+  steps = [r for r in rows if 'reward/mean' in r]
+  evals = [r for r in rows if 'eval/pass@1' in r]
+  per_step = [r['time/rollout_s'] + r['time/train_s'] for r in steps]
+  last = steps[-1]
+  out = {
+      'mode': mode, 'seed': seed, 'wall_s': wall,
+      's_step': float(np.median(per_step[1:])),
+      'rollout_s': float(np.median([r['time/rollout_s'] for r in steps[1:]])),
+      'tok_leaf': last['tokens/decoded_total'] / last['rollouts/total'],
+      'pass0': evals[0]['eval/pass@1'], 'pass1': evals[-1]['eval/pass@1'],
+      'reward': float(np.mean([r['reward/mean'] for r in steps])),
+  }
+  for key in ('rollout/off_policy_token_frac', 'rollout/slot_utilisation',
+              'tree/shared_prefix_frac', 'tree/depth_mean',
+              'tree/distinct_answers'):
+    vals = [r[key] for r in steps if key in r]
+    if vals:
+      out[key] = float(np.mean(vals))
+  print(f"{mode} seed {seed}: {out['s_step']:.2f} s/step, "
+        f"{out['tok_leaf']:.1f} tok/leaf, pass@1 {out['pass0']:.3f} -> "
+        f"{out['pass1']:.3f} ({wall:.0f} s)", flush=True)
+  return out
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  unknown = sorted(set(_MODES.value) - set(MODES))
+  if unknown:
+    sys.exit(f'unknown --modes {unknown}; known: {list(MODES)}')
+  seeds = [int(s) for s in _SEEDS.value]
+  print(f'device: {jax.devices()[0].device_kind}; {_RL_STEPS.value} RL '
+        f'steps; seeds {seeds}; eval on {_EVAL_PROMPTS.value} held-out '
+        'prompts', flush=True)
+  runs = {m: [] for m in _MODES.value}
+  for seed in seeds:
+    for mode in _MODES.value:
+      runs[mode].append(run_one(mode, seed))
+  base = _MODES.value[0]
+  ref = {k: np.mean([r[k] for r in runs[base]]) for k in ('s_step',
+                                                          'tok_leaf')}
+  ref['rollout_s'] = np.mean([r['rollout_s'] for r in runs[base]])
+  print(f'\n| mode | s/step (median) | x {base} | rollout s/step | '
+        f'x {base} | decoded tok/leaf | x {base} | pass@1 start | '
+        'pass@1 end, per seed | mean |')
+  print('|---|---|---|---|---|---|---|---|---|---|')
+  for mode, rs in runs.items():
+    mean = lambda k, rs=rs: np.mean([r[k] for r in rs])
+    s, ro, tok = mean('s_step'), mean('rollout_s'), mean('tok_leaf')
+    ends = ' / '.join(f"{r['pass1']:.3f}" for r in rs)
+    starts = ' / '.join(f"{r['pass0']:.3f}" for r in rs)
+    print(f"| {mode} | {s:.2f} | {s / ref['s_step']:.2f} | {ro:.2f} | "
+          f"{ro / ref['rollout_s']:.2f} | {tok:.1f} | "
+          f"{tok / ref['tok_leaf']:.2f} | {starts} | {ends} | "
+          f"{mean('pass1'):.3f} |")
+  for mode, rs in runs.items():
+    extra = {k: np.mean([r[k] for r in rs]) for k in rs[0]
+             if k.startswith(('rollout/', 'tree/'))}
+    if extra:
+      print(f'{mode}: ' + ', '.join(f'{k} {v:.2f}' for k, v in extra.items()))
+
+
+if __name__ == '__main__':
+  app.run(main)
