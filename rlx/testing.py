@@ -7,6 +7,7 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from rlx import config as config_lib
 from rlx.types import Array
@@ -84,3 +85,19 @@ def fixed_sequence_model(sequence: Array, vocab_size: int, *,
     return (jnp.zeros((batch, 1), jnp.int32),)
 
   return apply_fn, init_cache_fn
+
+
+def two_group_batch(seed: int = 0, *, vocab: int = 300):
+  """A fixed learner batch of 2 prompts x 2 responses x 6 tokens (prompt
+  length 4), one right and one wrong response per group."""
+  from rlx import learner  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  b, g, p, t = 2, 2, 4, 6
+  return learner.Batch(
+      prompt=jnp.asarray(rng.integers(3, vocab, (b, p)), jnp.int32),
+      prompt_mask=jnp.ones((b, p), bool),
+      response=jnp.asarray(rng.integers(3, vocab, (b, g, t)), jnp.int32),
+      loss_mask=jnp.ones((b, g, t), bool),
+      old_logp=jnp.full((b, g, t), -5.0, jnp.float32),
+      rewards=jnp.asarray([[1.0, 0.0], [0.0, 1.0]]),
+      group_mask=jnp.ones((b, g), bool))

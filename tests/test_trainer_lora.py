@@ -6,7 +6,6 @@ import re
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -177,16 +176,7 @@ def test_train_step_with_frozen_base(tmp_path):
   step = learner.make_train_step(
       logits_fn, optimizer, cfg,
       merge_fn=lambda base, ad: lora.merge(base, ad, lcfg))
-  rng = np.random.default_rng(0)
-  b, g, p, t = 2, 2, 4, 6
-  batch = learner.Batch(
-      prompt=jnp.asarray(rng.integers(3, 300, (b, p)), jnp.int32),
-      prompt_mask=jnp.ones((b, p), bool),
-      response=jnp.asarray(rng.integers(3, 300, (b, g, t)), jnp.int32),
-      loss_mask=jnp.ones((b, g, t), bool),
-      old_logp=jnp.full((b, g, t), -5.0, jnp.float32),
-      rewards=jnp.asarray([[1.0, 0.0], [0.0, 1.0]]),
-      group_mask=jnp.ones((b, g), bool))
+  batch = testing.two_group_batch(0)
   before = jax.tree.map(np.array, params)
   state = learner.init_state(adapters, optimizer)
   state, metrics = step(state, params, batch)

@@ -94,16 +94,7 @@ def test_learner_train_step_changes_only_adapters(pretrained, tmp_path):
   optimizer = lora.optimizer(learner.make_optimizer(cfg.optim))
   step = learner.make_train_step(lora.make_logits_fn(_logits_fn(model), lcfg),
                                  optimizer, cfg)
-  rng = np.random.default_rng(0)
-  b, g, p, t = 2, 2, 4, 6
-  batch = learner.Batch(
-      prompt=jnp.asarray(rng.integers(3, 300, (b, p)), jnp.int32),
-      prompt_mask=jnp.ones((b, p), bool),
-      response=jnp.asarray(rng.integers(3, 300, (b, g, t)), jnp.int32),
-      loss_mask=jnp.ones((b, g, t), bool),
-      old_logp=jnp.full((b, g, t), -5.0, jnp.float32),
-      rewards=jnp.asarray([[1.0, 0.0], [0.0, 1.0]]),
-      group_mask=jnp.ones((b, g), bool))
+  batch = testing.two_group_batch(0)
   before = jax.tree.map(np.array, params)
   state = learner.init_state(jax.tree.map(jnp.array, params), optimizer)
   opt_leaves = jax.tree.leaves(state.opt_state)
