@@ -113,6 +113,12 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
 
   plan = sharding.Plan.from_config(cfg.mesh)
   _check_batch_fits_mesh(cfg, plan)
+  if cfg.rollout.mode != 'static' and jax.process_count() > 1:
+    # The engine and tree samplers run on one device of this process.
+    raise config_lib.ConfigError(
+        f'rollout.mode={cfg.rollout.mode!r} samples on one device and does '
+        f'not run with {jax.process_count()} processes; use '
+        'rollout.mode=static for multi-host runs')
   # A separate sampler mesh gets an explicit weight reshard every step.
   splan = (sharding.Plan.from_config(cfg.mesh, sampler=True)
            if cfg.mesh.sampler_shape else plan)

@@ -119,10 +119,6 @@ class Rollouts:
                actor: Actor):
     self.cfg, self.task, self.curriculum = cfg, task, curriculum
     self.mode = cfg.rollout.mode
-    if self.mode != 'static' and jax.process_count() > 1:
-      raise NotImplementedError(
-          f'rollout.mode={self.mode!r} samples on one device and does not '
-          'run multi-process yet; use rollout.mode=static')
     self._tally = _Tally()
     self._step = 0
     self._precompiled = False
