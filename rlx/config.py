@@ -170,6 +170,9 @@ class TreeRolloutConfig:
   repeat_ngram: int = 0  # treepo: end a path that repeats an n-gram
   # (n <= this) repeat_count times in a row; 0: off.
   repeat_count: int = 4  # treepo: copies that count as a repetition.
+  stop_on_answer: bool = False  # treepo: end a path at its first complete
+  # \boxed{...} answer (task.name=math_files; chain_arith answers already
+  # end at the stop token).
   chunk_steps: int = 16  # latr: decode steps per jitted call.
   tau_abs: float = 0.15  # latr: branch iff p2 > tau_abs ...
   tau_rel: float = 0.25  # latr: ... and p1 - p2 < tau_rel (card: math).
@@ -652,6 +655,11 @@ def _validate_tree(cfg: Config) -> None:
   for key in ('repeat_ngram', 'max_branches', 'mix_anneal_steps', 'rounds'):
     _require(getattr(tr, key) >= 0, f'rollout.tree.{key}', 'must be >= 0')
   _require(tr.repeat_count >= 2, 'rollout.tree.repeat_count', 'must be >= 2')
+  _require(not tr.stop_on_answer or (tr.kind == 'treepo' and
+                                     cfg.task.name == 'math_files'),
+           'rollout.tree.stop_on_answer', 'is a TreePO rule for boxed '
+           'answers: it needs rollout.tree.kind=treepo and task.name='
+           f'math_files (are {tr.kind!r}, {cfg.task.name!r})')
   for key in ('mix', 'mix_end', 'tau_abs', 'tau_rel'):
     value = getattr(tr, key)
     _require(0 <= value <= 1, f'rollout.tree.{key}', f'{value} not in [0, 1]')

@@ -10,8 +10,10 @@ evaluation draws in every mode: evaluation always uses the static
 sampler). Modes (`MODES`): static, continuous, april (keep), april_mask,
 april_tis (keep + TIS on recomputed old log-probs), and the tree kinds
 treepo, latr, eptree (GRPO advantages over the W = G leaves) plus
-treepo_tree (TreePO's own ancestor-group advantage). Runs go seed-major
-(all modes of seed 0, then seed 1), so machine load drifts hit every mode.
+treepo_tree (TreePO's own ancestor-group advantage) and eptree_treerl
+(EPTree with TreeRL's process-reward advantage, as in the TreeRL paper).
+Runs go seed-major (all modes of seed 0, then seed 1), so machine load
+drifts hit every mode.
 
 Reports per mode, over the seeds: seconds per RL step (rollout + learner,
 the median over steps 2..N: step 1 compiles), its ratio to static,
@@ -53,6 +55,8 @@ MODES = {
                     'objective.advantage': 'tree'},
     'latr': {'rollout.mode': 'tree', 'rollout.tree.kind': 'latr'},
     'eptree': {'rollout.mode': 'tree', 'rollout.tree.kind': 'eptree'},
+    'eptree_treerl': {'rollout.mode': 'tree', 'rollout.tree.kind': 'eptree',
+                      'objective.advantage': 'treerl'},
 }
 
 _MODES = flags.DEFINE_list('modes', ['static', 'continuous', 'april'],

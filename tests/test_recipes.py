@@ -48,10 +48,10 @@ def test_recipe_builds_with_its_objective(recipe):
     assert getattr(cfg.objective, key) == value, (recipe, key)
   if recipe == 'mc_grpo':
     assert cfg.rl.group_size == 5  # G + 1 with the pivot.
-  if recipe == 'grpo_hardmix':  # Short clean demos, long chains unseen.
-    assert (cfg.task.max_steps, cfg.task.zipf_s) == (16, 0.0)
-    assert (cfg.warmstart.max_steps, cfg.warmstart.demo_error_rate) == (8,
-                                                                       0.02)
+  if recipe == 'grpo_hardmix':  # Short demos, long chains unseen.
+    assert (cfg.task.max_steps, cfg.task.zipf_s) == (12, 0.0)
+    assert (cfg.warmstart.max_steps, cfg.warmstart.demo_error_rate) == (4,
+                                                                       0.1)
   if recipe == 'grpo_math_lora':  # A real model on math files, adapters.
     assert cfg.task.name == 'math_files' and cfg.lora.rank > 0
     assert (cfg.rl.group_size, cfg.sampling.max_new_tokens) == (8, 1024)

@@ -121,6 +121,8 @@ def base(tmp_path_factory):
       'curriculum.selector': 'dots', 'curriculum.dots_ref_samples': 1},
      'curriculum.dots_ref_samples'),
     ({'rollout.tree.unknown': 1}, 'rollout.tree.unknown'),
+    ({'rollout.mode': 'tree', 'rollout.tree.stop_on_answer': True},
+     'rollout.tree.stop_on_answer'),  # chain_arith: nothing to cut.
 ])
 def test_config_errors_name_the_key(overrides, key):
   with pytest.raises(config_lib.ConfigError) as err:

@@ -22,6 +22,7 @@ from rlx.logbook import read_metrics
 import rlx.models
 from rlx.models import hf_tokenizer
 from rlx.models import lora
+from rlx.sampling import modes
 
 # Qwen2 fixture: D=64, N=4, K=2, H=16, 2 layers, tied, V=320, ChatML.
 QWEN2 = os.path.join(os.path.dirname(__file__), 'fixtures', 'hf', 'qwen2')
@@ -161,6 +162,19 @@ def test_sampler_stops_on_every_stop_id(tmp_path, tokenizer):
 
 
 # --- The learner: adapters trained, base frozen and not donated ---------
+
+
+def test_treepo_answer_rule_cuts_after_the_first_box(tmp_path, tokenizer):
+  c = _config_dict(tmp_path)
+  c.rollout.mode, c.rollout.tree.stop_on_answer = 'tree', True
+  stop_fn = modes.tree_stop_fn(config_lib.build(c), tokenizer)
+  ids = np.asarray(tokenizer.encode('so \\boxed{12} and \\boxed{3}'))
+  n = stop_fn(ids)
+  assert tokenizer.decode(ids[:n]).endswith('\\boxed{12}')
+  assert '}' not in tokenizer.decode(ids[:n - 1])
+  assert stop_fn(ids[:n - 1]) == 0
+  c.rollout.tree.stop_on_answer = False
+  assert modes.tree_stop_fn(config_lib.build(c), tokenizer) is None
 
 
 def test_train_step_with_frozen_base(tmp_path):

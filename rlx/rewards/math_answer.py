@@ -29,6 +29,27 @@ _BOX = re.compile(r'\\(?:boxed|fbox)\s*\{')
 _TEXT = re.compile(r'\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}')
 
 
+def _box_close(response: str, start: int) -> Optional[int]:
+  """Index of the brace closing the box whose content starts at `start`."""
+  depth = 1
+  for i in range(start, len(response)):
+    depth += {'{': 1, '}': -1}.get(response[i], 0)
+    if depth == 0:
+      return i
+  return None
+
+
+def first_boxed_end(response: str) -> Optional[int]:
+  """Characters up to and including the first complete box's closing brace
+  (TreePO's answer-found rule cuts a path there); None if no box is
+  complete yet."""
+  for m in _BOX.finditer(response):
+    close = _box_close(response, m.end())
+    if close is not None:
+      return close + 1
+  return None
+
+
 def last_boxed(response: str) -> Optional[str]:
   """Content of the last \\boxed{...} / \\fbox{...}, braces balanced.
 
@@ -37,11 +58,9 @@ def last_boxed(response: str) -> Optional[str]:
   """
   starts = [m.end() for m in _BOX.finditer(response)]
   for start in reversed(starts):
-    depth = 1
-    for i in range(start, len(response)):
-      depth += {'{': 1, '}': -1}.get(response[i], 0)
-      if depth == 0:
-        return response[start:i]
+    close = _box_close(response, start)
+    if close is not None:
+      return response[start:close]
   return None
 
 

@@ -35,9 +35,11 @@ from rlx.curriculum import estimators as est
 from rlx.curriculum.controller import Collected, Curriculum, epoch_order
 from rlx.replay import partial_buffer as pb
 from rlx.rewards import chain_arith as chain_arith_reward
+from rlx.rewards import math_answer
 from rlx.sampling import engine as en
 from rlx.sampling import partial
 from rlx.sampling import tree as tree_lib
+from rlx.sampling import tree_rules
 
 _CHUNK_STEPS = 16  # rollout.chunk_steps = 0.
 _RESUME_BUCKET = 16  # rollout.resume_bucket = 0.
@@ -102,6 +104,16 @@ class _Tally:
     self.tree: list[dict] = []
 
 
+def tree_stop_fn(cfg: Config, tokenizer):
+  """TreePO's answer-found rule for the run (`rollout.tree.stop_on_answer`;
+  math_files, config-checked): a path ends at its first complete
+  \\boxed{...}. None when off."""
+  if not cfg.rollout.tree.stop_on_answer:
+    return None
+  return tree_rules.text_stop_fn(tokenizer.decode,
+                                 math_answer.first_boxed_end)
+
+
 class Rollouts:
   """The trainer's rollout side for one `rollout.mode`.
 
@@ -148,7 +160,8 @@ class Rollouts:
       if cfg.task.name == 'chain_arith':  # Distinct answers, not texts.
         answer = lambda x: chain_arith_reward.extract_answer(tok.decode(x))
       self._tree = tree_lib.transformer_tree_sampler(
-          model, self._tree_config(), answer_fn=answer)
+          model, self._tree_config(), answer_fn=answer,
+          stop_fn=tree_stop_fn(cfg, tok))
       self.actor = Actor(model, task, s.max_new_tokens, top_k=s.top_k,
                          sampler=self._tree_sample)
 

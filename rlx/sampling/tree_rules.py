@@ -106,6 +106,34 @@ def is_repeating(tokens: np.ndarray, *, max_ngram: int, count: int) -> bool:
   return False
 
 
+def text_stop_fn(decode: Callable[[np.ndarray], str],
+                 found: Callable[[str], Optional[int]]
+                 ) -> Callable[[np.ndarray], int]:
+  """A token-level answer rule (`stop_fn` of TreePO's loop) from a text one.
+
+  Args:
+    decode: token ids [L] -> text.
+    found: text -> None while no answer is complete, else a position; it
+      must be monotone (once found in a prefix, found in every extension).
+
+  Returns:
+    stop_fn(tokens [L]) -> the fewest leading tokens whose text has the
+    answer (binary search, O(log L) decodes), or 0 if there is none.
+  """
+  def stop_fn(tokens: np.ndarray) -> int:
+    if found(decode(tokens)) is None:
+      return 0
+    lo, hi = 1, len(tokens)  # found(decode(tokens[:hi])) holds.
+    while lo < hi:
+      mid = (lo + hi) // 2
+      if found(decode(tokens[:mid])) is None:
+        lo = mid + 1
+      else:
+        hi = mid
+    return hi
+  return stop_fn
+
+
 def allocate(free: int, weights: np.ndarray, cap: int) -> np.ndarray:
   """Splits `free` new branches among live paths in proportion to weights.
 

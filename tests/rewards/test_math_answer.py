@@ -60,6 +60,18 @@ def test_last_boxed_balances_braces():
   assert math_answer.last_boxed('none') is None
 
 
+def test_first_boxed_end_is_the_first_complete_box():
+  text = 'so \\boxed{\\frac{1}{2}} then \\boxed{3}'
+  end = math_answer.first_boxed_end(text)
+  assert text[:end] == 'so \\boxed{\\frac{1}{2}}'
+  assert math_answer.first_boxed_end('x \\boxed{\\frac{1}{2') is None
+  assert math_answer.first_boxed_end('no box') is None
+  # Every prefix of the text: found exactly from `end` on (monotone).
+  assert [math_answer.first_boxed_end(text[:n]) is not None
+          for n in range(len(text) + 1)] == [n >= end
+                                             for n in range(len(text) + 1)]
+
+
 def test_score_batch_and_thread_pool():
   responses = [r for r, _ in EQUIVALENT[:4]] + [r for r, _ in DIFFERENT[:4]]
   answers = [a for _, a in EQUIVALENT[:4]] + [a for _, a in DIFFERENT[:4]]

@@ -478,6 +478,19 @@ def test_allocate_and_repetition_rules():
   assert rules.is_repeating(np.array([4, 4, 4]), max_ngram=1, count=3)
 
 
+def test_text_stop_fn_cuts_at_the_fewest_tokens_holding_the_answer():
+  # Tokens are characters; the answer is found once '}' closes a box.
+  words = np.array([ord(c) for c in 'ab{cd}ef}'])
+  decode = lambda x: ''.join(map(chr, x))
+  found = lambda t: (t.index('}') + 1) if '{' in t and '}' in t else None
+  calls = []
+  stop = rules.text_stop_fn(lambda x: calls.append(1) or decode(x), found)
+  assert stop(words) == 6  # 'ab{cd}'.
+  assert len(calls) <= 1 + int(np.ceil(np.log2(len(words))))
+  assert stop(words[:5]) == 0
+  assert stop(words[:6]) == 6
+
+
 def test_tree_paths_from_a_hand_genealogy():
   # Slot 0 root; 1 forked from 0 at 2; 2 from 1 at 5; 3 from 0 at 0.
   x, self_ = rules.NO_ANCESTOR, rules.SELF
