@@ -1,11 +1,12 @@
 """GRPO on the harder mix: most prompts far too easy or far too hard.
 
-Chains of 1..16 steps in equal shares, but the warm start imitates clean
-demonstrations (2% slips) of chains with at most 8 steps only. Measured on
-the held-out set with 8 samples per prompt (docs/BENCHMARKS.md): chains of
-1-8 steps pass at 0.89-0.97 (about 60% of their groups all correct), chains
-of 9-16 steps at 0.07-0.18 (about 65% all wrong); 63% of all groups have
-zero variance, the realistic case for curricula (rlx/curriculum/).
+Chains of 1..12 steps in equal shares, but the warm start imitates
+demonstrations (10% slips per step) of chains with at most 4 steps only:
+chains of 1-4 steps are the learnable middle (one-step chains mostly come
+back all correct), the two thirds with 5-12 steps are beyond the warm
+start and nearly always fail. Under uniform selection about 62% of the
+groups have zero variance (docs/BENCHMARKS.md), the realistic case for
+curricula (rlx/curriculum/). Same sequence shapes as the default recipe.
 """
 
 from configs import common
@@ -13,10 +14,8 @@ from configs import common
 
 def get_config():
   config = common.base_config()
-  config.task.max_steps = 16
+  config.task.max_steps = 12
   config.task.zipf_s = 0.0  # Every chain length equally often.
-  config.task.prompt_len = 52  # 3 * 16 + 3 characters + bos.
-  config.sampling.max_new_tokens = 100  # 6 * 16 + 4.
-  config.warmstart.demo_error_rate = 0.02
-  config.warmstart.max_steps = 8
+  config.warmstart.demo_error_rate = 0.1
+  config.warmstart.max_steps = 4
   return config
