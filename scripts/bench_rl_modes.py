@@ -11,7 +11,9 @@ sampler). Modes (`MODES`): static, continuous, april (keep), april_mask,
 april_tis (keep + TIS on recomputed old log-probs), and the tree kinds
 treepo, latr, eptree (GRPO advantages over the W = G leaves) plus
 treepo_tree (TreePO's own ancestor-group advantage) and eptree_treerl
-(EPTree with TreeRL's process-reward advantage, as in the TreeRL paper).
+(EPTree with TreeRL's process-reward advantage, as in the TreeRL paper)
+and eptree_n3t1 (each chain forked once at each of its 3 most uncertain
+tokens instead of 3 times at the most uncertain one).
 Runs go seed-major (all modes of seed 0, then seed 1), so machine load
 drifts hit every mode.
 
@@ -57,6 +59,9 @@ MODES = {
     'eptree': {'rollout.mode': 'tree', 'rollout.tree.kind': 'eptree'},
     'eptree_treerl': {'rollout.mode': 'tree', 'rollout.tree.kind': 'eptree',
                       'objective.advantage': 'treerl'},
+    'eptree_n3t1': {'rollout.mode': 'tree', 'rollout.tree.kind': 'eptree',
+                    'rollout.tree.fork_points': 3,
+                    'rollout.tree.fork_branches': 1},
 }
 
 _MODES = flags.DEFINE_list('modes', ['static', 'continuous', 'april'],
