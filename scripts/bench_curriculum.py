@@ -4,9 +4,11 @@
       --seeds=0,1 --workdir=runs/bench_curriculum
 
 For each task recipe, uniform GRPO runs --steps RL steps (B * G rollouts
-each); its final held-out pass@1 (mean over seeds) is the target. Every
-method then runs with the same total rollout budget (rl.max_rollouts;
-rollouts spent on DOTS references and DAPO refills count). Reported per
+each; --batch_prompts overrides B, e.g. --batch_prompts=8 --steps=32 for
+the same budget in twice the optimizer steps); its final held-out pass@1
+(mean over seeds) is the target. Every method then runs with the same
+total rollout budget (rl.max_rollouts; rollouts spent on DOTS references
+and DAPO refills count). Reported per
 method: rollouts and wall seconds until the first evaluation at or above
 the target (mean over the seeds that reached it; '-' if none did), the
 ratio of those rollouts to uniform's, the final pass@1, and the mean
@@ -61,6 +63,9 @@ _EVAL_EVERY = flags.DEFINE_integer('eval_every', 4, 'Steps between evals.')
 _EVAL_PROMPTS = flags.DEFINE_integer('eval_prompts', 256,
                                      'Held-out prompts per evaluation.')
 _POOL = flags.DEFINE_integer('pool', 128, 'curriculum.pool_size.')
+_BATCH = flags.DEFINE_integer('batch_prompts', 0, 'rl.batch_prompts for '
+                              "every run (0: the recipe's); runs go to "
+                              'WORKDIR/<task>_b<B>/ when set.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/bench_curriculum',
                                'Where runs are written.')
 
@@ -69,6 +74,8 @@ def run_one(task: str, method: str, seed: int) -> list[dict]:
   config = importlib.import_module(f'configs.{task}').get_config()
   config.seed = seed
   rl = config.rl
+  if _BATCH.value:
+    rl.batch_prompts = _BATCH.value
   budget = _STEPS.value * rl.batch_prompts * rl.group_size
   rl.num_steps = 4 * _STEPS.value  # The budget stops it first.
   rl.max_rollouts = budget
@@ -81,7 +88,8 @@ def run_one(task: str, method: str, seed: int) -> list[dict]:
   config.log.tensorboard = False
   config.log.checkpoint_every = 1000
   cfg = config_lib.build(config)
-  workdir = os.path.join(_WORKDIR.value, f'{task}/{method}_seed{seed}')
+  folder = f'{task}_b{_BATCH.value}' if _BATCH.value else task
+  workdir = os.path.join(_WORKDIR.value, f'{folder}/{method}_seed{seed}')
   metrics = os.path.join(workdir, 'metrics.jsonl')
   rows = read_metrics(metrics) if os.path.exists(metrics) else []
   if not any(r.get('rollouts/total', 0) >= budget for r in rows):
