@@ -8,11 +8,11 @@ each; --batch_prompts overrides B, e.g. --batch_prompts=8 --steps=32 for
 the same budget in twice the optimizer steps); its final held-out pass@1
 (mean over seeds) is the target. Every method then runs with the same
 total rollout budget (rl.max_rollouts; rollouts spent on DOTS references
-and DAPO refills count). Reported per
-method: rollouts and wall seconds until the first evaluation at or above
-the target (mean over the seeds that reached it; '-' if none did), the
-ratio of those rollouts to uniform's, the final pass@1, and the mean
-fraction of zero-variance groups among the groups rolled out. Selection
+and DAPO refills count). Reported per method: rollouts and wall seconds
+until the first evaluation at or above the target (mean over the seeds
+that reached it; '-' if none did), the ratio of those rollouts to
+uniform's, the final pass@1, and the mean fraction of zero-variance
+groups among the groups rolled out. Selection
 is restricted to a pool of --pool prompts so that prompts come back (the
 multi-epoch regime the estimators learn in). Finished runs in --workdir
 are read back, not repeated.
