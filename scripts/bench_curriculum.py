@@ -11,8 +11,10 @@ total rollout budget (rl.max_rollouts; rollouts spent on DOTS references
 and DAPO refills count). Reported per method: rollouts and wall seconds
 until the first evaluation at or above the target (mean over the seeds
 that reached it; '-' if none did), the ratio of those rollouts to
-uniform's, the final pass@1, and the mean fraction of zero-variance
-groups among the groups rolled out. Selection
+uniform's, the final pass@1, its difference to uniform's on the same seed
+(mean and standard error over seeds: the paired comparison that says
+whether a gap is larger than the seed-to-seed noise), and the mean
+fraction of zero-variance groups among the groups rolled out. Selection
 is restricted to a pool of --pool prompts so that prompts come back (the
 multi-epoch regime the estimators learn in). Finished runs in --workdir
 are read back, not repeated.
@@ -65,7 +67,9 @@ _EVAL_PROMPTS = flags.DEFINE_integer('eval_prompts', 256,
 _POOL = flags.DEFINE_integer('pool', 128, 'curriculum.pool_size.')
 _BATCH = flags.DEFINE_integer('batch_prompts', 0, 'rl.batch_prompts for '
                               "every run (0: the recipe's); runs go to "
-                              'WORKDIR/<task>_b<B>/ when set.')
+                              'WORKDIR/<task>_b<B>/ when set (and '
+                              '<task>[_b<B>]_r<rollouts>/ for a budget '
+                              "other than 16 of the recipe's steps).")
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/bench_curriculum',
                                'Where runs are written.')
 
@@ -74,6 +78,9 @@ def run_one(task: str, method: str, seed: int) -> list[dict]:
   config = importlib.import_module(f'configs.{task}').get_config()
   config.seed = seed
   rl = config.rl
+  # Budget of the recipe's 16 steps; runs of another budget get their own
+  # folder (they could not resume a finished run of a different budget).
+  default_budget = 16 * rl.batch_prompts * rl.group_size
   if _BATCH.value:
     rl.batch_prompts = _BATCH.value
   budget = _STEPS.value * rl.batch_prompts * rl.group_size
@@ -89,6 +96,8 @@ def run_one(task: str, method: str, seed: int) -> list[dict]:
   config.log.checkpoint_every = 1000
   cfg = config_lib.build(config)
   folder = f'{task}_b{_BATCH.value}' if _BATCH.value else task
+  if budget != default_budget:
+    folder += f'_r{budget}'
   workdir = os.path.join(_WORKDIR.value, f'{folder}/{method}_seed{seed}')
   metrics = os.path.join(workdir, 'metrics.jsonl')
   rows = read_metrics(metrics) if os.path.exists(metrics) else []
@@ -134,19 +143,24 @@ def main(argv):
     print(f'\n{task}: target pass@1 {target:.3f} (uniform, final, mean of '
           f'{len(seeds)} seeds); start {evals(base[0])[0][2]:.3f}')
     print('| method | seeds reaching | rollouts to target | vs uniform | '
-          's to target | final pass@1 | zero-var groups |')
-    print('|---|---|---|---|---|---|---|')
+          's to target | final pass@1 | final - uniform (same seed), '
+          'mean +- s.e. | zero-var groups |')
+    print('|---|---|---|---|---|---|---|---|')
+    base_final = np.array([evals(r)[-1][2] for r in base])
     for method, rs in runs.items():
       hits = [x for x in (reach(r, target) for r in rs) if x]
       roll = np.mean([h[0] for h in hits]) if hits else None
       secs = np.mean([h[1] for h in hits]) if hits else None
-      final = np.mean([evals(r)[-1][2] for r in rs])
+      finals = np.array([evals(r)[-1][2] for r in rs])
+      final, gap = finals.mean(), finals - base_final
+      gap_se = gap.std(ddof=1) / np.sqrt(len(gap)) if len(gap) > 1 else 0
       zero = np.mean([r['curriculum/zero_var_frac'] for run in rs
                       for r in run if 'curriculum/zero_var_frac' in r])
       cell = lambda v, f: '-' if v is None else f.format(v)
       print(f'| {method} | {len(hits)}/{len(rs)} | {cell(roll, "{:.0f}")} | '
             f'{cell(roll and roll / base_rollouts, "{:.2f}")} | '
-            f'{cell(secs, "{:.0f}")} | {final:.3f} | {zero:.2f} |',
+            f'{cell(secs, "{:.0f}")} | {final:.3f} | '
+            f'{gap.mean():+.3f} +- {gap_se:.3f} | {zero:.2f} |',
             flush=True)
 
 
