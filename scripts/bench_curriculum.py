@@ -78,9 +78,9 @@ def run_one(task: str, method: str, seed: int) -> list[dict]:
   config = importlib.import_module(f'configs.{task}').get_config()
   config.seed = seed
   rl = config.rl
-  # Budget of the recipe's 16 steps; runs of another budget get their own
-  # folder (they could not resume a finished run of a different budget).
-  default_budget = 16 * rl.batch_prompts * rl.group_size
+  # Budget of the recipe's B at the default --steps; runs of another budget
+  # get their own folder (they could not resume a finished run of another).
+  default_budget = _STEPS.default * rl.batch_prompts * rl.group_size
   if _BATCH.value:
     rl.batch_prompts = _BATCH.value
   budget = _STEPS.value * rl.batch_prompts * rl.group_size
@@ -137,7 +137,8 @@ def main(argv):
     runs = {m: [run_one(task, m, s) for s in seeds] for m in _METHODS.value}
     base = runs.get('uniform') or [run_one(task, 'uniform', s)
                                    for s in seeds]
-    target = float(np.mean([evals(r)[-1][2] for r in base]))
+    base_final = np.array([evals(r)[-1][2] for r in base])
+    target = float(base_final.mean())
     base_reach = [reach(r, target) for r in base]
     base_rollouts = np.mean([x[0] for x in base_reach if x])
     print(f'\n{task}: target pass@1 {target:.3f} (uniform, final, mean of '
@@ -146,7 +147,6 @@ def main(argv):
           's to target | final pass@1 | final - uniform (same seed), '
           'mean +- s.e. | zero-var groups |')
     print('|---|---|---|---|---|---|---|---|')
-    base_final = np.array([evals(r)[-1][2] for r in base])
     for method, rs in runs.items():
       hits = [x for x in (reach(r, target) for r in rs) if x]
       roll = np.mean([h[0] for h in hits]) if hits else None
