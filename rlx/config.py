@@ -141,9 +141,22 @@ class CurriculumConfig:
   gdro_ema: float = 0.9  # prompt_gdro: EMA decay of bin hardness.
   gdro_explore: float = 0.1  # prompt_gdro: uniform share mixed into q.
   spo_floor: float = 0.05  # spo: priority floor in sqrt(v(1-v)) + floor.
-  dots_ref_prompts: int = 16  # dots: reference prompts rolled out per step
-  # (their rollouts count as spent; they are not trained on).
-  dots_ref_samples: int = 4  # dots: rollouts per reference prompt.
+  dots_refs: str = 'fresh'  # dots: fresh | history. fresh (the card): a
+  # random reference set rolled out every step (dots_ref_prompts x
+  # dots_ref_samples; their rollouts count as spent, they are not trained
+  # on). history: no extra rollouts; the references are the last
+  # dots_history_refs prompts trained on (their pass rates in the
+  # estimator's evidence), and the attention prediction is each prompt's
+  # prior (weight dots_prior) under its own evidence.
+  dots_ref_prompts: int = 16  # dots (fresh): reference prompts per step.
+  dots_ref_samples: int = 4  # dots (fresh): rollouts per reference prompt.
+  dots_history_refs: int = 256  # dots (history): references kept.
+  dots_prior: float = 2.0  # dots (history): pseudo-rollouts the embedding
+  # prediction counts for against a prompt's own evidence.
+  dots_similarity: str = 'dot'  # dots: dot (the card's <e_i, e_r> /
+  # sqrt(D)) | cosine (embeddings centred over the pool and normalised,
+  # times dots_cosine_scale).
+  dots_cosine_scale: float = 20.0  # dots (cosine): inverse temperature.
   dots_tau: float = 0.1  # dots: P ~ exp(-|p_hat - 0.5| / tau).
   dots_embed_every: int = 0  # dots: recompute prompt embeddings every this
   # many steps; 0: once, from the warm start.
@@ -546,7 +559,9 @@ def _validate_curriculum(cfg: Config) -> None:
       ('selector', cur.selector, selectors.SELECTORS),
       ('allocator', cur.allocator, allocators.ALLOCATORS),
       ('estimator', cur.estimator, ('auto',) + estimators.ESTIMATORS),
-      ('dars_schedule', cur.dars_schedule, ('et', 'hw'))):
+      ('dars_schedule', cur.dars_schedule, ('et', 'hw')),
+      ('dots_refs', cur.dots_refs, ('fresh', 'history')),
+      ('dots_similarity', cur.dots_similarity, ('dot', 'cosine'))):
     _require(value in known, f'curriculum.{key}',
              f'{value!r} is not one of {list(known)}')
   parts = cur.filter.split('+')
@@ -570,9 +585,11 @@ def _validate_curriculum(cfg: Config) -> None:
               'gdro_ema', 'gdro_explore', 'skip_threshold'):
     value = getattr(cur, key)
     _require(0 <= value <= 1, f'curriculum.{key}', f'{value} not in [0, 1]')
-  for key in ('prior_alpha', 'prior_beta', 'dots_tau'):
+  for key in ('prior_alpha', 'prior_beta', 'dots_tau', 'dots_prior',
+              'dots_cosine_scale'):
     _require(getattr(cur, key) > 0, f'curriculum.{key}', 'must be > 0')
-  for key in ('gdro_bins', 'dots_ref_prompts', 'dots_ref_samples'):
+  for key in ('gdro_bins', 'dots_ref_prompts', 'dots_ref_samples',
+              'dots_history_refs'):
     _require(getattr(cur, key) >= 1, f'curriculum.{key}', 'must be >= 1')
   _require(cur.dapo_max_retries >= 0, 'curriculum.dapo_max_retries',
            'must be >= 0')
@@ -675,7 +692,8 @@ def _validate_tree(cfg: Config) -> None:
     for key, w in (('rl.group_size', g),
                    ('curriculum.dots_ref_samples',
                     cfg.curriculum.dots_ref_samples
-                    if cfg.curriculum.selector == 'dots' else g)):
+                    if cfg.curriculum.selector == 'dots' and
+                    cfg.curriculum.dots_refs == 'fresh' else g)):
       _require(m <= w <= most, key, f'{w} leaves per prompt must be in '
                f'[M, M (1 + L N T)] = [{m}, {most}] for eptree '
                '(rollout.tree.num_chains, rounds, fork_points, '

@@ -11,13 +11,18 @@ total rollout budget (rl.max_rollouts; rollouts spent on DOTS references
 and DAPO refills count). Reported per method: rollouts and wall seconds
 until the first evaluation at or above the target (mean over the seeds
 that reached it; '-' if none did), the ratio of those rollouts to
-uniform's, the final pass@1, its difference to uniform's on the same seed
-(mean and standard error over seeds: the paired comparison that says
-whether a gap is larger than the seed-to-seed noise), and the mean
-fraction of zero-variance groups among the groups rolled out. Selection
-is restricted to a pool of --pool prompts so that prompts come back (the
-multi-epoch regime the estimators learn in). Finished runs in --workdir
-are read back, not repeated.
+uniform's, rollouts, ratio and seconds read off the seed-mean pass@1
+curve instead (linear interpolation between evaluations; robust to one
+seed's lucky evaluation), the final pass@1, its difference to uniform's
+on the same seed (mean and standard error over seeds: the paired
+comparison that says whether a gap is larger than the seed-to-seed
+noise), and the mean fraction of zero-variance groups among the groups
+rolled out. Selection is restricted to a pool of --pool prompts so that
+prompts come back (the multi-epoch regime the estimators learn in);
+--pool=0 selects from every train prompt (few come back: the regime of a
+large dataset, where only a predictor across prompts such as DOTS has
+anything to go on). Finished runs in --workdir are read back, not
+repeated.
 """
 
 import importlib
@@ -46,6 +51,10 @@ METHODS = {
     'prompt_gdro': {'selector': 'prompt_gdro'},
     'spo': {'selector': 'spo'},
     'dots': {'selector': 'dots'},
+    # DOTS over the training history: no reference rollouts (see
+    # curriculum.dots_refs in rlx/config.py).
+    'dots_history': {'selector': 'dots', 'dots_refs': 'history',
+                     'dots_similarity': 'cosine'},
     'alloc_cures': {'allocator': 'cures'},
     'rollout_gdro': {'allocator': 'rollout_gdro'},
     'xrpo': {'allocator': 'xrpo'},
@@ -64,7 +73,9 @@ _STEPS = flags.DEFINE_integer('steps', 16, 'RL steps of the uniform run.')
 _EVAL_EVERY = flags.DEFINE_integer('eval_every', 4, 'Steps between evals.')
 _EVAL_PROMPTS = flags.DEFINE_integer('eval_prompts', 256,
                                      'Held-out prompts per evaluation.')
-_POOL = flags.DEFINE_integer('pool', 128, 'curriculum.pool_size.')
+_POOL = flags.DEFINE_integer('pool', 128, 'curriculum.pool_size (0: every '
+                             'train prompt); runs of another pool go to '
+                             '<folder>_p<pool>/.')
 _BATCH = flags.DEFINE_integer('batch_prompts', 0, 'rl.batch_prompts for '
                               "every run (0: the recipe's); runs go to "
                               'WORKDIR/<task>_b<B>/ when set (and '
@@ -98,6 +109,8 @@ def run_one(task: str, method: str, seed: int) -> list[dict]:
   folder = f'{task}_b{_BATCH.value}' if _BATCH.value else task
   if budget != default_budget:
     folder += f'_r{budget}'
+  if _POOL.value != _POOL.default:
+    folder += f'_p{_POOL.value}'
   workdir = os.path.join(_WORKDIR.value, f'{folder}/{method}_seed{seed}')
   metrics = os.path.join(workdir, 'metrics.jsonl')
   rows = read_metrics(metrics) if os.path.exists(metrics) else []
@@ -125,6 +138,25 @@ def reach(rows, target):
   return None
 
 
+def mean_curve_reach(runs, target):
+  """(rollouts, seconds) at which the seed-mean pass@1 curve first reaches
+  `target`, interpolated linearly between evaluations (None if never).
+
+  Evaluation i of every seed is averaged (pass@1, rollouts and seconds so
+  far), so the crossing does not hinge on one seed's lucky evaluation.
+  """
+  curves = [evals(r) for r in runs]
+  n = min(len(c) for c in curves)
+  mean = np.mean([c[:n] for c in curves], 0)  # [n, 3]
+  for i in range(n):
+    if mean[i, 2] >= target - 1e-9:
+      if i == 0:
+        return tuple(mean[0, :2])
+      frac = (target - mean[i - 1, 2]) / (mean[i, 2] - mean[i - 1, 2])
+      return tuple(mean[i - 1, :2] + frac * (mean[i, :2] - mean[i - 1, :2]))
+  return None
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -141,12 +173,14 @@ def main(argv):
     target = float(base_final.mean())
     base_reach = [reach(r, target) for r in base]
     base_rollouts = np.mean([x[0] for x in base_reach if x])
+    base_curve = mean_curve_reach(base, target)[0]
     print(f'\n{task}: target pass@1 {target:.3f} (uniform, final, mean of '
           f'{len(seeds)} seeds); start {evals(base[0])[0][2]:.3f}')
     print('| method | seeds reaching | rollouts to target | vs uniform | '
-          's to target | final pass@1 | final - uniform (same seed), '
+          's to target | seed-mean curve: rollouts to target | vs uniform '
+          '| s to target | final pass@1 | final - uniform (same seed), '
           'mean +- s.e. | zero-var groups |')
-    print('|---|---|---|---|---|---|---|---|')
+    print('|---|---|---|---|---|---|---|---|---|---|---|')
     for method, rs in runs.items():
       hits = [x for x in (reach(r, target) for r in rs) if x]
       roll = np.mean([h[0] for h in hits]) if hits else None
@@ -156,10 +190,13 @@ def main(argv):
       gap_se = gap.std(ddof=1) / np.sqrt(len(gap)) if len(gap) > 1 else 0
       zero = np.mean([r['curriculum/zero_var_frac'] for run in rs
                       for r in run if 'curriculum/zero_var_frac' in r])
+      curve, curve_s = mean_curve_reach(rs, target) or (None, None)
       cell = lambda v, f: '-' if v is None else f.format(v)
       print(f'| {method} | {len(hits)}/{len(rs)} | {cell(roll, "{:.0f}")} | '
             f'{cell(roll and roll / base_rollouts, "{:.2f}")} | '
-            f'{cell(secs, "{:.0f}")} | {final:.3f} | '
+            f'{cell(secs, "{:.0f}")} | {cell(curve, "{:.0f}")} | '
+            f'{cell(curve and curve / base_curve, "{:.2f}")} | '
+            f'{cell(curve_s, "{:.0f}")} | {final:.3f} | '
             f'{gap.mean():+.3f} +- {gap_se:.3f} | {zero:.2f} |',
             flush=True)
 

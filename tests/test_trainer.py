@@ -111,11 +111,17 @@ def test_corrupt_checkpoint_is_reported(uninterrupted, tmp_path):
     trainer.train(_cfg(tmp), str(workdir))
 
 
-def test_curriculum_run_resumes_exactly(tmp_path):
+@pytest.mark.parametrize('method', [
+    {'curriculum.selector': 'vade', 'curriculum.allocator': 'dars',
+     'curriculum.filter': 'dapo+skip', 'objective.advantage': 'spo'},
+    # DOTS over the history: the reference buffer is in the checkpoint.
+    {'curriculum.selector': 'dots', 'curriculum.dots_refs': 'history',
+     'curriculum.dots_similarity': 'cosine',
+     'curriculum.dots_history_refs': 8, 'curriculum.filter': 'dapo'}],
+                         ids=['vade_dars_dapo_skip', 'dots_history'])
+def test_curriculum_run_resumes_exactly(tmp_path, method):
   """Estimator state, variable groups and refills survive a kill/resume."""
-  over = {'curriculum.selector': 'vade', 'curriculum.allocator': 'dars',
-          'curriculum.filter': 'dapo+skip', 'curriculum.pool_size': 24,
-          'objective.advantage': 'spo', 'task.num_train': 200}
+  over = {'curriculum.pool_size': 24, 'task.num_train': 200, **method}
   full = trainer.train(_cfg(tmp_path, **over), str(tmp_path / 'full'))
   workdir = str(tmp_path / 'killed')
   trainer.train(_cfg(tmp_path, **over), workdir, stop_after=3)

@@ -95,6 +95,17 @@ def resolve_estimator(name: str, selector: str, advantage: str) -> str:
   return {'vade': 'vade', 'cures': 'count'}.get(selector, 'beta')
 
 
+def dots_remember(dots: sel.DotsState, ids) -> sel.DotsState:
+  """DOTS history: `ids` (this step's prompts) become the newest
+  references; older copies of them and the oldest beyond the buffer go."""
+  ids = np.unique(np.asarray(ids, np.int32))
+  old = np.asarray(dots.ref_ids)
+  old = old[(old >= 0) & ~np.isin(old, ids)]
+  refs = np.concatenate([ids, old])[:len(dots.ref_ids)]
+  refs = np.pad(refs, (0, len(dots.ref_ids) - len(refs)), constant_values=-1)
+  return dots._replace(ref_ids=jnp.asarray(refs, jnp.int32))
+
+
 def zero_variance(rewards: list) -> bool:
   """Whether a group's rewards are all equal (no GRPO signal)."""
   return len(rewards) == 0 or float(np.ptp(rewards)) == 0.0
@@ -120,9 +131,13 @@ class Curriculum:
     self.estimator = est.make(
         self.estimator_name, lam=cfg.discount, gamma=cfg.vade_decay,
         rho=cfg.spo_discount, alpha0=cfg.prior_alpha, beta0=cfg.prior_beta)
+    self.dots_history = cfg.selector == 'dots' and cfg.dots_refs == 'history'
     self._select = jax.jit(
         sel.make(cfg.selector, mmr1_mix=cfg.mmr1_mix,
-                 spo_floor=cfg.spo_floor, dots_tau=cfg.dots_tau),
+                 spo_floor=cfg.spo_floor, dots_tau=cfg.dots_tau,
+                 history=self.dots_history, scale=self._dots_scale(),
+                 prior=cfg.dots_prior, alpha0=cfg.prior_alpha,
+                 beta0=cfg.prior_beta),
         static_argnums=2)
     self.allocator = alloc_lib.make(
         cfg.allocator, group_size=rl.group_size, min_group=cfg.min_group,
@@ -148,8 +163,16 @@ class Curriculum:
     return jax.eval_shape(lambda: self._init(
         embed if self.cfg.selector == 'dots' else None))
 
+  def _dots_scale(self) -> Optional[float]:
+    """Attention inverse temperature (None: the card's 1 / sqrt(D))."""
+    cosine = self.cfg.dots_similarity == 'cosine'
+    return self.cfg.dots_cosine_scale if cosine else None
+
   def _init(self, embed) -> sel.CurriculumState:
-    refs = self.cfg.dots_ref_prompts if embed is not None else 1
+    refs = 1
+    if embed is not None:
+      refs = (self.cfg.dots_history_refs if self.dots_history
+              else self.cfg.dots_ref_prompts)
     dots = sel.DotsState(
         embed=jnp.zeros((1, 1)) if embed is None else embed,
         ref_ids=jnp.full((refs,), -1, jnp.int32),
@@ -166,7 +189,12 @@ class Curriculum:
     chunk = 1024
     parts = [self.embed_fn(params, np.arange(i, min(i + chunk, self.pool)))
              for i in range(0, self.pool, chunk)]
-    return jnp.concatenate(parts).astype(jnp.float32)
+    embed = jnp.concatenate(parts).astype(jnp.float32)
+    if self.cfg.dots_similarity == 'cosine':
+      embed = embed - jnp.mean(embed, axis=0)
+      embed = embed / jnp.maximum(
+          jnp.linalg.norm(embed, axis=-1, keepdims=True), 1e-6)
+    return embed
 
   def eligible(self, state) -> Optional[jax.Array]:
     """Pre-rollout skip: prompts whose group is not predicted all-equal."""
@@ -235,6 +263,9 @@ class Curriculum:
                                        k_dapo, sample, evidence, metrics)
     stats_before = state.stats
     state = state._replace(stats=self._observe(state.stats, evidence))
+    if self.dots_history:
+      seen = np.concatenate([i[np.asarray(n) > 0] for i, _, n in evidence])
+      state = state._replace(dots=dots_remember(state.dots, seen))
     if cfg.selector == 'prompt_gdro':
       fail = 1.0 - groups.successes() / np.maximum(groups.counts(), 1)
       state = state._replace(gdro=sel.gdro_update(
@@ -342,6 +373,8 @@ class Curriculum:
     dots = state.dots
     if cfg.dots_embed_every and step and step % cfg.dots_embed_every == 0:
       dots = dots._replace(embed=self.embed_pool(params))
+    if self.dots_history:  # The references are the trained prompts.
+      return state._replace(dots=dots)
     k1, k2 = jax.random.split(key)
     ref = np.asarray(sel.uniform(state, k1, cfg.dots_ref_prompts, eligible))
     groups = _Groups.empty(len(ref))

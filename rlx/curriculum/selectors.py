@@ -32,10 +32,13 @@ class GdroState(NamedTuple):
 
 
 class DotsState(NamedTuple):
-  """DOTS: prompt embeddings and the latest reference pass rates."""
+  """DOTS: prompt embeddings and the reference prompts."""
   embed: Array  # [N, D] float32 (D = 0 when DOTS is off).
-  ref_ids: Array  # [R] int32 reference prompts (-1: none yet).
-  ref_rates: Array  # [R] float32 their measured pass rates.
+  ref_ids: Array  # [R] int32 reference prompts (-1: none yet): this step's
+  # reference set, or (dots_refs=history) the prompts trained on most
+  # recently, newest first.
+  ref_rates: Array  # [R] float32 the reference set's measured pass rates
+  # (history: unused, the estimator's evidence is read live).
 
 
 class CurriculumState(NamedTuple):
@@ -184,32 +187,81 @@ def make_spo(floor: float) -> Callable:
   return select
 
 
-def dots_predict(dots: DotsState) -> Array:
+def dots_predict(dots: DotsState, scale: float | None = None) -> Array:
   """DOTS pass-rate prediction [N] by attention over the reference set.
 
-  p_hat_i = sum_r softmax_r(<e_i, e_r> / sqrt(D)) rate_r, over the valid
-  references (ref_ids >= 0). With no references yet, 0.5 everywhere.
+  p_hat_i = sum_r softmax_r(scale <e_i, e_r>) rate_r, over the valid
+  references (ref_ids >= 0); scale defaults to 1 / sqrt(D) (the card's).
+  With no references yet, 0.5 everywhere.
   """
   valid = dots.ref_ids >= 0
-  keys = dots.embed[jnp.maximum(dots.ref_ids, 0)]  # [R, D]
-  logits = dots.embed @ keys.T / jnp.sqrt(dots.embed.shape[-1])  # [N, R]
-  logits = jnp.where(valid[None], logits, -jnp.inf)
-  attn = jax.nn.softmax(logits, axis=-1)
-  pred = jnp.sum(jnp.nan_to_num(attn) * dots.ref_rates[None], axis=-1)
-  return jnp.where(jnp.any(valid), pred, 0.5)
+  attn = _attention(dots.embed, dots.ref_ids, valid[None], scale)
+  return jnp.where(jnp.any(valid), attn @ dots.ref_rates, 0.5)
 
 
-def make_dots(tau: float) -> Callable:
-  """DOTS: P proportional to exp(-|p_hat - 0.5| / tau)."""
+def _attention(embed: Array, refs: Array, valid: Array, scale) -> Array:
+  """[N, R] softmax over the valid references of scale <e_i, e_r> (scale
+  None: 1 / sqrt(D)); a row with no valid reference is all zero."""
+  keys = embed[jnp.maximum(refs, 0)]  # [R, D]
+  if scale is None:
+    scale = 1.0 / jnp.sqrt(embed.shape[-1])
+  logits = jnp.where(valid, embed @ keys.T * scale, -jnp.inf)
+  return jnp.nan_to_num(jax.nn.softmax(logits, axis=-1))
+
+
+def dots_history_predict(state: CurriculumState, scale: float | None = None,
+                         *, prior: float = 2.0, alpha0: float = 1.0,
+                         beta0: float = 1.0) -> Array:
+  """DOTS over the training history (`curriculum.dots_refs=history`).
+
+  The references are the prompts trained on most recently (`dots.ref_ids`,
+  -1: empty slot); no extra rollouts. With s_i = alpha_i - alpha0 and
+  f_i = beta_i - beta0 the estimator's (discounted) successes and failures,
+  a reference's rate is s / (s + f) (0.5 with no evidence left). Every
+  prompt gets an embedding prediction m_i by attention over the references
+  other than itself (0.5 with none), which then serves as the prior of its
+  own evidence:
+
+    p_hat_i = (s_i + prior m_i) / (s_i + f_i + prior).
+
+  An unseen prompt is predicted from similar prompts; a prompt with many
+  observations by its own pass rate.
+  """
+  s, dots = state.stats, state.dots
+  n = s.alpha.shape[0]
+  refs = dots.ref_ids
+  own = refs[None, :] == jnp.arange(n)[:, None]  # [N, R]
+  valid = (refs >= 0)[None] & ~own
+  attn = _attention(dots.embed, refs, valid, scale)
+  succ = jnp.maximum(s.alpha - alpha0, 0.0)
+  fail = jnp.maximum(s.beta - beta0, 0.0)
+  seen = succ + fail
+  rate = jnp.where(seen > 0, succ / jnp.maximum(seen, 1e-9), 0.5)
+  m = jnp.where(jnp.any(valid, -1), attn @ rate[jnp.maximum(refs, 0)], 0.5)
+  return (succ + prior * m) / (succ + fail + prior)
+
+
+def make_dots(tau: float, *, history: bool = False,
+              scale: float | None = None, prior: float = 2.0,
+              alpha0: float = 1.0, beta0: float = 1.0) -> Callable:
+  """DOTS: P proportional to exp(-|p_hat - 0.5| / tau), p_hat from fresh
+  reference rollouts (`dots_predict`) or the history
+  (`dots_history_predict`)."""
+  def predict(state):
+    if history:
+      return dots_history_predict(state, scale, prior=prior, alpha0=alpha0,
+                                  beta0=beta0)
+    return dots_predict(state.dots, scale)
+
   def select(state, key, k, eligible=None):
-    p = dots_predict(state.dots)
+    p = predict(state)
     return sample_weighted(key, jnp.exp(-jnp.abs(p - 0.5) / tau), k,
                            eligible)
   return select
 
 
 def make(name: str, *, mmr1_mix: float, spo_floor: float,
-         dots_tau: float) -> Callable:
+         dots_tau: float, **dots_kwargs) -> Callable:
   """The selector registered under `name` (see SELECTORS)."""
   fixed = {'uniform': uniform, 'vade': vade, 'insight': insight,
            'cures': cures, 'prompt_gdro': prompt_gdro}
@@ -220,5 +272,5 @@ def make(name: str, *, mmr1_mix: float, spo_floor: float,
   if name == 'spo':
     return make_spo(spo_floor)
   if name == 'dots':
-    return make_dots(dots_tau)
+    return make_dots(dots_tau, **dots_kwargs)
   raise ValueError(f'unknown selector {name!r}; known: {list(SELECTORS)}')

@@ -159,3 +159,30 @@ def test_variable_group_advantages_equal_per_group_computation(name):
 def test_collected_is_a_plain_dataclass():
   assert dataclasses.is_dataclass(ctl.Collected)
   assert est.ESTIMATORS == ('beta', 'vade', 'count', 'spo')
+
+
+def test_dots_remember_keeps_the_newest_distinct_prompts():
+  dots = sel.DotsState(jnp.zeros((1, 1)), jnp.array([5, 3, -1, -1, -1],
+                                                    jnp.int32), jnp.zeros(5))
+  dots = ctl.dots_remember(dots, np.array([7, 3, 7]))
+  np.testing.assert_array_equal(dots.ref_ids, [3, 7, 5, -1, -1])
+  dots = ctl.dots_remember(dots, np.array([1, 2, 4]))
+  np.testing.assert_array_equal(dots.ref_ids, [1, 2, 4, 3, 7])
+
+
+def test_dots_history_spends_no_reference_rollouts_and_avoids_all_equal():
+  cur = _curriculum(selector='dots', dots_refs='history',
+                    dots_similarity='cosine', dots_history_refs=16)
+  state = cur.init(params={})
+  picked = []
+  for step in range(16):
+    got, state, m = _collect(cur, state, step)
+    assert m['curriculum/rollouts'] == B * G
+    picked.append(np.asarray(got.ids))
+  refs = np.asarray(state.dots.ref_ids)
+  assert np.all(refs >= 0) and len(set(refs.tolist())) == 16
+  # The embedding (id mod 3) tells the P_TRUE = 0.5 third apart: after a
+  # few steps nearly every selected prompt is one of them (a third under
+  # uniform selection).
+  late = np.concatenate(picked[4:])
+  assert np.mean(late % 3 == 2) > 0.9

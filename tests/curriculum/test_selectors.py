@@ -127,3 +127,51 @@ def test_dots_prediction_by_hand():
                              rtol=1e-5)
   none = dots._replace(ref_ids=jnp.full((3,), -1, jnp.int32))
   np.testing.assert_allclose(sel.dots_predict(none), 0.5)
+
+
+def test_dots_history_prediction_by_hand():
+  # Prompt 0 seen (3 successes, 1 failure), prompt 1 seen (0 / 4), prompt 2
+  # unseen; the references are prompts 0 and 1 (slot 3 empty).
+  embed = jnp.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+  alpha = jnp.array([4.0, 1.0, 1.0])
+  beta = jnp.array([2.0, 5.0, 1.0])
+  stats = est.PromptStats(alpha, beta, jnp.array([1, 1, 0]),
+                          jnp.array([0, 0, -1]), jnp.ones((), jnp.int32))
+  dots = sel.DotsState(embed, jnp.array([1, 0, -1], jnp.int32),
+                       jnp.zeros(3))
+  state = sel.CurriculumState(stats, sel.gdro_init(5), dots)
+  scale, prior = 3.0, 2.0
+  got = np.asarray(sel.dots_history_predict(state, scale, prior=prior))
+  rate = np.array([3 / 4, 0 / 4])  # The references' evidence.
+  # Prompt 0 and 1: the only other reference is the other prompt.
+  m0, m1 = rate[1], rate[0]
+  w = np.exp(scale * np.array([0.6, 0.8]))  # Prompt 2 against 0 and 1.
+  m2 = (w / w.sum()) @ rate
+  want = [(3 + prior * m0) / (4 + prior), (0 + prior * m1) / (4 + prior),
+          m2]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  # No references: every prompt's prior is 0.5.
+  empty = state._replace(dots=dots._replace(
+      ref_ids=jnp.full((3,), -1, jnp.int32)))
+  np.testing.assert_allclose(
+      sel.dots_history_predict(empty, scale, prior=prior),
+      [(3 + 1) / 6, 1 / 6, 0.5], rtol=1e-5)
+
+
+def test_dots_history_selector_prefers_the_middle_group():
+  state = _state()
+  # The references are the first prompt of each group (p = 0.5, 0.02,
+  # 0.98 by their posteriors); unseen prompts inherit their group's rate.
+  half = MID + (N - MID) // 2
+  state = state._replace(stats=state.stats._replace(
+      alpha=state.stats.alpha.at[MID + 1:half].set(1.0).at[half + 1:].set(
+          1.0),
+      beta=state.stats.beta.at[MID + 1:half].set(1.0)))
+  state = state._replace(dots=state.dots._replace(
+      ref_ids=jnp.array([0, MID, half, -1], jnp.int32)))
+  select = jax.jit(sel.make('dots', mmr1_mix=0.5, spo_floor=0.05,
+                            dots_tau=0.1, history=True, scale=1.0),
+                   static_argnums=2)
+  ids = np.concatenate([np.asarray(select(state, jax.random.key(i), 6))
+                        for i in range(20)])
+  assert np.mean(ids < MID) > 0.9
