@@ -173,7 +173,8 @@ def main(argv):
     target = float(base_final.mean())
     base_reach = [reach(r, target) for r in base]
     base_rollouts = np.mean([x[0] for x in base_reach if x])
-    base_curve = mean_curve_reach(base, target)[0]
+    # None only if uniform's seeds logged different numbers of evaluations.
+    base_curve = (mean_curve_reach(base, target) or (None,))[0]
     print(f'\n{task}: target pass@1 {target:.3f} (uniform, final, mean of '
           f'{len(seeds)} seeds); start {evals(base[0])[0][2]:.3f}')
     print('| method | seeds reaching | rollouts to target | vs uniform | '
@@ -195,7 +196,7 @@ def main(argv):
       print(f'| {method} | {len(hits)}/{len(rs)} | {cell(roll, "{:.0f}")} | '
             f'{cell(roll and roll / base_rollouts, "{:.2f}")} | '
             f'{cell(secs, "{:.0f}")} | {cell(curve, "{:.0f}")} | '
-            f'{cell(curve and curve / base_curve, "{:.2f}")} | '
+            f'{cell(curve and base_curve and curve / base_curve, "{:.2f}")} | '
             f'{cell(curve_s, "{:.0f}")} | {final:.3f} | '
             f'{gap.mean():+.3f} +- {gap_se:.3f} | {zero:.2f} |',
             flush=True)
