@@ -206,6 +206,9 @@ class TreeRolloutConfig:
   rounds: int = 1  # eptree L: forking rounds; needs M <= W <= M (1 + L N T).
   fork_score: str = 'entropy'  # eptree: fork at the highest behaviour
   # entropy (entropy) or surprisal -logp (surprisal).
+  fork_distinct: bool = False  # eptree: a branch's first token is sampled
+  # without its parent's token there, so every branch diverges at its fork
+  # (recorded log-probs stay the policy's: biased, like LATR's runner-up).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -677,6 +680,9 @@ def _validate_tree(cfg: Config) -> None:
            'rollout.tree.stop_on_answer', 'is a TreePO rule for boxed '
            'answers: it needs rollout.tree.kind=treepo and task.name='
            f'math_files (are {tr.kind!r}, {cfg.task.name!r})')
+  _require(not tr.fork_distinct or tr.kind == 'eptree',
+           'rollout.tree.fork_distinct', 'is an EPTree rule (forks inside a '
+           f'path): it needs rollout.tree.kind=eptree (is {tr.kind!r})')
   for key in ('mix', 'mix_end', 'tau_abs', 'tau_rel'):
     value = getattr(tr, key)
     _require(0 <= value <= 1, f'rollout.tree.{key}', f'{value} not in [0, 1]')

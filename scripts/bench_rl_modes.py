@@ -13,7 +13,9 @@ treepo, latr, eptree (GRPO advantages over the W = G leaves) plus
 treepo_tree (TreePO's own ancestor-group advantage) and eptree_treerl
 (EPTree with TreeRL's process-reward advantage, as in the TreeRL paper)
 and eptree_n3t1 (each chain forked once at each of its 3 most uncertain
-tokens instead of 3 times at the most uncertain one).
+tokens instead of 3 times at the most uncertain one) and eptree_distinct
+(every branch's first token differs from its parent's there:
+rollout.tree.fork_distinct).
 Runs go seed-major (all modes of seed 0, then seed 1), so machine load
 drifts hit every mode.
 
@@ -21,7 +23,9 @@ Reports per mode, over the seeds: seconds per RL step (rollout + learner,
 the median over steps 2..N: step 1 compiles), its ratio to static,
 decoded tokens per leaf (tokens the model sampled, shared tree prefixes
 once, over the responses trained on) and its ratio, and final pass@1 per
-seed. Issue 5 asks for >= 25% less wall time per step than static at equal
+seed; then each mode's final pass@1 minus the first mode's, paired by
+seed, and (with --set eval.every=K for intermediate evaluations) the
+seed-mean pass@1 at every evaluated step. Issue 5 asks for >= 25% less wall time per step than static at equal
 or better pass@1 (APRIL); issue 6 for >= 40% fewer decoded tokens per leaf
 than independent sampling at the same or better pass@1 (trees).
 """
@@ -62,6 +66,8 @@ MODES = {
     'eptree_n3t1': {'rollout.mode': 'tree', 'rollout.tree.kind': 'eptree',
                     'rollout.tree.fork_points': 3,
                     'rollout.tree.fork_branches': 1},
+    'eptree_distinct': {'rollout.mode': 'tree', 'rollout.tree.kind': 'eptree',
+                        'rollout.tree.fork_distinct': True},
 }
 
 _MODES = flags.DEFINE_list('modes', ['static', 'continuous', 'april'],
@@ -118,6 +124,7 @@ def run_one(mode: str, seed: int) -> dict:
       'rollout_s': float(np.median([r['time/rollout_s'] for r in steps[1:]])),
       'tok_leaf': last['tokens/decoded_total'] / last['rollouts/total'],
       'pass0': evals[0]['eval/pass@1'], 'pass1': evals[-1]['eval/pass@1'],
+      'curve': {int(r['step']): r['eval/pass@1'] for r in evals},
       'reward': float(np.mean([r['reward/mean'] for r in steps])),
   }
   for key in ('rollout/off_policy_token_frac', 'rollout/slot_utilisation',
@@ -163,6 +170,24 @@ def main(argv):
           f"{ro / ref['rollout_s']:.2f} | {tok:.1f} | "
           f"{tok / ref['tok_leaf']:.2f} | {starts} | {ends} | "
           f"{mean('pass1'):.3f} |")
+  print(f'\npass@1 end minus {base}\'s, paired by seed (mean +- standard '
+        f'error over seeds; seeds at or above {base}):')
+  for mode, rs in runs.items():
+    if mode != base:
+      gap = [r['pass1'] - q['pass1'] for r, q in zip(rs, runs[base])]
+      se = np.std(gap, ddof=1) / np.sqrt(len(gap)) if len(gap) > 1 else 0.0
+      print(f'{mode}: {np.mean(gap):+.3f} +- {se:.3f} '
+            f'({sum(g >= 0 for g in gap)}/{len(gap)})')
+  steps = sorted(set.intersection(*(set(r['curve']) for rs in runs.values()
+                                    for r in rs)))
+  if len(steps) > 2:
+    print('\nseed-mean pass@1 by RL step:\n')
+    print('| mode | ' + ' | '.join(str(s) for s in steps) + ' |')
+    print('|---|' + '---|' * len(steps))
+    for mode, rs in runs.items():
+      print(f'| {mode} | ' + ' | '.join(
+          f"{np.mean([r['curve'][s] for r in rs]):.3f}" for s in steps)
+            + ' |')
   for mode, rs in runs.items():
     extra = {k: np.mean([r[k] for r in rs]) for k in rs[0]
              if k.startswith(('rollout/', 'tree/'))}

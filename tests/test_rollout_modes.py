@@ -123,6 +123,8 @@ def base(tmp_path_factory):
     ({'rollout.tree.unknown': 1}, 'rollout.tree.unknown'),
     ({'rollout.mode': 'tree', 'rollout.tree.stop_on_answer': True},
      'rollout.tree.stop_on_answer'),  # chain_arith: nothing to cut.
+    ({'rollout.mode': 'tree', 'rollout.tree.fork_distinct': True},
+     'rollout.tree.fork_distinct'),  # treepo: forks at a path's end.
 ])
 def test_config_errors_name_the_key(overrides, key):
   with pytest.raises(config_lib.ConfigError) as err:

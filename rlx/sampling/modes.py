@@ -179,7 +179,8 @@ class Rollouts:
         lookahead=tuple(tr.lookahead), prune_edit_dist=tr.prune_edit_dist,
         max_branches=tr.max_branches, num_chains=tr.num_chains,
         fork_points=tr.fork_points, fork_branches=tr.fork_branches,
-        rounds=tr.rounds, fork_score=tr.fork_score)
+        rounds=tr.rounds, fork_score=tr.fork_score,
+        fork_distinct=tr.fork_distinct)
 
   # Samplers behind the actor (they tally the step's statistics) ----------
 

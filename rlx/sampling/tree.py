@@ -37,8 +37,10 @@ The host loop between them is the tree policy (`kind`):
 Every leaf gets path ids (`tree_rules.tree_paths`) for the `tree` and
 `treerl` advantages of `rlx.objectives`. Forks never sample: a branch's
 first new token is drawn from (or, for LATR, is the runner-up of) the same
-distribution the parent saw, and every recorded log-prob is the model's
-behaviour log-prob of that token, as in the static sampler.
+distribution the parent saw (with EPTree's `fork_distinct`, that
+distribution without the parent's token there), and every recorded
+log-prob is the model's behaviour log-prob of that token, as in the
+static sampler.
 """
 
 import dataclasses
@@ -95,6 +97,10 @@ class TreeConfig:
   rounds: int = 1  # L: forking rounds.
   fork_score: str = 'entropy'  # 'entropy' (behaviour entropy) or
   # 'surprisal' (-logp of the sampled token, TreeRL's code).
+  fork_distinct: bool = False  # A branch's first token is drawn from the
+  # policy without the parent's token there (the branch must diverge at
+  # the fork, as LATR's runner-up does); its recorded log-prob stays the
+  # policy's, so the learner treats it as on-policy (biased, as LATR).
 
   def __post_init__(self):
     for name, known in (('kind', KINDS), ('allocation', ('even', 'logp')),
@@ -108,6 +114,9 @@ class TreeConfig:
       if getattr(self, name) < 1:
         raise ValueError(f'TreeConfig.{name}={getattr(self, name)} must be '
                          '>= 1')
+    if self.fork_distinct and self.kind != 'eptree':
+      raise ValueError('TreeConfig.fork_distinct is an EPTree rule (forks '
+                       'inside a path); kind is ' + repr(self.kind))
     if not self.lookahead or min(self.lookahead) < 1:
       raise ValueError(f'TreeConfig.lookahead={self.lookahead} must be '
                        'non-empty and positive')
@@ -147,6 +156,8 @@ class TreeState(NamedTuple):
   branches: Array  # [B] int32 LATR branch events per prompt.
   pruned: Array  # scalar int32, LATR children pruned.
   decoded: Array  # scalar int32, forward passes of live slots.
+  ban: Array  # [R] int32 token the next sampled one must differ from
+  # (`fork_distinct`), -1: none.
   kv_valid: Array  # [R, S] bool.
   cache: kv_cache.Cache
   key: PRNGKey
@@ -203,7 +214,7 @@ def make_tree_fns(apply_fn: sampler_lib.ApplyFn,
             rules.SELF),
         tree_slot=jnp.asarray(tree_slot, bool),
         branches=jnp.zeros((b,), jnp.int32), pruned=jnp.zeros((), jnp.int32),
-        decoded=jnp.zeros((), jnp.int32),
+        decoded=jnp.zeros((), jnp.int32), ban=jnp.full((r,), -1, jnp.int32),
         kv_valid=jnp.zeros((r, s), bool).at[roots].set(valid),
         cache=cache, key=key)
 
@@ -223,6 +234,10 @@ def make_tree_fns(apply_fn: sampler_lib.ApplyFn,
     last = jnp.where(length > 0,
                      st.tokens[parent, jnp.maximum(length - 1, 0)],
                      st.prompt_last[parent])
+    ban = jnp.full((m,), -1, jnp.int32)
+    if cfg.fork_distinct and not fed:  # The parent's token at the fork.
+      ban = jnp.where(length < st.length[parent],
+                      st.tokens[parent, jnp.minimum(length, t - 1)], -1)
     anc = st.anc[parent]
     anc = jnp.where(anc >= 0, jnp.minimum(anc, length[:, None]), anc)
     anc = anc.at[jnp.arange(m), parent % w].set(length)
@@ -237,7 +252,8 @@ def make_tree_fns(apply_fn: sampler_lib.ApplyFn,
         last=put(st.last, last),
         next_pos=put(st.next_pos, st.n_prompt[parent] + length - 1),
         birth=put(st.birth, length), parent=put(st.parent, parent),
-        anc=put(st.anc, anc), kv_valid=kv_valid, cache=cache)
+        anc=put(st.anc, anc), ban=put(st.ban, ban), kv_valid=kv_valid,
+        cache=cache)
 
   def record(st: TreeState, live, token, lp, ent) -> TreeState:
     rows = jnp.arange(live.shape[0])
@@ -327,6 +343,9 @@ def make_tree_fns(apply_fn: sampler_lib.ApplyFn,
     key, sub = jax.random.split(st.key)
     sample_logp, behaviour = sampler_lib.process_logits(
         logits, temperature, top_p, top_k=cfg.top_k)
+    if cfg.fork_distinct:
+      sample_logp = rules.ban_token(sample_logp, st.ban)
+      st = st._replace(ban=jnp.where(st.live, -1, st.ban))
     token = jax.random.categorical(sub, sample_logp, -1).astype(jnp.int32)
     st = st._replace(kv_valid=kv_valid, cache=cache, key=key,
                      decoded=st.decoded + jnp.sum(st.live, dtype=jnp.int32))

@@ -56,6 +56,20 @@ def latr_branch(logits: Array, *, tau_abs, tau_rel
   return branch, idx[:, 0].astype(jnp.int32), idx[:, 1].astype(jnp.int32)
 
 
+def ban_token(logp: Array, ban: Array) -> Array:
+  """Sampling log-probs [R, V] with token ban[r] removed from row r (jit).
+
+  EPTree's `fork_distinct`: a branch's first token differs from its
+  parent's. Rows with ban -1, and rows whose only remaining token is the
+  banned one (nothing else left after top-p/top-k), are unchanged.
+  Categorical sampling from the result draws from the distribution
+  renormalised without the banned token.
+  """
+  hit = jnp.arange(logp.shape[-1])[None, :] == ban[:, None]
+  out = jnp.where(hit, -jnp.inf, logp)
+  return jnp.where(jnp.any(out > -jnp.inf, -1, keepdims=True), out, logp)
+
+
 def edit_distance(a: Array, b: Array) -> Array:
   """Levenshtein distance between the rows of a and b, in jit.
 

@@ -453,9 +453,54 @@ def test_eptree_forks_at_the_highest_entropy_token():
   assert out.decoded_tokens == 2 * 5 + 4 * 2
 
 
+@pytest.mark.parametrize('seed', range(3))
+def test_eptree_fork_distinct_branches_diverge_at_the_fork(seed):
+  # Position 3 (after 'd') is a three-way tie; every fork is there. With
+  # fork_distinct a branch never repeats its parent's token at the fork,
+  # and its recorded log-prob is still the policy's log(1/3).
+  rows = {2: {3: 1.0}, 3: {4: 1.0}, 4: {5: 1.0},
+          5: {6: 1 / 3, 7: 1 / 3, 8: 1 / 3}, 6: {STOP: 1.0},
+          7: {STOP: 1.0}, 8: {STOP: 1.0}}
+  apply_fn, init_cache = _markov_model(_table(rows))
+  sampler = tree.TreeSampler(apply_fn, init_cache, _cfg(
+      'eptree', 8, num_chains=2, fork_points=1, fork_branches=2,
+      fork_distinct=True))
+  prompts = np.array([[2], [2]], np.int32)
+  out = sampler(None, prompts, np.ones_like(prompts, bool),
+                jax.random.key(seed), 1.0, num_leaves=6)
+  _check_tree(out, 6)
+  tok = np.asarray(out.rollout.tokens)[:, :, 3]
+  for i in range(2):  # Slots 2, 3 fork chain 0; slots 4, 5 chain 1.
+    assert tok[i, 0] not in tok[i, 2:4] and tok[i, 1] not in tok[i, 4:6]
+  np.testing.assert_allclose(np.asarray(out.rollout.logp)[:, :, 3],
+                             np.log(1 / 3), atol=1e-5)
+
+
+def test_ban_token_matches_a_numpy_reference():
+  rng = np.random.default_rng(0)
+  logp = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(4, V)),
+                                        jnp.float32))
+  logp = logp.at[3].set(jnp.where(jnp.arange(V) == 5, 0.0, -jnp.inf))
+  ban = jnp.asarray([2, -1, 0, 5], jnp.int32)
+  got = np.asarray(ban_logp := rules.ban_token(logp, ban))
+  want = np.asarray(logp).copy()
+  want[0, 2], want[2, 0] = -np.inf, -np.inf  # Row 3: nothing else left.
+  np.testing.assert_array_equal(got, want)
+  # Sampling draws from the renormalised rest.
+  draws = jax.random.categorical(jax.random.key(0),
+                                 jnp.broadcast_to(ban_logp[0],
+                                                  (20000, V)))
+  freq = np.bincount(np.asarray(draws), minlength=V) / 20000
+  p = np.exp(want[0])
+  np.testing.assert_allclose(freq, p / p.sum(), atol=0.015)
+
+
 def test_config_and_budget_errors():
   with pytest.raises(ValueError, match='kind'):
     tree.TreeConfig(kind='mcts', max_new_tokens=4, stop_tokens=())
+  with pytest.raises(ValueError, match='fork_distinct.*treepo'):
+    tree.TreeConfig(kind='treepo', max_new_tokens=4, stop_tokens=(),
+                    fork_distinct=True)
   apply_fn, init_cache = _markov_model(np.zeros((V, V)))
   sampler = tree.TreeSampler(apply_fn, init_cache, _cfg('eptree', 4))
   with pytest.raises(ValueError, match='num_leaves=7.*M=2, N=1, T=2, L=1'):
