@@ -15,7 +15,9 @@ of the default config:
                --lookahead, --prune_edit_dist, --mix);
   eptree       M chains forked at their N most uncertain tokens into T
                branches for L rounds (--num_chains, --fork_points,
-               --fork_branches, --rounds); needs W = M (1 + L N T) or less.
+               --fork_branches, --rounds); needs W = M (1 + L N T) or less;
+               --fork_distinct: every branch's first token differs from its
+               parent's there.
 
 Prints, per mode, decoded tokens per leaf (forward passes the model made,
 shared prefixes counted once; for independent sampling the sum of the
@@ -71,6 +73,9 @@ _CHAINS = flags.DEFINE_integer('num_chains', 2, 'EPTree M.')
 _POINTS = flags.DEFINE_integer('fork_points', 1, 'EPTree N.')
 _BRANCHES = flags.DEFINE_integer('fork_branches', 3, 'EPTree T.')
 _ROUNDS = flags.DEFINE_integer('rounds', 1, 'EPTree L.')
+_DISTINCT = flags.DEFINE_bool('fork_distinct', False, 'EPTree: branches '
+                              'diverge at their fork (with --rl_steps: the '
+                              'eptree_distinct mode instead of eptree).')
 _RL_STEPS = flags.DEFINE_integer('rl_steps', 0, 'RL steps per mode before '
                                  'a held-out pass@1 (through '
                                  'scripts/bench_rl_modes.py); 0: sampling '
@@ -92,7 +97,8 @@ def _tree_cfg(kind, cfg, tok) -> tree.TreeConfig:
       lookahead=tuple(int(x) for x in _LOOKAHEAD.value),
       prune_edit_dist=_PRUNE.value, num_chains=_CHAINS.value,
       fork_points=_POINTS.value, fork_branches=_BRANCHES.value,
-      rounds=_ROUNDS.value)
+      rounds=_ROUNDS.value,
+      fork_distinct=_DISTINCT.value and kind == 'eptree')
 
 
 def _rewards(task, idx, tokens, mask) -> float:
@@ -127,9 +133,11 @@ def main(argv):
   if _RL_STEPS.value:  # The trainer with rollout.mode=tree per kind.
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                           'bench_rl_modes.py')
+    kinds = [k + ('_distinct' if k == 'eptree' and _DISTINCT.value else '')
+             for k in _KINDS.value]
     os.execv(sys.executable, [
         sys.executable, script, f'--rl_steps={_RL_STEPS.value}',
-        '--modes=' + ','.join(['static'] + _KINDS.value),
+        '--modes=' + ','.join(['static'] + kinds),
         '--seeds=' + ','.join(_SEEDS.value)])
   cfg, task, model, params = _setup()
   tok, w = task.tokenizer, _LEAVES.value
@@ -164,7 +172,9 @@ def main(argv):
       return (out.rollout.tokens, np.asarray(out.leaf_mask),
               out.decoded_tokens, out.metrics)
 
-    rows.append(_run_mode(kind, run, task))
+    name = kind + ('_distinct' if kind == 'eptree' and _DISTINCT.value
+                   else '')
+    rows.append(_run_mode(name, run, task))
 
   base = rows[0]
   print('\n| mode | decoded tok/leaf | x indep. | s/step | x indep. | '
