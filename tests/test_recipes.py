@@ -31,6 +31,7 @@ EXPECTED = {
     'rloo': dict(advantage='rloo'),
     'reinforce_pp': dict(advantage='reinforce_pp'),
     'grpo_hardmix': dict(advantage='grpo', loss='ppo_clip'),
+    'grpo_eptree': dict(advantage='grpo', loss='ppo_clip'),
     'grpo_math_lora': dict(advantage='grpo', loss='ppo_clip', kl_beta=0.0,
                            aggregation='token-mean'),
 }
@@ -52,6 +53,12 @@ def test_recipe_builds_with_its_objective(recipe):
     assert (cfg.task.max_steps, cfg.task.zipf_s) == (12, 0.0)
     assert (cfg.warmstart.max_steps, cfg.warmstart.demo_error_rate) == (4,
                                                                        0.1)
+  if recipe == 'grpo_eptree':  # The tree of the issue-6 benchmark.
+    tree = cfg.rollout.tree
+    assert (cfg.rollout.mode, tree.kind, tree.fork_distinct) == (
+        'tree', 'eptree', True)
+    assert (tree.num_chains, tree.fork_points, tree.fork_branches,
+            tree.rounds, cfg.rl.group_size) == (2, 1, 3, 1, 8)
   if recipe == 'grpo_math_lora':  # A real model on math files, adapters.
     assert cfg.task.name == 'math_files' and cfg.lora.rank > 0
     assert (cfg.rl.group_size, cfg.sampling.max_new_tokens) == (8, 1024)
