@@ -25,9 +25,10 @@ decoded tokens per leaf (tokens the model sampled, shared tree prefixes
 once, over the responses trained on) and its ratio, and final pass@1 per
 seed; then each mode's final pass@1 minus the first mode's, paired by
 seed, and (with --set eval.every=K for intermediate evaluations) the
-seed-mean pass@1 at every evaluated step. Issue 5 asks for >= 25% less wall time per step than static at equal
-or better pass@1 (APRIL); issue 6 for >= 40% fewer decoded tokens per leaf
-than independent sampling at the same or better pass@1 (trees).
+seed-mean pass@1 at every evaluated step. Issue 5 asks for >= 25% less
+wall time per step than static at equal or better pass@1 (APRIL); issue 6
+for >= 40% fewer decoded tokens per leaf than independent sampling at the
+same or better pass@1 (trees).
 """
 
 import ast

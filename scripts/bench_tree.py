@@ -88,6 +88,11 @@ def _setup():
   return (cfg, *trainer.warm_started_policy(cfg))
 
 
+def _distinct(kind: str) -> bool:
+  """--fork_distinct applies to this kind (an EPTree rule)."""
+  return _DISTINCT.value and kind == 'eptree'
+
+
 def _tree_cfg(kind, cfg, tok) -> tree.TreeConfig:
   return tree.TreeConfig(
       kind=kind, max_new_tokens=cfg.sampling.max_new_tokens,
@@ -97,8 +102,7 @@ def _tree_cfg(kind, cfg, tok) -> tree.TreeConfig:
       lookahead=tuple(int(x) for x in _LOOKAHEAD.value),
       prune_edit_dist=_PRUNE.value, num_chains=_CHAINS.value,
       fork_points=_POINTS.value, fork_branches=_BRANCHES.value,
-      rounds=_ROUNDS.value,
-      fork_distinct=_DISTINCT.value and kind == 'eptree')
+      rounds=_ROUNDS.value, fork_distinct=_distinct(kind))
 
 
 def _rewards(task, idx, tokens, mask) -> float:
@@ -133,8 +137,7 @@ def main(argv):
   if _RL_STEPS.value:  # The trainer with rollout.mode=tree per kind.
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                           'bench_rl_modes.py')
-    kinds = [k + ('_distinct' if k == 'eptree' and _DISTINCT.value else '')
-             for k in _KINDS.value]
+    kinds = [k + '_distinct' * _distinct(k) for k in _KINDS.value]
     os.execv(sys.executable, [
         sys.executable, script, f'--rl_steps={_RL_STEPS.value}',
         '--modes=' + ','.join(['static'] + kinds),
@@ -172,9 +175,7 @@ def main(argv):
       return (out.rollout.tokens, np.asarray(out.leaf_mask),
               out.decoded_tokens, out.metrics)
 
-    name = kind + ('_distinct' if kind == 'eptree' and _DISTINCT.value
-                   else '')
-    rows.append(_run_mode(name, run, task))
+    rows.append(_run_mode(kind + '_distinct' * _distinct(kind), run, task))
 
   base = rows[0]
   print('\n| mode | decoded tok/leaf | x indep. | s/step | x indep. | '
