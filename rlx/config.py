@@ -8,6 +8,7 @@ message naming the key, before anything is compiled. ConfigDicts never enter
 jitted code.
 """
 
+import ast
 import dataclasses
 import hashlib
 import json
@@ -282,6 +283,10 @@ class OptimConfig:
   b2: float = 0.99  # Adam beta2.
   max_grad_norm: float = 1.0  # Global-norm gradient clipping.
   num_microbatches: int = 1  # Gradient accumulation: splits the prompts.
+  packing: bool = True  # The learner's forward runs on the real tokens
+  # only, packed into rows with each group's prompt shared
+  # (rlx/packing.py); False: the padded [B*G, P+T] batch. Same log-probs
+  # up to float rounding.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -744,6 +749,25 @@ GROUP_RELATIVE = ('grpo', 'dr_grpo', 'rloo', 'reinforce_pp', 'mc_grpo',
 def build(config: ml_collections.ConfigDict | dict) -> Config:
   """ConfigDict -> validated frozen `Config`; raises `ConfigError`."""
   return validate(_convert(Config, config, ''))
+
+
+def override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """Sets dotted `key` (e.g. 'rollout.num_slots') on a ConfigDict; a string
+  value for a non-string field is parsed as a Python literal of the
+  field's type (booleans also as true/false, as absl flags take them)."""
+  *groups, name = key.split('.')
+  node = config
+  for g in groups:
+    node = node[g]
+  if isinstance(value, str) and not isinstance(node[name], str):
+    if isinstance(node[name], bool):
+      value = {'true': 'True', 'false': 'False'}.get(value.lower(), value)
+    try:
+      value = type(node[name])(ast.literal_eval(value))
+    except (ValueError, SyntaxError) as e:
+      raise ConfigError(f'{key}: cannot read {value!r} as a '
+                        f'{type(node[name]).__name__}') from e
+  node[name] = value
 
 
 def to_dict(cfg: Config) -> dict:

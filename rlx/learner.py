@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from rlx import objectives
+from rlx import packing
 from rlx.config import Config, ObjectiveConfig, OptimConfig
 from rlx.models import kv_cache
 from rlx.types import Array, Params
@@ -51,6 +52,8 @@ class Batch(NamedTuple):
   # past a leaf's last node (tree rollouts; the tree/treerl advantages).
   depth_start: Array | None = None  # [B, G, D] int32 first response token
   # of each of those nodes, -1 likewise (treerl).
+  packed: packing.Packed | None = None  # The real tokens in rows
+  # (`pack_batch`); when set, the forward pass runs on them.
 
 
 def round_up(n: int, multiple: int, cap: int) -> int:
@@ -79,6 +82,21 @@ def trim_batch(batch: Batch, *, response_multiple: int = 16,
       response=cut(batch.response), loss_mask=cut(batch.loss_mask),
       old_logp=cut(batch.old_logp), behaviour_logp=cut(batch.behaviour_logp),
       entropy=cut(batch.entropy))
+
+
+def pack_batch(batch: Batch, *, chunks: int = 1) -> Batch:
+  """The batch with `packed` set: its needed tokens in rows (rlx/packing.py).
+
+  `chunks` must divide B; use (micro-batches) x (devices the batch is
+  sharded over), so each micro-batch and each shard packs its own prompts.
+  Leave the batch untrimmed: the row length is fixed by P + T, so only the
+  row count varies between steps.
+  """
+  lengths = packing.needed_lengths(np.asarray(batch.loss_mask),
+                                   np.asarray(batch.group_mask))
+  return batch._replace(packed=packing.pack(
+      batch.prompt, batch.prompt_mask, batch.response, lengths,
+      chunks=chunks))
 
 
 def response_logprobs(logits_fn: LogitsFn, params: Params, prompt: Array,
@@ -194,7 +212,15 @@ def _behaviour(batch: Batch) -> Array:
 
 
 def _forward_logp(logits_fn, cfg: Config, params, batch: Batch):
-  """Log-probs and entropies `[B, G, T]` of a (micro-)batch's responses."""
+  """Log-probs and entropies `[B, G, T]` of a (micro-)batch's responses.
+
+  Packed batches: positions the loss cannot use (not laid out) get the
+  old log-probs (a ratio of exactly 1) and entropy 0.
+  """
+  if batch.packed is not None:
+    return packing.logprobs(logits_fn, params, batch.packed, batch.response,
+                            temperature=cfg.sampling.temperature,
+                            fill_logp=batch.old_logp)
   b, g, t = batch.response.shape
   logp, entropy = response_logprobs(
       logits_fn, params, einops.repeat(batch.prompt, 'b p -> (b g) p', g=g),

@@ -23,6 +23,7 @@ from rlx import checkpoint
 from rlx import config as config_lib
 from rlx import evaluation
 from rlx import learner
+from rlx import packing
 from rlx import policy as policy_lib
 from rlx import sharding
 from rlx import warmstart
@@ -216,8 +217,10 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
       shardings=(state_sh, param_sh if ref_params is not None else
                  plan.replicated, plan.batch((_minibatch(cfg),)),
                  plan.replicated), merge_fn=policy.merge_fn)
+  pack_chunks = _pack_chunks(cfg, plan, log.message)
   if start_step == 0 and cfg.log.memory_stats:
-    _log_memory(log, train_step, train_state, ref_params, cfg, plan, task)
+    _log_memory(log, train_step, train_state, ref_params, cfg, plan, task,
+                pack_chunks)
   to_sampler = policy.for_sampler  # LoRA: merged once per call.
 
   # rollout.mode: the sampler behind the curriculum, or APRIL's own step.
@@ -260,15 +263,23 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
     if rl.recompute_old_logp:
       old_logp = recompute_logp(train_state.params, got.prompt,
                                 got.prompt_mask, got.tokens)
-    batch = learner.trim_batch(rollouts.batch(got, rewards=rewards,
-                                              old_logp=old_logp))
-    metrics = {}
+    batch = rollouts.batch(got, rewards=rewards, old_logp=old_logp)
+    if not pack_chunks:  # Packed rows have a fixed length instead.
+      batch = learner.trim_batch(batch)
+    metrics, packed_rows = {}, []
     mini = rl.batch_prompts // rl.num_minibatches
     for m in range(rl.num_minibatches):
-      part = plan.put_batch(
-          jax.tree.map(lambda x, m=m: x[m * mini:(m + 1) * mini], batch))
+      part = jax.tree.map(lambda x, m=m: x[m * mini:(m + 1) * mini], batch)
+      if pack_chunks:
+        part = learner.pack_batch(part, chunks=pack_chunks)
+        packed_rows.append(part.packed.bundle)
+      part = plan.put_batch(part)
       train_state, metrics = train_step(train_state, ref_params, part)
     metrics = jax.device_get(metrics)
+    if packed_rows:  # Rows per minibatch, and the share of slots used.
+      metrics['pack_rows'] = np.mean([r.shape[0] * r.shape[1]
+                                      for r in packed_rows])
+      metrics['pack_fill'] = np.mean([np.mean(r > 0) for r in packed_rows])
     counters['rollouts/total'] += got.rollouts
     counters['tokens/decoded_total'] += got.decoded_tokens
     sampled = np.arange(got.rewards.shape[1]) < got.counts[:, None]
@@ -335,6 +346,24 @@ def _minibatch(cfg: Config) -> int:
   return cfg.rl.batch_prompts // cfg.rl.num_minibatches
 
 
+def _pack_chunks(cfg: Config, plan: sharding.Plan, message) -> int:
+  """Chunks the learner packs each minibatch into (one per micro-batch and
+  batch shard); 0: packing off (`optim.packing`, or chunks that would not
+  divide the minibatch's prompts)."""
+  if not cfg.optim.packing:
+    return 0
+  mini = _minibatch(cfg)
+  shards = mini // plan.batch((mini,)).shard_shape((mini,))[0]
+  chunks = cfg.optim.num_microbatches * shards
+  if mini % chunks:
+    message(f'optim.packing: off, since {cfg.optim.num_microbatches} '
+            f'micro-batches x {shards} batch shards do not divide the '
+            f'{mini} prompts per minibatch; the learner runs on the padded '
+            'batch')
+    return 0
+  return chunks
+
+
 def _check_task_size(cfg: Config, task) -> None:
   """Files may hold fewer problems than the config asks for."""
   n_train, n_test = len(task.train), len(task.test)
@@ -366,7 +395,7 @@ def _check_batch_fits_mesh(cfg: Config, plan: sharding.Plan) -> None:
 
 
 def _log_memory(log, train_step, train_state, ref_params, cfg: Config,
-                plan: sharding.Plan, task) -> None:
+                plan: sharding.Plan, task, pack_chunks: int) -> None:
   """Compiles the largest train step ahead of time and logs its memory."""
   b, g, t = _minibatch(cfg), cfg.rl.group_size, cfg.sampling.max_new_tokens
   p = task.train_prompts.shape[1]
@@ -380,6 +409,12 @@ def _log_memory(log, train_step, train_state, ref_params, cfg: Config,
       entropy=spec((b, g, t), jnp.float32),
       values=spec((b,), jnp.float32) if cfg.objective.advantage == 'spo'
       else None, **modes.abstract_batch_fields(cfg, b, g))
+  if pack_chunks:  # At most one row per sample.
+    rows = spec((pack_chunks, packing.max_rows(b * g, pack_chunks),
+                 p + t - 1), jnp.int32)
+    batch = batch._replace(packed=packing.Packed(
+        tokens=rows, positions=rows, bundle=rows, branch=rows,
+        src=spec((b, g, t), jnp.int32)))
   stats = sharding.memory_stats(train_step, train_state, ref_params, batch)
   if stats:
     fmt = sharding.format_bytes

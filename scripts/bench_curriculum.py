@@ -83,6 +83,9 @@ _BATCH = flags.DEFINE_integer('batch_prompts', 0, 'rl.batch_prompts for '
                               "other than 16 of the recipe's steps).")
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/bench_curriculum',
                                'Where runs are written.')
+_SET = flags.DEFINE_multi_string('set', [], 'Extra override for every run, '
+                                 'key=value (e.g. optim.packing=False); give '
+                                 'such runs their own --workdir.')
 
 
 def run_one(task: str, method: str, seed: int) -> list[dict]:
@@ -105,6 +108,8 @@ def run_one(task: str, method: str, seed: int) -> list[dict]:
   config.log.progress = False
   config.log.tensorboard = False
   config.log.checkpoint_every = 1000
+  for pair in _SET.value:  # Last: --set wins.
+    config_lib.override(config, *pair.split('=', 1))
   cfg = config_lib.build(config)
   folder = f'{task}_b{_BATCH.value}' if _BATCH.value else task
   if budget != default_budget:

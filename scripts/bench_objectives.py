@@ -35,6 +35,9 @@ _MINIBATCHES = flags.DEFINE_integer(
     'later updates of a batch off-policy, so clipping matters).')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/bench_objectives',
                                'Where runs are written.')
+_SET = flags.DEFINE_multi_string('set', [], 'Extra override for every run, '
+                                 'key=value (e.g. optim.packing=False); give '
+                                 'such runs their own --workdir.')
 
 
 def run_one(recipe: str, seed: int) -> dict:
@@ -45,6 +48,8 @@ def run_one(recipe: str, seed: int) -> dict:
   config.eval.every = _STEPS.value
   config.log.progress = False
   config.log.tensorboard = False
+  for pair in _SET.value:  # Last: --set wins.
+    config_lib.override(config, *pair.split('=', 1))
   cfg = config_lib.build(config)
   workdir = os.path.join(_WORKDIR.value, f'{recipe}_seed{seed}')
   metrics = os.path.join(workdir, 'metrics.jsonl')

@@ -31,7 +31,6 @@ for >= 40% fewer decoded tokens per leaf than independent sampling at the
 same or better pass@1 (trees).
 """
 
-import ast
 import os
 import shutil
 import sys
@@ -95,13 +94,7 @@ def _config(mode: str, seed: int) -> config_lib.Config:
   pairs = list(MODES[mode].items()) + [
       tuple(s.split('=', 1)) for s in _SET.value]
   for key, value in pairs:
-    *groups, name = key.split('.')
-    node = c
-    for g in groups:
-      node = node[g]
-    if isinstance(value, str) and not isinstance(node[name], str):
-      value = type(node[name])(ast.literal_eval(value))
-    node[name] = value
+    config_lib.override(c, key, value)
   return config_lib.build(c)
 
 

@@ -105,6 +105,21 @@ def test_int_for_float_is_converted():
   assert isinstance(cfg.sampling.temperature, float)
 
 
+def test_override_parses_strings_by_field_type():
+  c = config_lib.default_config_dict()
+  config_lib.override(c, 'optim.packing', 'false')
+  config_lib.override(c, 'rollout.num_slots', '32')
+  config_lib.override(c, 'optim.learning_rate', '1e-3')
+  config_lib.override(c, 'mesh.shape', '(2, 2, 2)')
+  config_lib.override(c, 'objective.loss', 'cispo')
+  cfg = config_lib.build(c)
+  assert cfg.optim.packing is False and cfg.rollout.num_slots == 32
+  assert cfg.optim.learning_rate == 1e-3 and cfg.mesh.shape == (2, 2, 2)
+  assert cfg.objective.loss == 'cispo'
+  with pytest.raises(ConfigError, match="rl.group_size: cannot read 'x8'"):
+    config_lib.override(c, 'rl.group_size', 'x8')
+
+
 @pytest.mark.parametrize('overrides,key', [
     ({'rl.batch_prompts': 6, 'optim.num_microbatches': 4},
      'optim.num_microbatches'),

@@ -1,4 +1,5 @@
-"""Learner: micro-batching, loss and gradient values, KL path, trimming.
+"""Learner: micro-batching, loss and gradient values, KL path, trimming,
+packing.
 
 Compiles are the cost here, so the train steps are built once per module
 with SGD(lr=1) (new params = params - grads, which exposes the gradients)
@@ -282,6 +283,27 @@ def test_trim_batch_drops_only_padding(model):
   # Buckets are capped at the full width.
   same = learner.trim_batch(batch, response_multiple=64, prompt_multiple=64)
   assert same.response.shape == (B, G, t) and same.prompt.shape == (B, p)
+
+
+@pytest.mark.parametrize('m', [1, 2])
+def test_packed_step_equals_padded_step(model, steps, m):
+  """The packed forward (rlx/packing.py) gives the padded step's gradients
+  and metrics: m=1, and m=2 micro-batches with the KL term (one chunk per
+  micro-batch), with a sample outside the group mask."""
+  logits_fn, params = model
+  group_mask = np.ones((B, G), bool)
+  group_mask[1, 2] = False
+  batch = _batch(logits_fn, params, seed=8, group_mask=group_mask)
+  ref_params = jax.tree.map(lambda x: x * 0.9, params)
+  grads, metrics = _run(steps[m], params, batch, ref_params)
+  packed = learner.pack_batch(batch, chunks=m)
+  assert packed.packed.tokens.shape[0] == m
+  p_grads, p_metrics = _run(steps[m], params, packed, ref_params)
+  for got, want in zip(jax.tree.leaves(p_grads), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=2e-4)
+  for k in metrics:
+    np.testing.assert_allclose(p_metrics[k], metrics[k], atol=1e-6,
+                               rtol=1e-4, err_msg=k)
 
 
 def test_adam_step_raises_logp_of_rewarded_sample(tmp_dir, model, steps):
