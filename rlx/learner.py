@@ -1,7 +1,8 @@
 """The learner: log-probs, loss, gradients and the optimizer update.
 
 One jitted step with donated state. The rollout batch keeps its group axis;
-rows are flattened to `[B*G, P+T]` only inside the forward pass. Micro-batches
+the forward pass runs on its real tokens packed into rows (`Batch.packed`,
+rlx/packing.py) or, unpacked, on `[B*G, P+T]` rows. Micro-batches
 split the prompts (so a group never straddles two) and accumulate gradients
 with a `lax.scan`; denominators come from the whole batch, so the accumulated
 gradient equals the full-batch one.
@@ -211,7 +212,7 @@ def _behaviour(batch: Batch) -> Array:
       batch.behaviour_logp)
 
 
-def _forward_logp(logits_fn, cfg: Config, params, batch: Batch):
+def forward_logp(logits_fn, cfg: Config, params, batch: Batch):
   """Log-probs and entropies `[B, G, T]` of a (micro-)batch's responses.
 
   Packed batches: positions the loss cannot use (not laid out) get the
@@ -232,7 +233,7 @@ def _forward_logp(logits_fn, cfg: Config, params, batch: Batch):
 def _microbatch_loss(logits_fn: LogitsFn, cfg: Config, params, ref_params,
                      mb: Batch, advantages: Array, totals: dict):
   """Loss of one micro-batch, normalised by whole-batch totals."""
-  logp, entropy = _forward_logp(logits_fn, cfg, params, mb)
+  logp, entropy = forward_logp(logits_fn, cfg, params, mb)
   mask = mb.loss_mask & mb.group_mask[..., None]
   obj = cfg.objective
   agg = dict(total_tokens=totals['tokens'], total_seqs=totals['seqs'],
@@ -244,7 +245,7 @@ def _microbatch_loss(logits_fn: LogitsFn, cfg: Config, params, ref_params,
       icepop_low=obj.icepop_low, icepop_high=obj.icepop_high,
       **_loss_kwargs(obj), **agg)
   if obj.kl_beta and not obj.kl_in_reward:
-    ref_logp, _ = _forward_logp(logits_fn, cfg, ref_params, mb)
+    ref_logp, _ = forward_logp(logits_fn, cfg, ref_params, mb)
     kl = objectives.kl_penalty(logp, jax.lax.stop_gradient(ref_logp),
                                obj.kl_estimator)
     loss = loss + obj.kl_beta * objectives.aggregate(
@@ -260,7 +261,7 @@ def _microbatch_loss(logits_fn: LogitsFn, cfg: Config, params, ref_params,
 def _shape_rewards(logits_fn, cfg: Config, ref_params, batch: Batch):
   """KL folded into the reward: r - kl_beta * sum_t KL_t (no gradient)."""
   obj = cfg.objective
-  ref_logp, _ = _forward_logp(logits_fn, cfg, ref_params, batch)
+  ref_logp, _ = forward_logp(logits_fn, cfg, ref_params, batch)
   kl = objectives.kl_penalty(batch.old_logp, ref_logp, obj.kl_estimator)
   seq_kl = jnp.sum(kl * batch.loss_mask, -1)
   return batch.rewards - obj.kl_beta * seq_kl, jnp.mean(seq_kl)

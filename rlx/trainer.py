@@ -14,7 +14,6 @@ import os
 import time
 from typing import Any
 
-import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -228,9 +227,11 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   rollouts = modes.Rollouts(cfg, model=model, task=task,
                             curriculum=curriculum, actor=actor)
 
-  recompute_jit = jax.jit(functools.partial(
-      _recompute_logp, logits_fn, cfg.sampling.temperature))
-  recompute_logp = lambda p, *rows: recompute_jit(policy.merged(p), *rows)
+  # Old-policy log-probs from the learner's forward (packed or padded, as
+  # the train step's), for rl.recompute_old_logp.
+  recompute_jit = jax.jit(lambda p, part: learner.forward_logp(
+      logits_fn, cfg, p, part)[0])
+  recompute_logp = lambda p, part: recompute_jit(policy.merged(p), part)
   base_key = jax.random.key(cfg.seed)
   eval_key = jax.random.fold_in(base_key, 2)  # Same draws every eval.
 
@@ -259,27 +260,26 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
       rewards = rewards + np.asarray(shaping.overlong_penalty(
           got.lengths, max_len=cfg.sampling.max_new_tokens,
           buffer=cfg.objective.overlong_buffer))
-    old_logp = got.logp
-    if rl.recompute_old_logp:
-      old_logp = recompute_logp(train_state.params, got.prompt,
-                                got.prompt_mask, got.tokens)
-    batch = rollouts.batch(got, rewards=rewards, old_logp=old_logp)
+    batch = rollouts.batch(got, rewards=rewards, old_logp=got.logp)
     if not pack_chunks:  # Packed rows have a fixed length instead.
       batch = learner.trim_batch(batch)
-    metrics, packed_rows = {}, []
     mini = rl.batch_prompts // rl.num_minibatches
-    for m in range(rl.num_minibatches):
-      part = jax.tree.map(lambda x, m=m: x[m * mini:(m + 1) * mini], batch)
-      if pack_chunks:
-        part = learner.pack_batch(part, chunks=pack_chunks)
-        packed_rows.append(part.packed.bundle)
-      part = plan.put_batch(part)
-      train_state, metrics = train_step(train_state, ref_params, part)
+    parts = [jax.tree.map(lambda x, m=m: x[m * mini:(m + 1) * mini], batch)
+             for m in range(rl.num_minibatches)]
+    if pack_chunks:
+      parts = [learner.pack_batch(p, chunks=pack_chunks) for p in parts]
+    if rl.recompute_old_logp:  # Under the weights before this step's updates.
+      parts = [p._replace(old_logp=recompute_logp(train_state.params, p))
+               for p in parts]
+    metrics = {}
+    for part in parts:
+      train_state, metrics = train_step(train_state, ref_params,
+                                        plan.put_batch(part))
     metrics = jax.device_get(metrics)
-    if packed_rows:  # Rows per minibatch, and the share of slots used.
-      metrics['pack_rows'] = np.mean([r.shape[0] * r.shape[1]
-                                      for r in packed_rows])
-      metrics['pack_fill'] = np.mean([np.mean(r > 0) for r in packed_rows])
+    if pack_chunks:  # Rows per minibatch, and the share of slots used.
+      rows = [p.packed.bundle for p in parts]
+      metrics['pack_rows'] = np.mean([r.shape[0] * r.shape[1] for r in rows])
+      metrics['pack_fill'] = np.mean([np.mean(r > 0) for r in rows])
     counters['rollouts/total'] += got.rollouts
     counters['tokens/decoded_total'] += got.decoded_tokens
     sampled = np.arange(got.rewards.shape[1]) < got.counts[:, None]
@@ -437,14 +437,3 @@ def _embed_fn(model, task):
 
   return lambda params, ids: embed(params, task.train_prompts[ids],
                                    task.train_prompt_mask[ids])
-
-
-def _recompute_logp(logits_fn, temperature, params, prompts, prompt_mask,
-                    response):
-  """Old-policy log-probs `[B, G, T]` from the learner's forward pass."""
-  g = response.shape[1]
-  logp, _ = learner.response_logprobs(
-      logits_fn, params, jnp.repeat(prompts, g, axis=0),
-      jnp.repeat(prompt_mask, g, axis=0),
-      einops.rearrange(response, 'b g t -> (b g) t'), temperature=temperature)
-  return einops.rearrange(logp, '(b g) t -> b g t', g=g)
