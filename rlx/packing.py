@@ -97,6 +97,10 @@ def pack(prompt: np.ndarray, prompt_mask: np.ndarray, response: np.ndarray,
     raise ValueError(f'lengths must be [{b}, {g}] in [0, {t}]; got shape '
                      f'{lengths.shape}, range [{lengths.min(initial=0)}, '
                      f'{lengths.max(initial=0)}]')
+  empty = (prompt_mask.sum(1) == 0) & (lengths.max(1, initial=0) > 0)
+  if empty.any():
+    raise ValueError(f'prompts {np.flatnonzero(empty).tolist()} have no real '
+                     'token (prompt_mask all False) but responses to train on')
   row_len = p + t - 1
   per = b // chunks
   src = np.full((b, g, t), -1, np.int32)

@@ -69,6 +69,18 @@ def test_pack_rejects_bad_input():
     packing.pack(prompt, mask, response, np.ones((4, 2), int), chunks=3)
   with pytest.raises(ValueError, match=r'lengths must be \[4, 2\] in \[0, 5\]'):
     packing.pack(prompt, mask, response, np.full((4, 2), 6))
+  mask[2] = False
+  with pytest.raises(ValueError, match=r'prompts \[2\] have no real token'):
+    packing.pack(prompt, mask, response, np.ones((4, 2), int))
+
+
+def test_pack_nothing_to_train():
+  # Every sample outside the group mask (or no loss token): one bucket of
+  # empty rows, nothing laid out.
+  pk = packing.pack(np.ones((2, 3), int), np.ones((2, 3), bool),
+                    np.ones((2, 2, 4), int), np.zeros((2, 2), int))
+  assert pk.tokens.shape == (1, 16, 6) and not pk.bundle.any()
+  assert (pk.src == -1).all()
 
 
 @pytest.fixture(scope='module')
