@@ -770,6 +770,16 @@ def override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
   node[name] = value
 
 
+def apply_overrides(config: ml_collections.ConfigDict,
+                    pairs: list[str]) -> None:
+  """`override` for each 'key=value' string (a bench script's --set)."""
+  for pair in pairs:
+    key, sep, value = pair.partition('=')
+    if not sep:
+      raise ConfigError(f'override {pair!r} is not key=value')
+    override(config, key, value)
+
+
 def to_dict(cfg: Config) -> dict:
   return dataclasses.asdict(cfg)
 

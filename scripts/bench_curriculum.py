@@ -108,8 +108,7 @@ def run_one(task: str, method: str, seed: int) -> list[dict]:
   config.log.progress = False
   config.log.tensorboard = False
   config.log.checkpoint_every = 1000
-  for pair in _SET.value:  # Last: --set wins.
-    config_lib.override(config, *pair.split('=', 1))
+  config_lib.apply_overrides(config, _SET.value)  # Last: --set wins.
   cfg = config_lib.build(config)
   folder = f'{task}_b{_BATCH.value}' if _BATCH.value else task
   if budget != default_budget:

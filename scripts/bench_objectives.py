@@ -48,8 +48,7 @@ def run_one(recipe: str, seed: int) -> dict:
   config.eval.every = _STEPS.value
   config.log.progress = False
   config.log.tensorboard = False
-  for pair in _SET.value:  # Last: --set wins.
-    config_lib.override(config, *pair.split('=', 1))
+  config_lib.apply_overrides(config, _SET.value)  # Last: --set wins.
   cfg = config_lib.build(config)
   workdir = os.path.join(_WORKDIR.value, f'{recipe}_seed{seed}')
   metrics = os.path.join(workdir, 'metrics.jsonl')

@@ -91,10 +91,9 @@ def _config(mode: str, seed: int) -> config_lib.Config:
   c.eval.every = _RL_STEPS.value  # Step 0 and the end only.
   c.eval.num_prompts = _EVAL_PROMPTS.value
   c.log.progress, c.log.memory_stats = False, False
-  pairs = list(MODES[mode].items()) + [
-      tuple(s.split('=', 1)) for s in _SET.value]
-  for key, value in pairs:
+  for key, value in MODES[mode].items():
     config_lib.override(c, key, value)
+  config_lib.apply_overrides(c, _SET.value)  # Last: --set wins.
   return config_lib.build(c)
 
 

@@ -118,6 +118,10 @@ def test_override_parses_strings_by_field_type():
   assert cfg.objective.loss == 'cispo'
   with pytest.raises(ConfigError, match="rl.group_size: cannot read 'x8'"):
     config_lib.override(c, 'rl.group_size', 'x8')
+  config_lib.apply_overrides(c, ['rl.group_size=4', 'eval.every=3'])
+  assert c.rl.group_size == 4 and c.eval.every == 3
+  with pytest.raises(ConfigError, match="'rl.group_size' is not key=value"):
+    config_lib.apply_overrides(c, ['rl.group_size'])
 
 
 @pytest.mark.parametrize('overrides,key', [
