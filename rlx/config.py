@@ -232,6 +232,12 @@ class RolloutConfig:
   resume_bucket: int = 0  # april: resumed prefixes are re-prefilled in
   # windows of a multiple of this; 0: 16.
   inflight_groups: int = 0  # april: groups in flight N' (>= B); 0: 2 B.
+  resume: str = 'prefill'  # april: how unfinished responses continue at
+  # the next step. prefill: prompt + partial response re-prefilled under the
+  # new weights (APRIL); keep_kv: they keep their slot and KV cache and go
+  # on decoding under the new weights over the old weights' keys and values
+  # (PipelineRL's in-flight update; no re-prefill, and the tokens sampled so
+  # are stamped with the cache's older version, i.e. off-policy).
   off_policy: str = 'keep'  # april: tokens sampled by an older policy stay
   # in the loss (keep; correct them with objective.correction=tis|icepop
   # or objective.loss=decoupled, which need rl.recompute_old_logp) or are
@@ -605,6 +611,7 @@ def _validate_curriculum(cfg: Config) -> None:
 
 
 ROLLOUT_MODES = ('static', 'continuous', 'april', 'tree')
+ROLLOUT_RESUME = ('prefill', 'keep_kv')  # rollout.resume (april).
 TREE_KINDS = ('treepo', 'latr', 'eptree')  # = rlx.sampling.tree.KINDS
 # Advantages that need the tree's path ids (rollout.mode=tree).
 TREE_ADVANTAGES = ('tree', 'treerl')
@@ -635,6 +642,11 @@ def _validate_rollout(cfg: Config) -> None:
   _require(ro.insert_prompts <= rows, 'rollout.insert_prompts',
            f'{ro.insert_prompts} must be <= the rows per insert ({rows}, '
            'rollout.insert_rows)')
+  _require(ro.resume in ROLLOUT_RESUME, 'rollout.resume',
+           f'{ro.resume!r} not in {list(ROLLOUT_RESUME)}')
+  _require(ro.resume == 'prefill' or ro.mode == 'april', 'rollout.resume',
+           f'{ro.resume!r} needs rollout.mode=april (is {ro.mode!r}): only '
+           'APRIL carries unfinished responses to the next step')
   _require(ro.off_policy in ('keep', 'mask'), 'rollout.off_policy',
            f"{ro.off_policy!r} is not one of ['keep', 'mask']")
   _require(obj.advantage not in TREE_ADVANTAGES or ro.mode == 'tree',

@@ -8,7 +8,9 @@ for --rl_steps steps per mode and seed, from the same cached warm start,
 and evaluates held-out pass@1 at step 0 and at the end (the same
 evaluation draws in every mode: evaluation always uses the static
 sampler). Modes (`MODES`): static, continuous, april (keep), april_mask,
-april_tis (keep + TIS on recomputed old log-probs), and the tree kinds
+april_tis (keep + TIS on recomputed old log-probs), april_kv (unfinished
+responses keep their slot and KV cache across the update:
+rollout.resume=keep_kv), and the tree kinds
 treepo, latr, eptree (GRPO advantages over the W = G leaves) plus
 treepo_tree (TreePO's own ancestor-group advantage) and eptree_treerl
 (EPTree with TreeRL's process-reward advantage, as in the TreeRL paper)
@@ -56,6 +58,7 @@ MODES = {
     'april_mask': {'rollout.mode': 'april', 'rollout.off_policy': 'mask'},
     'april_tis': {'rollout.mode': 'april', 'objective.correction': 'tis',
                   'rl.recompute_old_logp': True},
+    'april_kv': {'rollout.mode': 'april', 'rollout.resume': 'keep_kv'},
     'treepo': {'rollout.mode': 'tree', 'rollout.tree.kind': 'treepo'},
     'treepo_tree': {'rollout.mode': 'tree', 'rollout.tree.kind': 'treepo',
                     'objective.advantage': 'tree'},

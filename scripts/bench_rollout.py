@@ -13,7 +13,10 @@ most short). All three modes get the same KV memory (--slots rows) and want
               long as its longest response;
   continuous  the slot engine; finished slots are refilled between chunks;
   april       the engine with 2x over-provisioning; stops at --groups
-              complete groups and carries the rest to the next step.
+              complete groups and carries the rest to the next step,
+              where partial responses are re-prefilled;
+  april_kv    the same, but the partial responses keep their slot and KV
+              cache and go on decoding (rollout.resume=keep_kv).
 
 Weights are fixed (no learning), so every step samples the same
 distribution; the policy version still advances so staleness is reported.
@@ -123,9 +126,10 @@ def _bench_continuous(engine, params, task):
   return step
 
 
-def _bench_april(engine, params, task):
-  sampler = partial.AprilSampler(engine, partial.AprilConfig(_GROUPS.value),
-                                 group_size=_GROUP_SIZE.value)
+def _bench_april(engine, params, task, *, keep_kv=False):
+  sampler = partial.AprilSampler(
+      engine, partial.AprilConfig(_GROUPS.value, keep_kv=keep_kv),
+      group_size=_GROUP_SIZE.value)
   state = {'buf': sampler.init_buffer(), 'next': 0}
 
   def step(i):
@@ -247,7 +251,8 @@ def main(argv):
   en.precompile(engine, params)
   modes = {'static': _bench_static(model, params, cfg, task),
            'continuous': _bench_continuous(engine, params, task),
-           'april': _bench_april(engine, params, task)}
+           'april': _bench_april(engine, params, task),
+           'april_kv': _bench_april(engine, params, task, keep_kv=True)}
   rows = {name: _time_steps(fn) for name, fn in modes.items()}
   base = rows['static']['tok_s']
   print('\n| mode | useful tok/s | x static | s/step | slot util |')
@@ -255,11 +260,15 @@ def main(argv):
   for name, row in rows.items():
     print(f"| {name} | {row['tok_s']:.0f} | {row['tok_s'] / base:.2f} | "
           f"{row['s_step']:.3f} | {row['util']:.2f} |")
-  april = rows['april']
-  print(f"april (last step): off-policy token frac "
-        f"{april['rollout/off_policy_token_frac']:.2f}, staleness "
-        + ', '.join(f"{k.split('/')[-1]}: {v:.2f}" for k, v in april.items()
-                    if k.startswith('rollout/staleness/')))
+  for name in ('april', 'april_kv'):
+    m = rows[name]
+    print(f"{name} (last step): off-policy token frac "
+          f"{m['rollout/off_policy_token_frac']:.2f}, staleness "
+          + ', '.join(f"{k.split('/')[-1]}: {v:.2f}" for k, v in m.items()
+                      if k.startswith('rollout/staleness/'))
+          + f", insert calls {m['rollout/insert_calls']:.0f}"
+          + (f", kept-cache rows {m['rollout/kept_kv_rows']:.0f}"
+             if 'rollout/kept_kv_rows' in m else ''))
 
   # --- Decode speed against a naive loop and the roofline ---
   if not _DECODE_STEPS.value:

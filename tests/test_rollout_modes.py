@@ -90,6 +90,9 @@ def base(tmp_path_factory):
     ({'rollout.insert_rows': 2, 'rollout.insert_prompts': 3},
      'rollout.insert_prompts'),
     ({'rollout.off_policy': 'drop'}, 'rollout.off_policy'),
+    ({'rollout.mode': 'april', 'rollout.resume': 'stale'}, 'rollout.resume'),
+    ({'rollout.mode': 'continuous', 'rollout.resume': 'keep_kv'},
+     'rollout.resume'),
     ({'rollout.mode': 'april', 'curriculum.selector': 'vade'},
      'curriculum.selector'),
     ({'rollout.mode': 'april', 'curriculum.allocator': 'dars'},
@@ -147,6 +150,7 @@ def _plain(**overrides) -> dict:
 
 @pytest.mark.parametrize('overrides', [
     {'rollout.mode': 'april', 'rollout.off_policy': 'mask'},
+    {'rollout.mode': 'april', 'rollout.resume': 'keep_kv'},
     {'rollout.mode': 'april', 'objective.correction': 'tis',
      'rl.recompute_old_logp': True, 'rollout.inflight_groups': 20},
     {'rollout.mode': 'tree', 'objective.advantage': 'tree',
@@ -261,11 +265,14 @@ def test_greedy_continuous_equals_static_and_writes_slot_metrics(base):
 # ---------------------------------------------------------------- APRIL
 
 
-def test_april_step_bookkeeping(base):
-  """Two APRIL steps with the warm start: prompts admitted once, groups
+@pytest.mark.parametrize('resume', ['prefill', 'keep_kv'])
+def test_april_step_bookkeeping(base, resume):
+  """Three APRIL steps with the warm start: prompts admitted once, groups
   returned once, off-policy tokens masked in 'mask' mode, decoded tokens
-  counted by version."""
-  cfg = _cfg(base, **{'rollout.mode': 'april', 'rollout.off_policy': 'mask'})
+  counted; with keep_kv the responses decoding at a stop go on in their
+  slots at the next step."""
+  cfg = _cfg(base, **{'rollout.mode': 'april', 'rollout.off_policy': 'mask',
+                      'rollout.resume': resume})
   task, model, params = trainer.warm_started_policy(cfg)
   cur = Curriculum(cfg.curriculum, cfg.rl, len(task.train), seed=cfg.seed)
   actor = Actor(model, task, cfg.sampling.max_new_tokens)
@@ -273,7 +280,7 @@ def test_april_step_bookkeeping(base):
                       actor=actor)
   b, g = cfg.rl.batch_prompts, cfg.rl.group_size
   state, cur_state = modes.init_partial(cfg, task), cur.init()
-  returned, off = [], 0
+  returned, off, before, partial_rows = [], 0, 0, 0
   for step in range(3):
     got, cur_state, state, m = ro.collect(
         cur_state, state, params, jax.random.key(step), step)
@@ -289,10 +296,17 @@ def test_april_step_bookkeeping(base):
     assert got.metrics['rollout/off_policy_token_frac'] == pytest.approx(
         np.sum(full & (version < step)) / full.sum())
     assert np.all(got.finish != _RUNNING)
-    buf = state['buffer']
-    held = buf.groups.tracks.version[:b]
-    assert got.decoded_tokens == np.sum(version == step) + np.sum(
-        held == step)
+    held = state['buffer'].groups.tracks
+    after = held.length[:b].sum()
+    assert got.decoded_tokens == got.lengths.sum() + after - before
+    if resume == 'prefill':  # Sampled now = stamped now.
+      assert got.decoded_tokens == np.sum(version == step) + np.sum(
+          held.version[:b] == step)
+    else:  # Every partial response went on in its slot.
+      assert got.metrics['rollout/kept_kv_rows'] == partial_rows
+    partial_rows = np.sum((held.length[:b] > 0) &
+                          (held.finish[:b] == _RUNNING))
+    before = after
     # Rewards are the verifier's on the returned tokens.
     texts = [task.tokenizer.decode(x) for grp in got.tokens for x in grp]
     answers = [task.train.answers[i] for i in got.ids for _ in range(g)]

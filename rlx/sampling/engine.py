@@ -108,6 +108,9 @@ class SlotState(NamedTuple):
   key: PRNGKey
   busy: Array  # scalar int32: live slot-steps decoded so far.
   steps: Array  # scalar int32: decode steps run so far.
+  kv_version: Array  # [R] int32 policy version that prefilled the row's
+  # cache (its oldest entries); a token sampled over it is stamped with the
+  # older of this and the current version.
 
 
 class Requests(NamedTuple):
@@ -199,7 +202,8 @@ def make_engine(apply_fn: sampler_lib.ApplyFn,
         tracks=empty_tracks((r,), t_max, pad_id=cfg.pad_id, xp=jnp),
         live=jnp.zeros((r,), bool), next_pos=jnp.zeros((r,), jnp.int32),
         kv_valid=jnp.zeros((r, s), bool), cache=init_cache_fn(r, s), key=key,
-        busy=jnp.zeros((), jnp.int32), steps=jnp.zeros((), jnp.int32))
+        busy=jnp.zeros((), jnp.int32), steps=jnp.zeros((), jnp.int32),
+        kv_version=jnp.zeros((r,), jnp.int32))
 
   def insert(params: Params, state: SlotState, req: Requests, temperature,
              top_p, version, *, window: int) -> SlotState:
@@ -244,7 +248,9 @@ def make_engine(apply_fn: sampler_lib.ApplyFn,
         live=put(state.live, live),
         next_pos=put(state.next_pos, positions[rows, last] + 1),
         kv_valid=put(state.kv_valid, kv_valid),
-        cache=jax.tree.map(put, state.cache, cache), key=key)
+        cache=jax.tree.map(put, state.cache, cache), key=key,
+        kv_version=put(state.kv_version,
+                       jnp.broadcast_to(version, (m,))))
 
   def step(params, st: SlotState, temperature, top_p, version) -> SlotState:
     """One decode step for every slot (rows not live are left unchanged)."""
@@ -259,7 +265,10 @@ def make_engine(apply_fn: sampler_lib.ApplyFn,
     logits, cache = apply_fn(params, last[:, None], st.next_pos[:, None],
                              mask, st.cache, index)
     key, token, lp, ent = pick(st.key, logits[:, 0], temperature, top_p)
-    tracks, still = record(st.tracks, live, token, lp, ent, version)
+    # A row kept across a weight update (`run(..., hold=True)`) decodes
+    # over a cache computed by older weights: its tokens carry that version.
+    tracks, still = record(st.tracks, live, token, lp, ent,
+                           jnp.minimum(st.kv_version, version))
     return st._replace(
         tracks=tracks, live=still, kv_valid=kv_valid, cache=cache, key=key,
         next_pos=st.next_pos + live.astype(jnp.int32),
@@ -396,13 +405,20 @@ def _insert_jobs(engine: Engine, params, state: SlotState, slots, jobs, *,
 def run(engine: Engine, params: Params, state: SlotState, prompts: np.ndarray,
         prompt_mask: np.ndarray, prefix: Tracks, *, temperature: float,
         top_p: float, version: int, job_prompt: Optional[np.ndarray] = None,
-        stop: Optional[Callable[[np.ndarray], bool]] = None
+        stop: Optional[Callable[[np.ndarray], bool]] = None,
+        resident: Optional[np.ndarray] = None, hold: bool = False
         ) -> tuple[SlotState, Tracks, dict]:
   """Decodes a queue of J jobs through the slots (the host loop).
 
   Jobs enter free slots in index order; a job with a partial prefix
   (length > 0, RUNNING) is resumed, one already finished is returned as is.
   Between decode chunks finished rows are harvested and slots refilled.
+
+  A job can also start *resident*: still live in the slot where an earlier
+  `run(..., hold=True)` stopped it, with its cache. It then continues
+  there without a prefill, under `params` over a cache that the earlier
+  weights computed (PipelineRL's in-flight weight update); its new tokens
+  carry the cache's version (`SlotState.kv_version`), not `version`.
 
   Args:
     engine: from `make_engine`.
@@ -416,13 +432,20 @@ def run(engine: Engine, params: Params, state: SlotState, prompts: np.ndarray,
       share its prefill); None: job j uses prompt row j (U = J).
     stop: optional predicate on `done [J]` bool, checked between chunks;
       True ends the call with the unfinished jobs handed back.
+    resident: optional [R] int, the job each slot already holds (-1: free),
+      from the `slot_job` stat of a `hold=True` call (jobs renumbered to
+      this call's queue); those slots must still be live in `state` with
+      the job's response so far (`prefix` row) in them.
+    hold: when `stop` ends the call, leave the unfinished jobs live in
+      their slots (reported in `slot_job`) instead of freeing the slots.
 
   Returns:
-    (state with no slot live, tracks [J, ...] on the host: finished jobs
-    with their finish reason, the others RUNNING with their partial
-    response, stats) where stats has `decode_steps`, `busy_slot_steps`,
-    `slot_utilisation` (busy / (R * steps)), `decode_calls`,
-    `insert_calls`, `seconds`.
+    (state, tracks [J, ...] on the host: finished jobs with their finish
+    reason, the others RUNNING with their partial response, stats) where
+    stats has `decode_steps`, `busy_slot_steps`, `slot_utilisation`
+    (busy / (R * steps)), `decode_calls`, `insert_calls`, `resident_jobs`
+    (jobs continued from `resident`), `seconds`, and `slot_job` ([R] job
+    per slot still live: -1 everywhere unless `hold` kept some).
   """
   cfg = engine.cfg
   r = cfg.num_slots
@@ -432,12 +455,15 @@ def run(engine: Engine, params: Params, state: SlotState, prompts: np.ndarray,
     job_prompt = np.arange(len(out.length))
   job_prompt = np.asarray(job_prompt)
   done = out.finish != _RUNNING
-  pending = collections.deque(np.flatnonzero(~done).tolist())
-  slot_job = np.full(r, -1)
+  slot_job = _resident_slots(state, out, done, resident, r)
+  queued = ~done
+  queued[slot_job[slot_job >= 0]] = False
+  calls = collections.Counter(resident_jobs=int(np.sum(slot_job >= 0)),
+                              insert_calls=0, decode_calls=0)
+  pending = collections.deque(np.flatnonzero(queued).tolist())
   sampling = (jnp.float32(temperature), jnp.float32(top_p),
               jnp.int32(version))
   base = np.asarray(jax.device_get((state.busy, state.steps)))
-  calls = collections.Counter()
   while not (stop is not None and stop(done)):
     free = np.flatnonzero(slot_job < 0)[:len(pending)]
     jobs = np.array([pending.popleft() for _ in free], np.int64)
@@ -462,12 +488,53 @@ def run(engine: Engine, params: Params, state: SlotState, prompts: np.ndarray,
   held = np.flatnonzero(slot_job >= 0)
   if len(held):  # Stopped early: hand back the partial responses.
     _put(out, slot_job[held], _take(jax.device_get(state.tracks), held))
-    state = state._replace(live=jnp.zeros_like(state.live))
+    if not hold:
+      state = state._replace(live=jnp.zeros_like(state.live))
+      slot_job[:] = -1
   busy, steps = np.asarray(jax.device_get((state.busy, state.steps))) - base
   stats = {'decode_steps': int(steps), 'busy_slot_steps': int(busy),
            'slot_utilisation': float(busy / max(r * steps, 1)),
-           'seconds': time.perf_counter() - start, **calls}
+           'seconds': time.perf_counter() - start, 'slot_job': slot_job,
+           **calls}
   return state, out, stats
+
+
+def _resident_slots(state: SlotState, out: Tracks, done: np.ndarray,
+                    resident: Optional[np.ndarray], r: int) -> np.ndarray:
+  """The checked `resident` map ([R] job per slot, -1 free).
+
+  Raises:
+    ValueError: if the map's shape is wrong, names a job twice, a finished
+      job or an unknown one, or a slot that is not live with the job's
+      response length (the slot's cache would not be the job's).
+  """
+  slot_job = np.full(r, -1)
+  if resident is None:
+    return slot_job
+  resident = np.asarray(resident)
+  if resident.shape != (r,):
+    raise ValueError(f'resident must be [num_slots={r}] job indices, got '
+                     f'shape {resident.shape}')
+  slots = np.flatnonzero(resident >= 0)
+  jobs = resident[slots]
+  live, length = (np.asarray(x)[slots] for x in jax.device_get(
+      (state.live, state.tracks.length)))
+  problems = []
+  if len(np.unique(jobs)) != len(jobs):
+    problems.append('a job is resident in two slots')
+  if np.any(jobs >= len(done)):
+    problems.append(f'jobs {jobs[jobs >= len(done)].tolist()} are not in '
+                    f'the queue of {len(done)}')
+  else:
+    bad = slots[~live | done[jobs] | (length != out.length[jobs])]
+    if len(bad):
+      problems.append(f'slots {bad.tolist()} are not live with their job\'s '
+                      'unfinished response')
+  if problems:
+    raise ValueError('resident slots do not match the jobs: ' +
+                     '; '.join(problems))
+  slot_job[slots] = jobs
+  return slot_job
 
 
 def pad_prompts(prompts: np.ndarray, prompt_mask: np.ndarray,

@@ -153,7 +153,8 @@ class Rollouts:
       self.april = partial.AprilSampler(
           self.engine, partial.AprilConfig(
               target_groups=cfg.rl.batch_prompts,
-              inflight_groups=cfg.rollout.inflight_groups),
+              inflight_groups=cfg.rollout.inflight_groups,
+              keep_kv=cfg.rollout.resume == 'keep_kv'),
           group_size=cfg.rl.group_size)
     elif self.mode == 'tree':
       answer = None
@@ -280,8 +281,7 @@ class Rollouts:
                                         np.full(b, g))
     version = np.asarray(batch.version)
     # Tokens sampled now: the returned groups' and the buffered ones'.
-    held = buf.groups.tracks.version[:int(buf.count)]
-    decoded = int(np.sum(version == step) + np.sum(held == step))
+    decoded = int(metrics['rollout/sampled_tokens'])
     loss_mask = partial.off_policy_loss_mask(
         batch, current_version=step, mode=cfg.rollout.off_policy)
     groups = StepGroups(

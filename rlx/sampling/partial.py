@@ -11,6 +11,17 @@ under the new weights, with the remaining budget T - length) and tops the
 flight up with N new prompts. Nothing is discarded and nothing duplicated:
 every admitted prompt is returned exactly once.
 
+With `keep_kv` (config `rollout.resume=keep_kv`) the responses still
+decoding when the step stops keep their slot and KV cache, and the next
+step simply continues them under the new weights (PipelineRL's in-flight
+weight update): no re-prefill, but the new tokens attend to keys and values
+that the previous weights computed, so they are stamped with that older
+version (`SlotState.kv_version`) and count as off-policy. Their behaviour
+log-probs are those they were really sampled with, so TIS and the
+decoupled clip correct them exactly. The kept caches are not checkpointed:
+a restored buffer (or any buffer that is not the one the sampler returned)
+resumes by re-prefill.
+
 The tokens a resumed response kept from earlier steps are off-policy
 (version < current). `off_policy_loss_mask` drops them from the loss
 (mode 'mask'); otherwise ('keep') the learner corrects them through
@@ -19,7 +30,7 @@ log-probs recomputed under the current weights.
 """
 
 import dataclasses
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +49,8 @@ class AprilConfig:
   """How many groups an APRIL step returns and keeps in flight."""
   target_groups: int  # N: finished groups returned per step (B).
   inflight_groups: int = 0  # N': groups in flight; 0: 2N.
+  keep_kv: bool = False  # Unfinished responses keep their slot and cache
+  # for the next step instead of being re-prefilled there.
 
   def __post_init__(self):
     if self.target_groups < 1:
@@ -77,6 +90,9 @@ class AprilSampler:
                group_size: int):
     self.engine, self.cfg, self.group_size = engine, cfg, group_size
     self._state = None
+    # keep_kv: (slots, their jobs in the next call's queue, and the prompt,
+    # tokens and length each job must have there).
+    self._kept: Optional[tuple[np.ndarray, ...]] = None
 
   def init_buffer(self) -> pb.PartialBuffer:
     ecfg = self.engine.cfg
@@ -124,12 +140,14 @@ class AprilSampler:
                            prompt=prompts, prompt_mask=prompt_mask)
     groups = pb.concat(held, fresh)  # Buffered groups first: resumed first.
     tracks, stats = self._decode(params, groups, key, temperature, top_p,
-                                 version)
+                                 version, resident=self._resident(held))
     complete = np.all(tracks.finish != int(FinishReason.RUNNING), axis=1)
     chosen = np.flatnonzero(complete)[:self.cfg.target_groups]
     rest = np.setdiff1d(np.arange(len(complete)), chosen)
     groups = groups._replace(tracks=tracks)
     new_buf = pb.put(self.init_buffer(), pb.select(groups, rest))
+    if self.cfg.keep_kv:
+      self._keep(stats['slot_job'], rest, pb.take(new_buf)[0])
     out = pb.select(groups, chosen)
     batch = AprilBatch(
         rollout=engine_lib.to_rollout(
@@ -145,11 +163,60 @@ class AprilSampler:
         'rollout/buffer_groups': float(pb.size(new_buf)),
         'rollout/resumed_groups': float(np.sum(chosen < len(held.prompt_id))),
         'rollout/decoded_tokens': float(stats['busy_slot_steps']),
+        # Tokens sampled in this call (decode steps plus the one sampled
+        # at each insert), whatever version they are stamped with.
+        'rollout/sampled_tokens': float(np.sum(groups.tracks.length) -
+                                        np.sum(held.tracks.length)),
+        'rollout/insert_calls': float(stats['insert_calls']),
     })
+    if self.cfg.keep_kv:  # Responses continued on their kept cache.
+      metrics['rollout/kept_kv_rows'] = float(stats['resident_jobs'])
     return batch, new_buf, metrics
 
+  def _keep(self, slot_job: np.ndarray, rest: np.ndarray,
+            buffered: pb.Groups) -> None:
+    """Records the responses left live in their slots, numbered as jobs
+    of the next call (buffered group i comes first there, as job i G + s)."""
+    g = self.group_size
+    slots = np.flatnonzero(slot_job >= 0)
+    where = np.full(self.cfg.inflight, -1)  # Group -> buffer row.
+    where[rest] = np.arange(len(rest))
+    group, sample = where[slot_job[slots] // g], slot_job[slots] % g
+    assert np.all(group >= 0), 'a returned group still has a live response'
+    self._kept = (slots, group * g + sample, buffered.prompt[group],
+                  buffered.tracks.tokens[group, sample],
+                  buffered.tracks.length[group, sample])
+
+  def _resident(self, held: pb.Groups) -> Optional[np.ndarray]:
+    """The engine's `resident` map for this call's queue, or None.
+
+    Kept slots are used only if `held` (the buffer passed in) is the one
+    the previous call returned, for those rows: same prompt, tokens and
+    length. Otherwise (a restored or edited buffer) the slots are freed
+    and their responses are re-prefilled like any other.
+    """
+    kept, self._kept = self._kept, None
+    if kept is None:
+      return None
+    slots, jobs, prompt, tokens, length = kept
+    g = self.group_size
+    group, sample = jobs // g, jobs % g
+    same = (np.all(group < len(held.prompt_id)) and
+            np.array_equal(held.prompt[group], prompt) and
+            np.array_equal(held.tracks.length[group, sample], length) and
+            np.array_equal(held.tracks.tokens[group, sample], tokens) and
+            np.all(held.tracks.finish[group, sample] ==
+                   int(FinishReason.RUNNING)))
+    if not same:
+      self._state = self._state._replace(
+          live=self._state.live.at[slots].set(False))
+      return None
+    resident = np.full(self.engine.cfg.num_slots, -1)
+    resident[slots] = jobs
+    return resident
+
   def _decode(self, params, groups: pb.Groups, key, temperature, top_p,
-              version) -> tuple[engine_lib.Tracks, dict]:
+              version, resident=None) -> tuple[engine_lib.Tracks, dict]:
     """Runs the group-major jobs until N groups are complete."""
     g, n_target = self.group_size, self.cfg.target_groups
     flat = lambda x: np.asarray(x).reshape((-1,) + np.shape(x)[2:])
@@ -161,7 +228,8 @@ class AprilSampler:
         self.engine, params, engine_lib.with_key(self._state, key),
         groups.prompt, groups.prompt_mask, tracks, temperature=temperature,
         top_p=top_p, version=version,
-        job_prompt=np.arange(len(tracks.length)) // g, stop=stop)
+        job_prompt=np.arange(len(tracks.length)) // g, stop=stop,
+        resident=resident, hold=self.cfg.keep_kv)
     tracks = engine_lib.Tracks(*(x.reshape((-1, g) + x.shape[1:])
                                  for x in out))
     return tracks, stats
