@@ -435,7 +435,8 @@ def run(engine: Engine, params: Params, state: SlotState, prompts: np.ndarray,
     resident: optional [R] int, the job each slot already holds (-1: free),
       from the `slot_job` stat of a `hold=True` call (jobs renumbered to
       this call's queue); those slots must still be live in `state` with
-      the job's response so far (`prefix` row) in them.
+      the job's response so far (`prefix` row) in them. Every other slot
+      is treated as free.
     hold: when `stop` ends the call, leave the unfinished jobs live in
       their slots (reported in `slot_job`) instead of freeing the slots.
 
@@ -456,6 +457,8 @@ def run(engine: Engine, params: Params, state: SlotState, prompts: np.ndarray,
   job_prompt = np.asarray(job_prompt)
   done = out.finish != _RUNNING
   slot_job = _resident_slots(state, out, done, resident, r)
+  # Any other slot is free, whatever an earlier call left in it.
+  state = state._replace(live=state.live & jnp.asarray(slot_job >= 0))
   queued = ~done
   queued[slot_job[slot_job >= 0]] = False
   calls = collections.Counter(resident_jobs=int(np.sum(slot_job >= 0)),

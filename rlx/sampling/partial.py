@@ -207,9 +207,7 @@ class AprilSampler:
             np.array_equal(held.tracks.tokens[group, sample], tokens) and
             np.all(held.tracks.finish[group, sample] ==
                    int(FinishReason.RUNNING)))
-    if not same:
-      self._state = self._state._replace(
-          live=self._state.live.at[slots].set(False))
+    if not same:  # `run` frees slots that `resident` does not name.
       return None
     resident = np.full(self.engine.cfg.num_slots, -1)
     resident[slots] = jobs
