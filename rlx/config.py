@@ -242,6 +242,14 @@ class RolloutConfig:
   # in the loss (keep; correct them with objective.correction=tis|icepop
   # or objective.loss=decoupled, which need rl.recompute_old_logp) or are
   # masked out of it (mask).
+  overlap: bool = False  # One-step off-policy (asynchronous) training:
+  # step s + 1's rollout is sampled, in a background thread, by the weights
+  # from before step s's update while the learner trains on step s, so
+  # sampling and learning overlap and every batch is one policy version
+  # stale (april stamps its tokens so; correct with objective.correction=
+  # tis|icepop or objective.loss=decoupled plus rl.recompute_old_logp).
+  # Needs a one-device mesh (concurrent multi-device programs could
+  # interleave their collectives) and one process.
   tree: TreeRolloutConfig = TreeRolloutConfig()
 
 
@@ -647,6 +655,10 @@ def _validate_rollout(cfg: Config) -> None:
   _require(ro.resume == 'prefill' or ro.mode == 'april', 'rollout.resume',
            f'{ro.resume!r} needs rollout.mode=april (is {ro.mode!r}): only '
            'APRIL carries unfinished responses to the next step')
+  _require(not (ro.overlap and ro.mode == 'april' and
+               ro.off_policy == 'mask'), 'rollout.off_policy',
+           "'mask' with rollout.overlap would drop every token (all are "
+           "sampled by the previous weights); use 'keep'")
   _require(ro.off_policy in ('keep', 'mask'), 'rollout.off_policy',
            f"{ro.off_policy!r} is not one of ['keep', 'mask']")
   _require(obj.advantage not in TREE_ADVANTAGES or ro.mode == 'tree',

@@ -5,8 +5,13 @@ everything numeric happens in the jitted sampler and train step. Every
 random choice is a function of (seed, step), and the prompt order is a
 seeded permutation per epoch, so a run resumed from a checkpoint ends at
 the same result as an uninterrupted one.
+
+With rollout.overlap the rollout of step s + 1 runs in a background thread
+(by the weights before step s's update, which the checkpoint keeps) while
+step s trains: one-step off-policy training.
 """
 
+from concurrent import futures
 import dataclasses
 import functools
 import json
@@ -113,6 +118,7 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
 
   plan = sharding.Plan.from_config(cfg.mesh)
   _check_batch_fits_mesh(cfg, plan)
+  _check_overlap(cfg, plan)
   if cfg.rollout.mode != 'static' and jax.process_count() > 1:
     # The engine and tree samplers run on one device of this process.
     raise config_lib.ConfigError(
@@ -159,6 +165,9 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
                   curriculum.abstract(model.cfg.embed_dim)),
               # APRIL's partial buffer and data cursor ({} in other modes).
               'partial': modes.init_partial(cfg, task)}
+  if cfg.rollout.overlap:  # The weights sampling the next step.
+    abstract['sampler'] = sharding.with_shardings(abstract_state.params,
+                                                  state_sh.params)
   log = Logbook(workdir, total_steps=cfg.rl.num_steps,
                 resume_step=start_step, tensorboard=cfg.log.tensorboard,
                 progress=cfg.log.progress, primary=jax.process_index() == 0)
@@ -249,79 +258,122 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   if stop_after is not None:
     end = min(end, start_step + stop_after)
   rl = cfg.rl
-  for step in range(start_step, end):
-    t0 = time.time()
+
+  def collect(step, weights, version, cur_state, partial_state):
+    """Step `step`'s rollout by `weights` (trainable params of `version`);
+    returns collect's outputs and the seconds it took."""
+    start = time.time()
     key = jax.random.fold_in(jax.random.fold_in(base_key, 1), step)
-    got, cur_state, partial_state, cur_metrics = rollouts.collect(
-        cur_state, partial_state, to_sampler(train_state.params), key, step)
-    t1 = time.time()
-    rewards = got.rewards
-    if cfg.objective.overlong_buffer:  # DAPO overlong shaping.
-      rewards = rewards + np.asarray(shaping.overlong_penalty(
-          got.lengths, max_len=cfg.sampling.max_new_tokens,
-          buffer=cfg.objective.overlong_buffer))
-    batch = rollouts.batch(got, rewards=rewards, old_logp=got.logp)
-    if not pack_chunks:  # Packed rows have a fixed length instead.
-      batch = learner.trim_batch(batch)
-    mini = rl.batch_prompts // rl.num_minibatches
-    parts = [jax.tree.map(lambda x, m=m: x[m * mini:(m + 1) * mini], batch)
-             for m in range(rl.num_minibatches)]
-    if pack_chunks:
-      parts = [learner.pack_batch(p, chunks=pack_chunks) for p in parts]
-    if rl.recompute_old_logp:  # Under the weights before this step's updates.
-      parts = [p._replace(old_logp=recompute_logp(train_state.params, p))
-               for p in parts]
-    metrics = {}
-    for part in parts:
-      train_state, metrics = train_step(train_state, ref_params,
-                                        plan.put_batch(part))
-    metrics = jax.device_get(metrics)
-    if pack_chunks:  # Rows per minibatch, and the share of slots used.
-      rows = [p.packed.bundle for p in parts]
-      metrics['pack_rows'] = np.mean([r.shape[0] * r.shape[1] for r in rows])
-      metrics['pack_fill'] = np.mean([np.mean(r > 0) for r in rows])
-    counters['rollouts/total'] += got.rollouts
-    counters['tokens/decoded_total'] += got.decoded_tokens
-    sampled = np.arange(got.rewards.shape[1]) < got.counts[:, None]
-    lengths = got.lengths[sampled]
-    row = {
-        'step': step + 1,
-        # Verifier rewards (before any shaping) of the trained groups.
-        'reward/mean': float(got.rewards[sampled].mean()),
-        'reward/zero_var_group_frac': cur_metrics[
-            'curriculum/zero_var_frac'],
-        'response/len_mean': float(lengths.mean()),
-        'response/len_max': int(lengths.max()),
-        'response/truncated_frac': float(np.mean(got.finish[sampled] == 2)),
-        'rollouts/total': counters['rollouts/total'],
-        'tokens/decoded_total': counters['tokens/decoded_total'],
-        'time/rollout_s': t1 - t0,
-        'time/train_s': time.time() - t1,
-        'time/elapsed_s': elapsed(),
-        **{f'learner/{k}': float(v) for k, v in metrics.items()},
-        **cur_metrics,
-        **got.metrics,  # rollout/ (engine modes) and tree/ metrics.
-    }
-    spent = bool(rl.max_rollouts and counters['rollouts/total']
-                 >= rl.max_rollouts)
-    last = step + 1 == cfg.rl.num_steps or spent
-    if (step + 1) % cfg.log.every == 0 or last:
-      log.write(row)
-    if (step + 1) % cfg.eval.every == 0 or last:
-      last_eval = run_eval(step + 1)
-    log.advance(row['reward/mean'], last_eval.get('eval/pass@1'))
-    if (step + 1) % cfg.log.checkpoint_every == 0 or step + 1 == end or spent:
-      # LoRA: the adapters and their optimizer state; the base is not saved.
-      ckpt.save(step + 1, {'train': train_state, 'ref': state['ref'],
-                           'curriculum': plan.to_global(cur_state),
-                           'partial': partial_state},
-                {'counters': {**counters, 'elapsed_s': elapsed()},
-                 'config': config_lib.to_dict(cfg)})
-    if spent:
-      log.message(f'stopping after step {step + 1}: rl.max_rollouts='
-                  f'{rl.max_rollouts} responses sampled')
-      end = step + 1
-      break
+    out = rollouts.collect(cur_state, partial_state, to_sampler(weights),
+                           key, step, version=version)
+    return out, time.time() - start
+
+  # rollout.overlap: step s + 1 is sampled in this thread by the weights
+  # before step s's update (`sampler`, checkpointed) while step s trains.
+  overlap = futures.ThreadPoolExecutor(1) if cfg.rollout.overlap else None
+  sampler = state.get('sampler')  # Restored: the next step's weights.
+  pending = None
+  try:
+    for step in range(start_step, end):
+      t0 = time.time()
+      if overlap is None:
+        version = step  # The weights that sampled this step's batch.
+        collected, busy = collect(step, train_state.params, step, cur_state,
+                                  partial_state)
+      else:
+        if pending is None:  # The first step of this call.
+          v = step if sampler is None else step - 1
+          pending = v, overlap.submit(
+              collect, step, train_state.params if sampler is None else
+              sampler, v, cur_state, partial_state)
+        version, future = pending
+        collected, busy = future.result()
+        pending = None
+      got, cur_state, partial_state, cur_metrics = collected
+      t1 = time.time()
+      counters['rollouts/total'] += got.rollouts
+      counters['tokens/decoded_total'] += got.decoded_tokens
+      spent = bool(rl.max_rollouts and counters['rollouts/total']
+                   >= rl.max_rollouts)
+      if overlap is not None:
+        # A copy: the train step donates train_state's buffers.
+        sampler = jax.tree.map(jnp.copy, train_state.params)
+        if step + 1 < end and not spent:
+          pending = step, overlap.submit(collect, step + 1, sampler, step,
+                                         cur_state, partial_state)
+      rewards = got.rewards
+      if cfg.objective.overlong_buffer:  # DAPO overlong shaping.
+        rewards = rewards + np.asarray(shaping.overlong_penalty(
+            got.lengths, max_len=cfg.sampling.max_new_tokens,
+            buffer=cfg.objective.overlong_buffer))
+      batch = rollouts.batch(got, rewards=rewards, old_logp=got.logp)
+      if not pack_chunks:  # Packed rows have a fixed length instead.
+        batch = learner.trim_batch(batch)
+      mini = rl.batch_prompts // rl.num_minibatches
+      parts = [jax.tree.map(lambda x, m=m: x[m * mini:(m + 1) * mini], batch)
+               for m in range(rl.num_minibatches)]
+      if pack_chunks:
+        parts = [learner.pack_batch(p, chunks=pack_chunks) for p in parts]
+      if rl.recompute_old_logp:  # Under the weights before this step's updates.
+        parts = [p._replace(old_logp=recompute_logp(train_state.params, p))
+                 for p in parts]
+      metrics = {}
+      for part in parts:
+        train_state, metrics = train_step(train_state, ref_params,
+                                          plan.put_batch(part))
+      metrics = jax.device_get(metrics)
+      if pack_chunks:  # Rows per minibatch, and the share of slots used.
+        rows = [p.packed.bundle for p in parts]
+        metrics['pack_rows'] = np.mean([r.shape[0] * r.shape[1] for r in rows])
+        metrics['pack_fill'] = np.mean([np.mean(r > 0) for r in rows])
+      sampled = np.arange(got.rewards.shape[1]) < got.counts[:, None]
+      lengths = got.lengths[sampled]
+      row = {
+          'step': step + 1,
+          # Verifier rewards (before any shaping) of the trained groups.
+          'reward/mean': float(got.rewards[sampled].mean()),
+          'reward/zero_var_group_frac': cur_metrics[
+              'curriculum/zero_var_frac'],
+          'response/len_mean': float(lengths.mean()),
+          'response/len_max': int(lengths.max()),
+          'response/truncated_frac': float(np.mean(got.finish[sampled] == 2)),
+          'rollouts/total': counters['rollouts/total'],
+          'tokens/decoded_total': counters['tokens/decoded_total'],
+          # Waiting for the rollout (all of it unless rollout.overlap).
+          'time/rollout_s': t1 - t0,
+          'time/train_s': time.time() - t1,
+          'time/elapsed_s': elapsed(),
+          **{f'learner/{k}': float(v) for k, v in metrics.items()},
+          **cur_metrics,
+          **got.metrics,  # rollout/ (engine modes) and tree/ metrics.
+      }
+      if overlap is not None:  # The rollout's own time, and the staleness.
+        row['time/rollout_busy_s'] = busy
+        row['rollout/policy_lag'] = step - version
+      last = step + 1 == cfg.rl.num_steps or spent
+      if (step + 1) % cfg.log.every == 0 or last:
+        log.write(row)
+      if (step + 1) % cfg.eval.every == 0 or last:
+        last_eval = run_eval(step + 1)
+      log.advance(row['reward/mean'], last_eval.get('eval/pass@1'))
+      if (step + 1) % cfg.log.checkpoint_every == 0 or step + 1 == end or spent:
+        # LoRA: the adapters and their optimizer state; the base is not saved.
+        saved = {'train': train_state, 'ref': state['ref'],
+                 'curriculum': plan.to_global(cur_state),
+                 'partial': partial_state}
+        if overlap is not None:
+          saved['sampler'] = sampler
+        ckpt.save(step + 1, saved,
+                  {'counters': {**counters, 'elapsed_s': elapsed()},
+                   'config': config_lib.to_dict(cfg)})
+      if spent:
+        log.message(f'stopping after step {step + 1}: rl.max_rollouts='
+                    f'{rl.max_rollouts} responses sampled')
+        end = step + 1
+        break
+  finally:
+    if overlap is not None:
+      overlap.shutdown(wait=True, cancel_futures=True)
   log.close()
   ckpt.close()
   out = {'params': policy.merged(train_state.params), 'step': end,
@@ -379,6 +431,21 @@ def _check_task_size(cfg: Config, task) -> None:
     raise config_lib.ConfigError(
         f'eval.num_prompts={cfg.eval.num_prompts}: the task has only '
         f'{n_test} held-out prompts')
+
+
+def _check_overlap(cfg: Config, plan: sharding.Plan) -> None:
+  """rollout.overlap runs the sampler's and the learner's programs at the
+  same time: only where they cannot interleave collectives."""
+  if not cfg.rollout.overlap:
+    return
+  if plan.size > 1 or cfg.mesh.sampler_shape or jax.process_count() > 1:
+    raise config_lib.ConfigError(
+        f'rollout.overlap needs a one-device mesh in one process (mesh of '
+        f'{plan.size} devices, mesh.sampler_shape='
+        f'{tuple(cfg.mesh.sampler_shape)}, {jax.process_count()} '
+        'processes): concurrent sampler and learner programs on several '
+        'devices could interleave their collectives and deadlock; set '
+        'mesh.shape=(1, 1, 1) or rollout.overlap=False')
 
 
 def _check_batch_fits_mesh(cfg: Config, plan: sharding.Plan) -> None:

@@ -10,7 +10,9 @@ evaluation draws in every mode: evaluation always uses the static
 sampler). Modes (`MODES`): static, continuous, april (keep), april_mask,
 april_tis (keep + TIS on recomputed old log-probs), april_kv (unfinished
 responses keep their slot and KV cache across the update:
-rollout.resume=keep_kv), and the tree kinds
+rollout.resume=keep_kv), static_overlap / april_overlap /
+april_kv_overlap (rollout.overlap: the next step sampled during this
+step's update, one policy version stale), and the tree kinds
 treepo, latr, eptree (GRPO advantages over the W = G leaves) plus
 treepo_tree (TreePO's own ancestor-group advantage) and eptree_treerl
 (EPTree with TreeRL's process-reward advantage, as in the TreeRL paper)
@@ -22,7 +24,9 @@ Runs go seed-major (all modes of seed 0, then seed 1), so machine load
 drifts hit every mode.
 
 Reports per mode, over the seeds: seconds per RL step (rollout + learner,
-the median over steps 2..N: step 1 compiles), its ratio to static,
+the median over steps 2..N: step 1 compiles; with rollout.overlap the
+rollout part is the wait for it, and `time/rollout_busy_s` its own
+duration), its ratio to static,
 decoded tokens per leaf (tokens the model sampled, shared tree prefixes
 once, over the responses trained on) and its ratio, and final pass@1 per
 seed; then each mode's final pass@1 minus the first mode's, paired by
@@ -59,6 +63,10 @@ MODES = {
     'april_tis': {'rollout.mode': 'april', 'objective.correction': 'tis',
                   'rl.recompute_old_logp': True},
     'april_kv': {'rollout.mode': 'april', 'rollout.resume': 'keep_kv'},
+    'static_overlap': {'rollout.overlap': True},
+    'april_overlap': {'rollout.mode': 'april', 'rollout.overlap': True},
+    'april_kv_overlap': {'rollout.mode': 'april', 'rollout.resume': 'keep_kv',
+                         'rollout.overlap': True},
     'treepo': {'rollout.mode': 'tree', 'rollout.tree.kind': 'treepo'},
     'treepo_tree': {'rollout.mode': 'tree', 'rollout.tree.kind': 'treepo',
                     'objective.advantage': 'tree'},
@@ -124,6 +132,7 @@ def run_one(mode: str, seed: int) -> dict:
       'reward': float(np.mean([r['reward/mean'] for r in steps])),
   }
   for key in ('rollout/off_policy_token_frac', 'rollout/slot_utilisation',
+              'rollout/policy_lag', 'time/rollout_busy_s',
               'tree/shared_prefix_frac', 'tree/depth_mean',
               'tree/distinct_answers'):
     vals = [r[key] for r in steps if key in r]
@@ -186,7 +195,7 @@ def main(argv):
             + ' |')
   for mode, rs in runs.items():
     extra = {k: np.mean([r[k] for r in rs]) for k in rs[0]
-             if k.startswith(('rollout/', 'tree/'))}
+             if k.startswith(('rollout/', 'tree/', 'time/'))}
     if extra:
       print(f'{mode}: ' + ', '.join(f'{k} {v:.2f}' for k, v in extra.items()))
 

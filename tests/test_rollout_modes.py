@@ -93,6 +93,8 @@ def base(tmp_path_factory):
     ({'rollout.mode': 'april', 'rollout.resume': 'stale'}, 'rollout.resume'),
     ({'rollout.mode': 'continuous', 'rollout.resume': 'keep_kv'},
      'rollout.resume'),
+    ({'rollout.mode': 'april', 'rollout.overlap': True,
+      'rollout.off_policy': 'mask'}, 'rollout.off_policy'),
     ({'rollout.mode': 'april', 'curriculum.selector': 'vade'},
      'curriculum.selector'),
     ({'rollout.mode': 'april', 'curriculum.allocator': 'dars'},
@@ -366,6 +368,72 @@ def test_april_kill_and_resume_equals_uninterrupted(base):
   assert any(abs(r['learner/correction/weight_mean'] - 1) > 1e-4
              for r in later)
   assert [r['rollouts/total'] for r in rows] == [16, 32, 48]
+
+
+# ------------------------------------------------ overlap (one-step async)
+
+
+_TIME_OR_OVERLAP = ('time/', 'rollout/policy_lag')
+
+
+def test_overlap_with_frozen_weights_equals_sync(base):
+  """With a zero learning rate the weights never change, so sampling the
+  next step during this one's update must give exactly the sync run:
+  same batches, curriculum state flow and keys."""
+  over = {'optim.learning_rate': 0.0, 'curriculum.selector': 'vade'}
+  _, sync_rows, _ = _run(base, 'frozen_sync', **over)
+  _, rows, _ = _run(base, 'frozen_overlap', **over,
+                    **{'rollout.overlap': True})
+  strip = lambda rs: [{k: v for k, v in r.items()
+                       if not k.startswith(_TIME_OR_OVERLAP)} for r in rs]
+  assert strip(rows) == strip(sync_rows)
+  assert [r['rollout/policy_lag'] for r in rows] == [0, 1, 1]
+  assert all(r['time/rollout_busy_s'] > 0 for r in rows)
+
+
+def test_overlap_kill_and_resume_equals_uninterrupted(base):
+  """Static sampler, TIS on recomputed old log-probs: each batch after the
+  first is sampled by the weights before the previous update (TIS weights
+  move off 1), and a run killed after step 2 resumes from the checkpointed
+  sampler weights to exactly the uninterrupted result."""
+  over = {'rollout.overlap': True, 'objective.correction': 'tis',
+          'rl.recompute_old_logp': True, 'optim.warmup_steps': 0}
+  full, rows, all_rows = _run(base, 'overlap_full', **over)
+  workdir = os.path.join(str(base), 'overlap_killed')
+  trainer.train(_cfg(base, **over), workdir, stop_after=2)
+  resumed = trainer.train(_cfg(base, **over), workdir)
+  jax.tree.map(np.testing.assert_array_equal, resumed['params'],
+               full['params'])
+  got_rows = read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+  assert _comparable(got_rows) == _comparable(all_rows)
+  assert [r['rollout/policy_lag'] for r in rows] == [0, 1, 1]
+  # Step 1 is sampled by the weights it trains: pi_old = mu.
+  assert rows[0]['learner/correction/weight_mean'] == pytest.approx(
+      1.0, abs=1e-6)
+  # A batch sampled before an update that moved the weights (a non-zero
+  # gradient at the step before) meets them: TIS weights pi_old / mu != 1.
+  moved = [r for prev, r in zip(rows, rows[1:])
+           if prev['learner/grad_norm'] > 0]
+  assert moved and all(
+      abs(r['learner/correction/weight_mean'] - 1) > 1e-4 for r in moved)
+
+
+def test_overlap_april_tokens_are_one_version_stale(base):
+  over = {'rollout.mode': 'april', 'rollout.overlap': True,
+          'rollout.resume': 'keep_kv'}
+  _, rows, _ = _run(base, 'overlap_april', **over)
+  assert rows[0]['rollout/staleness/0'] > 0  # Step 1: the current weights.
+  for r in rows[1:]:  # Later: every token at least one version old.
+    assert r['rollout/staleness/0'] == 0
+    assert r['rollout/off_policy_token_frac'] == pytest.approx(1.0)
+  assert [r['rollouts/total'] for r in rows] == [16, 32, 48]
+
+
+def test_overlap_needs_one_device(base):
+  cfg = _cfg(base, **{'rollout.overlap': True, 'mesh.shape': (2, 1, 1)})
+  with pytest.raises(config_lib.ConfigError, match='rollout.overlap needs '
+                     'a one-device mesh'):
+    trainer.train(cfg, os.path.join(str(base), 'overlap_mesh'))
 
 
 # ----------------------------------------------------------------- trees

@@ -132,7 +132,7 @@ class Rollouts:
     self.cfg, self.task, self.curriculum = cfg, task, curriculum
     self.mode = cfg.rollout.mode
     self._tally = _Tally()
-    self._step = 0
+    self._step = self._version = 0
     self._precompiled = False
     tok, s = task.tokenizer, cfg.sampling
     self.actor = actor
@@ -188,7 +188,8 @@ class Rollouts:
   def _continuous(self, params, prompts, prompt_mask, key, temperature,
                   top_p=1.0, *, num_samples):
     out = self._sampler(params, prompts, prompt_mask, key, temperature,
-                        top_p, num_samples=num_samples, version=self._step)
+                        top_p, num_samples=num_samples,
+                        version=self._version)
     stats, t = self._sampler.last_stats, self._tally
     t.busy += stats['busy_slot_steps']
     t.capacity += self.engine.cfg.num_slots * stats['decode_steps']
@@ -220,7 +221,8 @@ class Rollouts:
 
   # One step ----------------------------------------------------------------
 
-  def collect(self, cur_state, partial_state: dict, params, key, step: int
+  def collect(self, cur_state, partial_state: dict, params, key, step: int,
+              version: int | None = None
               ) -> tuple[StepGroups, object, dict, dict]:
     """Samples and scores one step's training groups.
 
@@ -229,13 +231,18 @@ class Rollouts:
       partial_state: this mode's checkpointed state (`init_partial`).
       params: the policy weights (placed for the sampler).
       key: this step's key.
-      step: the RL step (APRIL's policy version; LATR's mix schedule).
+      step: the RL step (the learner's policy version, against which
+        APRIL's tokens count as off-policy; LATR's mix schedule).
+      version: the version of `params` (the RL step whose update they
+        precede), stamped on the tokens; None: `step`. With
+        rollout.overlap it is step - 1.
 
     Returns:
       (groups, new curriculum state, new partial state, curriculum/
       metrics); `groups.metrics` holds the rollout/ and tree/ metrics.
     """
     self._tally, self._step = _Tally(), step
+    self._version = step if version is None else version
     if self.mode != 'static':
       params = _one_device(params)
     if self.mode == 'april':
@@ -272,7 +279,7 @@ class Rollouts:
     batch, buf, metrics = self.april(
         params, buf, task.train_prompts[ids], task.train_prompt_mask[ids],
         ids, key, cfg.sampling.temperature, cfg.sampling.top_p,
-        version=step)
+        version=self._version)
     ro = jax.tree.map(np.asarray, batch.rollout)
     pid = np.asarray(batch.prompt_id)
     rewards = _score(task, ro.tokens, pid)
@@ -284,6 +291,9 @@ class Rollouts:
     decoded = int(metrics['rollout/sampled_tokens'])
     loss_mask = partial.off_policy_loss_mask(
         batch, current_version=step, mode=cfg.rollout.off_policy)
+    if self._version != step:  # rollout.overlap: staleness vs the learner.
+      metrics.update(partial.rollout_metrics(
+          version, batch.rollout.loss_mask, current_version=step))
     groups = StepGroups(
         ids=pid, tokens=ro.tokens, loss_mask=np.asarray(loss_mask),
         logp=ro.logp, entropy=ro.entropy, lengths=ro.lengths,
