@@ -42,6 +42,21 @@ class Checkpointer:
                        force=True)
     self._manager.wait_until_finished()
 
+  def meta(self, step: int) -> dict[str, Any]:
+    """The metadata dict of step `step` alone (cheap: no arrays read).
+
+    Raises:
+      CheckpointError naming the directory when it cannot be read.
+    """
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore())).meta
+    except Exception as e:  # Orbax raises many types; report them as one.
+      raise CheckpointError(
+          f'cannot read the metadata of checkpoint '
+          f'{os.path.join(self.directory, str(step))}: '
+          f'{type(e).__name__}: {e}') from e
+
   def restore(self, step: int, abstract_state: PyTree
               ) -> tuple[PyTree, dict[str, Any]]:
     """Restores step `step` into the structure of `abstract_state`.

@@ -236,8 +236,8 @@ class RolloutConfig:
   # the next step. prefill: prompt + partial response re-prefilled under the
   # new weights (APRIL); keep_kv: they keep their slot and KV cache and go
   # on decoding under the new weights over the old weights' keys and values
-  # (PipelineRL's in-flight update; no re-prefill, and the tokens sampled so
-  # are stamped with the cache's older version, i.e. off-policy).
+  # (PipelineRL's in-flight update; no re-prefill; tokens sampled over a
+  # kept cache carry its older version, so they count as off-policy).
   off_policy: str = 'keep'  # april: tokens sampled by an older policy stay
   # in the loss (keep; correct them with objective.correction=tis|icepop
   # or objective.loss=decoupled, which need rl.recompute_old_logp) or are

@@ -187,8 +187,10 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
                 f'{lora.count_params(policy.abstract_trainable):,} trainable '
                 f'of {transformer.count_params(abstract_params):,} parameters')
   if start_step:
+    # The config first: a changed one would also change what is restored.
+    _check_same_config(ckpt.meta(start_step)['config'], cfg,
+                       ckpt.directory)
     state, meta = ckpt.restore(start_step, abstract)
-    _check_same_config(meta['config'], cfg, ckpt.directory)
     counters.update(meta['counters'])
     log.message(f'resumed from step {start_step} ({ckpt.directory})')
   else:

@@ -90,12 +90,18 @@ def test_refuses_to_start_over_existing_metrics(tmp_path):
     trainer.train(cfg, str(workdir))
 
 
-def test_resume_with_changed_config_is_refused(uninterrupted, tmp_path):
+@pytest.mark.parametrize('key,value', [
+    ('optim.learning_rate', 1e-3),
+    # Changes what the checkpoint holds (the sampler's weights): the
+    # config check comes before the restore, so it is named.
+    ('rollout.overlap', True)])
+def test_resume_with_changed_config_is_refused(uninterrupted, tmp_path, key,
+                                               value):
   tmp, _, _, _ = uninterrupted
   workdir = str(tmp_path / 'run')
   trainer.train(_cfg(tmp), workdir, stop_after=2)
-  with pytest.raises(checkpoint.CheckpointError, match='optim.learning_rate'):
-    trainer.train(_cfg(tmp, **{'optim.learning_rate': 1e-3}), workdir)
+  with pytest.raises(checkpoint.CheckpointError, match=key):
+    trainer.train(_cfg(tmp, **{key: value}), workdir)
 
 
 def test_corrupt_checkpoint_is_reported(uninterrupted, tmp_path):
