@@ -273,25 +273,27 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   # rollout.overlap: step s + 1 is sampled in this thread by the weights
   # before step s's update (`sampler`, checkpointed) while step s trains.
   overlap = futures.ThreadPoolExecutor(1) if cfg.rollout.overlap else None
-  sampler = state.get('sampler')  # Restored: the next step's weights.
+
+  def launch(*args) -> futures.Future:
+    if overlap is not None:
+      return overlap.submit(collect, *args)
+    done = futures.Future()
+    done.set_result(collect(*args))
+    return done
+
+  # (version of the sampling weights, future): the step to train next.
   pending = None
+  sampler = state.get('sampler')  # Restored (overlap): the next weights.
   try:
     for step in range(start_step, end):
       t0 = time.time()
-      if overlap is None:
-        version = step  # The weights that sampled this step's batch.
-        collected, busy = collect(step, train_state.params, step, cur_state,
-                                  partial_state)
-      else:
-        if pending is None:  # The first step of this call.
-          v = step if sampler is None else step - 1
-          pending = v, overlap.submit(
-              collect, step, train_state.params if sampler is None else
-              sampler, v, cur_state, partial_state)
-        version, future = pending
-        collected, busy = future.result()
-        pending = None
-      got, cur_state, partial_state, cur_metrics = collected
+      if pending is None:  # Not launched by the step before.
+        version = step if sampler is None else step - 1
+        pending = version, launch(
+            step, train_state.params if sampler is None else sampler,
+            version, cur_state, partial_state)
+      (version, future), pending = pending, None
+      (got, cur_state, partial_state, cur_metrics), busy = future.result()
       t1 = time.time()
       counters['rollouts/total'] += got.rollouts
       counters['tokens/decoded_total'] += got.decoded_tokens
@@ -301,8 +303,8 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
         # A copy: the train step donates train_state's buffers.
         sampler = jax.tree.map(jnp.copy, train_state.params)
         if step + 1 < end and not spent:
-          pending = step, overlap.submit(collect, step + 1, sampler, step,
-                                         cur_state, partial_state)
+          pending = step, launch(step + 1, sampler, step, cur_state,
+                                 partial_state)
       rewards = got.rewards
       if cfg.objective.overlong_buffer:  # DAPO overlong shaping.
         rewards = rewards + np.asarray(shaping.overlong_penalty(
