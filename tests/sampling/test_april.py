@@ -152,13 +152,16 @@ def test_every_prompt_completes_exactly_once_and_prefixes_are_kept(keep_kv):
     assert partial_rows > 0
 
 
-def test_resume_under_new_weights_keeps_old_logprobs():
-  """Real transformer: tokens of version v have the log-probs of weights v."""
+def _real_model():
   cfg = tr.TransformerConfig(vocab_size=V, num_layers=2, embed_dim=32,
                              num_heads=2, num_kv_heads=1, head_dim=16,
                              mlp_dim=64)
-  model = tr.Transformer(cfg)
-  p0 = tr.init_params(cfg, jax.random.key(0))
+  return tr.Transformer(cfg), tr.init_params(cfg, jax.random.key(0))
+
+
+def test_resume_under_new_weights_keeps_old_logprobs():
+  """Real transformer: tokens of version v have the log-probs of weights v."""
+  model, p0 = _real_model()
   params = [p0, jax.tree.map(lambda x: x * 1.5, p0)]  # New weights.
   engine = en.transformer_engine(model, en.EngineConfig(
       num_slots=4, prompt_len=P, max_new_tokens=T, stop_tokens=(EOS, 5, 7),
@@ -257,13 +260,6 @@ def test_errors():
 
 
 # ------------------------------------------------ keep_kv (in-flight update)
-
-
-def _real_model():
-  cfg = tr.TransformerConfig(vocab_size=V, num_layers=2, embed_dim=32,
-                             num_heads=2, num_kv_heads=1, head_dim=16,
-                             mlp_dim=64)
-  return tr.Transformer(cfg), tr.init_params(cfg, jax.random.key(0))
 
 
 def _real_sampler(model, *, keep_kv, top_k=0, target=2):
