@@ -83,15 +83,25 @@ def process_logits(logits: Array, temperature: Array, top_p: Array, *,
   if top_k:
     kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
     filtered = jnp.where(scaled < kth, -jnp.inf, filtered)
-  # Nucleus: keep the smallest prefix of the sorted distribution whose mass
-  # reaches top_p (the token that crosses the threshold is kept).
-  sorted_logits = jnp.sort(filtered, axis=-1)[:, ::-1]
-  sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
-  mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-  keep = (mass_before < top_p) | (top_p >= 1.0)
-  cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), -1, keepdims=True)
-  filtered = jnp.where(filtered < cutoff, -jnp.inf, filtered)
-  return jax.nn.log_softmax(filtered, axis=-1), behaviour
+
+  def nucleus(filtered):
+    # Keep the smallest prefix of the sorted distribution whose mass reaches
+    # top_p (the token that crosses the threshold is kept).
+    sorted_logits = jnp.sort(filtered, axis=-1)[:, ::-1]
+    sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    keep = mass_before < top_p
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), -1,
+                     keepdims=True)
+    return jax.nn.log_softmax(jnp.where(filtered < cutoff, -jnp.inf,
+                                        filtered), axis=-1)
+
+  # top_p = 1 (the default) keeps every token: no sort over the vocabulary
+  # (at LLM vocabularies the costliest op of a decode step after the matmuls)
+  # and, without top-k, no second log-softmax.
+  unfiltered = ((lambda f: behaviour) if not top_k else
+                (lambda f: jax.nn.log_softmax(f, axis=-1)))
+  return jax.lax.cond(top_p < 1.0, nucleus, unfiltered, filtered), behaviour
 
 
 def make_sampler(apply_fn: ApplyFn, init_cache_fn: InitCacheFn,

@@ -1,5 +1,7 @@
 """Sampler: fake models of known output, filtering, layout, recompiles."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -116,12 +118,16 @@ def _np_filter(logits, temperature, top_p, top_k):
 @pytest.mark.parametrize('temperature,top_p,top_k', [
     (1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 0.5, 0), (1.0, 1.0, 3),
     (0.8, 0.6, 4), (1.0, 0.01, 0)])
-def test_process_logits_matches_numpy(temperature, top_p, top_k):
+@pytest.mark.parametrize('jit', [False, True])
+def test_process_logits_matches_numpy(temperature, top_p, top_k, jit):
+  # jit: top_p is traced, so the nucleus branch is chosen at run time.
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(5, V)).astype(np.float32) * 2
-  sample_lp, behaviour = sampler_lib.process_logits(
-      jnp.asarray(logits), jnp.float32(temperature), jnp.float32(top_p),
-      top_k=top_k)
+  fn = functools.partial(sampler_lib.process_logits, top_k=top_k)
+  sample_lp, behaviour = (jax.jit(fn) if jit else fn)(
+      jnp.asarray(logits), jnp.float32(temperature), jnp.float32(top_p))
+  if top_p == 1.0 and not top_k:  # Nothing filtered: the same array.
+    np.testing.assert_array_equal(sample_lp, behaviour)
   for r in range(5):
     keep = _np_filter(logits[r], temperature, top_p, top_k)
     np.testing.assert_array_equal(np.isfinite(sample_lp[r]), keep)
