@@ -61,6 +61,44 @@ class _LoopState(NamedTuple):
   key: PRNGKey
 
 
+def _order_key(x: Array) -> Array:
+  """float32 -> uint32 with the same order (total: -0.0 sorts below 0.0)."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+  bits = jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+  return jax.lax.bitcast_convert_type(bits, jnp.uint32) ^ jnp.uint32(
+      0x80000000)
+
+
+def nucleus_cutoff(logits: Array, top_p: Array) -> Array:
+  """`[R, V] -> [R, 1]`: the smallest logit whose tokens stay in the nucleus.
+
+  Nucleus (top-p) filtering keeps the smallest set of most probable tokens
+  whose mass reaches `top_p`: token j stays iff the mass of the tokens
+  strictly more probable than it is below `top_p` (so the token that crosses
+  the threshold stays, and tied tokens stay or go together); equivalently
+  iff `logits[j] >= cutoff`, where `cutoff` is the smallest logit value v
+  with mass(logits > v) < top_p. Found by bisection over the float's bits:
+  32 masked sums over the vocabulary instead of a sort (a sort of
+  [R, 152k] per decode step costs seconds on a CPU), exact up to the
+  rounding of those sums. `top_p` in (0, 1).
+  """
+  probs = jax.nn.softmax(logits, axis=-1)
+  keys = _order_key(logits)
+  # The answer lies in (lo, hi]: mass(keys > hi) = 0 < top_p, and key 0 is
+  # below every float (-inf included), so mass(keys > 0) is all of it.
+  lo, hi = jnp.zeros_like(keys[:, 0]), jnp.max(keys, axis=-1)
+
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    fits = jnp.sum(jnp.where(keys > mid[:, None], probs, 0.0), -1) < top_p
+    return jnp.where(fits, lo, mid), jnp.where(fits, mid, hi)
+
+  _, hi = jax.lax.fori_loop(0, 32, halve, (lo, hi))  # 2^32 keys.
+  return jnp.min(jnp.where(keys >= hi[:, None], logits, jnp.inf), axis=-1,
+                 keepdims=True)
+
+
 def process_logits(logits: Array, temperature: Array, top_p: Array, *,
                    top_k: int) -> tuple[Array, Array]:
   """Returns (log-probs to sample from, behaviour log-probs).
@@ -85,14 +123,7 @@ def process_logits(logits: Array, temperature: Array, top_p: Array, *,
     filtered = jnp.where(scaled < kth, -jnp.inf, filtered)
 
   def nucleus(filtered):
-    # Keep the smallest prefix of the sorted distribution whose mass reaches
-    # top_p (the token that crosses the threshold is kept).
-    sorted_logits = jnp.sort(filtered, axis=-1)[:, ::-1]
-    sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    keep = mass_before < top_p
-    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), -1,
-                     keepdims=True)
+    cutoff = nucleus_cutoff(filtered, top_p)
     return jax.nn.log_softmax(jnp.where(filtered < cutoff, -jnp.inf,
                                         filtered), axis=-1)
 

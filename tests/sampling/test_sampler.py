@@ -139,6 +139,39 @@ def test_process_logits_matches_numpy(temperature, top_p, top_k, jit):
     np.testing.assert_allclose(sample_lp[r][keep], ref_s[keep], atol=1e-5)
 
 
+def _np_nucleus(x, top_p):
+  """float64 reference: token j stays iff the mass of tokens with larger
+  logits is below top_p (ties stay or go together)."""
+  x = x.astype(np.float64)
+  probs = np.exp(x - x.max())
+  probs /= probs.sum()
+  return np.array([probs[x > xj].sum() < top_p for xj in x])
+
+
+@pytest.mark.parametrize('case', ['normal', 'ties', 'masked', 'flat', 'peak'])
+def test_nucleus_cutoff_matches_float64_reference(case):
+  rng = np.random.default_rng(len(case))
+  x = rng.normal(size=(6, 300)) * 3
+  if case == 'ties':
+    x = np.round(x)
+  elif case == 'masked':  # Top-k left only some tokens finite.
+    x[:, ::3] = -np.inf
+  elif case == 'flat':
+    x = np.zeros_like(x)
+  elif case == 'peak':
+    x[:, 7] = 60.0
+  x = x.astype(np.float32)
+  for top_p in (0.05, 0.3, 0.5, 0.9, 0.95):
+    cutoff = jax.jit(sampler_lib.nucleus_cutoff)(x, jnp.float32(top_p))
+    for r in range(x.shape[0]):
+      np.testing.assert_array_equal(x[r] >= cutoff[r], _np_nucleus(
+          x[r], top_p), err_msg=f'{case} top_p={top_p} row {r}')
+      if case == 'flat':  # Every token ties: all stay.
+        assert np.all(x[r] >= cutoff[r])
+      if case == 'peak':  # One token holds all the mass.
+        assert np.flatnonzero(x[r] >= cutoff[r]).tolist() == [7]
+
+
 def _tiny_model():
   cfg = tr.TransformerConfig(vocab_size=V, num_layers=2, embed_dim=32,
                              num_heads=2, num_kv_heads=1, head_dim=16,
