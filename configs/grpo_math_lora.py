@@ -65,6 +65,10 @@ def get_config():
   config.optim.max_grad_norm = 1.0
   # 32 prompts x 8 responses in 8 micro-batches of 32 sequences.
   config.optim.num_microbatches = 8
+  # The output projection 2048 positions at a time: a micro-batch's
+  # [positions, 151936] float32 logits would be tens of GB at once
+  # (scripts/bench_learner_memory.py).
+  config.optim.logits_chunk = 2048
 
   config.eval.every = 25
   config.eval.num_prompts = 500

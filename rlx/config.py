@@ -301,6 +301,11 @@ class OptimConfig:
   # only, packed into rows with each group's prompt shared
   # (rlx/packing.py); False: the padded [B*G, P+T] batch. Same log-probs
   # up to float rounding.
+  logits_chunk: int = 0  # > 0: the learner's output projection runs on
+  # this many positions at a time, recomputed in the backward pass
+  # (rlx/lm_head.py), so [positions, vocab] logits are never held at once;
+  # set it for large vocabularies (e.g. 1024 for 150k tokens). 0: all
+  # positions at once. Same log-probs up to float rounding.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -466,6 +471,7 @@ def validate(cfg: Config) -> Config:
            'optim.num_microbatches', f'{opt.num_microbatches} must divide '
            f'the prompts per minibatch ({mini} = rl.batch_prompts / '
            'rl.num_minibatches)')
+  _require(opt.logits_chunk >= 0, 'optim.logits_chunk', 'must be >= 0')
   _require(s.temperature > 0, 'sampling.temperature', 'must be > 0')
   _require(0 < s.top_p <= 1, 'sampling.top_p', 'must be in (0, 1]')
   _require(s.top_k >= 0, 'sampling.top_k', 'must be >= 0')

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rlx import lm_head
 from rlx import objectives
 from rlx import packing
 from rlx.config import Config, ObjectiveConfig, OptimConfig
@@ -102,7 +103,8 @@ def pack_batch(batch: Batch, *, chunks: int = 1) -> Batch:
 
 def response_logprobs(logits_fn: LogitsFn, params: Params, prompt: Array,
                       prompt_mask: Array, response: Array, *,
-                      temperature=1.0) -> tuple[Array, Array]:
+                      temperature=1.0, split: lm_head.SplitLM | None = None,
+                      logits_chunk: int = 0) -> tuple[Array, Array]:
   """Log-probs and entropies of response tokens given left-padded prompts.
 
   Uses the sampler's conventions (positions counted over real tokens), so on
@@ -114,6 +116,8 @@ def response_logprobs(logits_fn: LogitsFn, params: Params, prompt: Array,
     prompt: [R, P]; prompt_mask: [R, P].
     response: [R, T].
     temperature: logits are divided by it (as in the sampler).
+    split, logits_chunk: with `logits_chunk > 0`, the output projection runs
+      on that many positions at a time (rlx/lm_head.py).
 
   Returns:
     logp [R, T] and entropy [R, T] of softmax(logits / temperature).
@@ -125,6 +129,14 @@ def response_logprobs(logits_fn: LogitsFn, params: Params, prompt: Array,
   positions = kv_cache.positions_from_mask(valid)
   mask = kv_cache.causal_mask(valid, query_len=tokens.shape[1],
                               cache_index=0)
+  if logits_chunk:
+    hidden = split.hidden(params, tokens, positions, mask)[:, p - 1:]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    lse, entropy = lm_head.position_stats(
+        split, params, hidden, chunk=logits_chunk, temperature=temperature)
+    logp = lm_head.token_logits(split, params, hidden, response.reshape(-1),
+                                temperature=temperature) - lse
+    return logp.reshape(response.shape), entropy.reshape(response.shape)
   logits = logits_fn(params, tokens, positions, mask)[:, p - 1:]
   logits = logits / temperature
   logp_all = jax.nn.log_softmax(logits, axis=-1)
@@ -212,28 +224,35 @@ def _behaviour(batch: Batch) -> Array:
       batch.behaviour_logp)
 
 
-def forward_logp(logits_fn, cfg: Config, params, batch: Batch):
+def forward_logp(logits_fn, cfg: Config, params, batch: Batch,
+                 split: lm_head.SplitLM | None = None):
   """Log-probs and entropies `[B, G, T]` of a (micro-)batch's responses.
 
   Packed batches: positions the loss cannot use (not laid out) get the
-  old log-probs (a ratio of exactly 1) and entropy 0.
+  old log-probs (a ratio of exactly 1) and entropy 0. `split` (the model
+  split at its output projection) is needed when `optim.logits_chunk > 0`.
   """
+  chunk = cfg.optim.logits_chunk
+  if chunk and split is None:
+    raise ValueError(f'optim.logits_chunk={chunk} needs the model split at '
+                     'its output projection (split=trainer.split_model(...))')
+  head = dict(temperature=cfg.sampling.temperature, split=split,
+              logits_chunk=chunk)
   if batch.packed is not None:
     return packing.logprobs(logits_fn, params, batch.packed, batch.response,
-                            temperature=cfg.sampling.temperature,
-                            fill_logp=batch.old_logp)
+                            fill_logp=batch.old_logp, **head)
   b, g, t = batch.response.shape
   logp, entropy = response_logprobs(
       logits_fn, params, einops.repeat(batch.prompt, 'b p -> (b g) p', g=g),
       einops.repeat(batch.prompt_mask, 'b p -> (b g) p', g=g),
-      _flat(batch.response), temperature=cfg.sampling.temperature)
+      _flat(batch.response), **head)
   return logp.reshape(b, g, t), entropy.reshape(b, g, t)
 
 
-def _microbatch_loss(logits_fn: LogitsFn, cfg: Config, params, ref_params,
-                     mb: Batch, advantages: Array, totals: dict):
+def _microbatch_loss(logits_fn: LogitsFn, cfg: Config, split, params,
+                     ref_params, mb: Batch, advantages: Array, totals: dict):
   """Loss of one micro-batch, normalised by whole-batch totals."""
-  logp, entropy = forward_logp(logits_fn, cfg, params, mb)
+  logp, entropy = forward_logp(logits_fn, cfg, params, mb, split)
   mask = mb.loss_mask & mb.group_mask[..., None]
   obj = cfg.objective
   agg = dict(total_tokens=totals['tokens'], total_seqs=totals['seqs'],
@@ -245,7 +264,7 @@ def _microbatch_loss(logits_fn: LogitsFn, cfg: Config, params, ref_params,
       icepop_low=obj.icepop_low, icepop_high=obj.icepop_high,
       **_loss_kwargs(obj), **agg)
   if obj.kl_beta and not obj.kl_in_reward:
-    ref_logp, _ = forward_logp(logits_fn, cfg, ref_params, mb)
+    ref_logp, _ = forward_logp(logits_fn, cfg, ref_params, mb, split)
     kl = objectives.kl_penalty(logp, jax.lax.stop_gradient(ref_logp),
                                obj.kl_estimator)
     loss = loss + obj.kl_beta * objectives.aggregate(
@@ -258,10 +277,10 @@ def _microbatch_loss(logits_fn: LogitsFn, cfg: Config, params, ref_params,
   return loss, metrics
 
 
-def _shape_rewards(logits_fn, cfg: Config, ref_params, batch: Batch):
+def _shape_rewards(logits_fn, cfg: Config, split, ref_params, batch: Batch):
   """KL folded into the reward: r - kl_beta * sum_t KL_t (no gradient)."""
   obj = cfg.objective
-  ref_logp, _ = forward_logp(logits_fn, cfg, ref_params, batch)
+  ref_logp, _ = forward_logp(logits_fn, cfg, ref_params, batch, split)
   kl = objectives.kl_penalty(batch.old_logp, ref_logp, obj.kl_estimator)
   seq_kl = jnp.sum(kl * batch.loss_mask, -1)
   return batch.rewards - obj.kl_beta * seq_kl, jnp.mean(seq_kl)
@@ -270,7 +289,8 @@ def _shape_rewards(logits_fn, cfg: Config, ref_params, batch: Batch):
 def make_train_step(logits_fn: LogitsFn,
                     optimizer: optax.GradientTransformation, cfg: Config, *,
                     shardings: tuple | None = None,
-                    merge_fn: Callable[[Params, Params], Params] | None = None):
+                    merge_fn: Callable[[Params, Params], Params] | None = None,
+                    split: lm_head.SplitLM | None = None):
   """Returns `step(state, ref_params, batch) -> (state, metrics)`, jitted.
 
   `state` is donated. `ref_params` is the frozen reference for the KL term
@@ -293,10 +313,12 @@ def make_train_step(logits_fn: LogitsFn,
       metrics replicated. None: single-device jit.
     merge_fn: `(base, trainable) -> model params` (e.g. `lora.merge` with
       its config bound); None: `state.params` are the model params.
+    split: the model split at its output projection; needed when
+      `optim.logits_chunk > 0` (`trainer.split_model`).
   """
   num_micro = cfg.optim.num_microbatches
   obj = cfg.objective
-  loss_fn = functools.partial(_microbatch_loss, logits_fn, cfg)
+  loss_fn = functools.partial(_microbatch_loss, logits_fn, cfg, split)
 
   def step(state: TrainState, ref_params, batch: Batch):
     if merge_fn is None:
@@ -308,7 +330,7 @@ def make_train_step(logits_fn: LogitsFn,
       model_params = functools.partial(merge_fn, ref_params)
     extra = {}
     if obj.kl_beta and obj.kl_in_reward:
-      rewards, extra['kl_ref_seq'] = _shape_rewards(logits_fn, cfg,
+      rewards, extra['kl_ref_seq'] = _shape_rewards(logits_fn, cfg, split,
                                                     ref_params, batch)
       batch = batch._replace(rewards=rewards)
     advantages = objectives.compute_advantages(

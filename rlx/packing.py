@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlx import lm_head
 from rlx import objectives
 from rlx.types import Array
 
@@ -186,7 +187,8 @@ def attention_mask(bundle: Array, branch: Array) -> Array:
 
 
 def logprobs(logits_fn, params, packed: Packed, response: Array, *,
-             temperature=1.0, fill_logp: Array | None = None
+             temperature=1.0, fill_logp: Array | None = None,
+             split: lm_head.SplitLM | None = None, logits_chunk: int = 0
              ) -> tuple[Array, Array]:
   """Log-probs and entropies `[B, G, T]` of the responses from the packed
   forward; positions not laid out get `fill_logp` (default 0) and entropy 0.
@@ -198,21 +200,36 @@ def logprobs(logits_fn, params, packed: Packed, response: Array, *,
     response: [B, G, T] the response ids (the log-prob targets).
     temperature: logits are divided by it (as in the sampler).
     fill_logp: [B, G, T] values for positions not laid out.
+    split, logits_chunk: with `logits_chunk > 0`, the output projection runs
+      on `logits_chunk` slots at a time (rlx/lm_head.py; `split` is the
+      model split at it) instead of materialising `[slots, V]` logits.
   """
   c, r, l = packed.tokens.shape
   flat = lambda x: x.reshape(c * r, l)
-  logits = logits_fn(params, flat(packed.tokens), flat(packed.positions),
-                     attention_mask(flat(packed.bundle),
-                                    flat(packed.branch)))
-  logits = logits / temperature
-  logp_all = jax.nn.log_softmax(logits, axis=-1).reshape(c, r * l, -1)
-  entropy = objectives.token_entropy(logits).reshape(c, r * l)
+  inputs = (flat(packed.tokens), flat(packed.positions),
+            attention_mask(flat(packed.bundle), flat(packed.branch)))
   shape = response.shape
   src = packed.src.reshape(c, -1)
   idx = jnp.maximum(src, 0)
-  logp = jax.vmap(lambda a, i, k: a[i, k])(logp_all, idx,
-                                           response.reshape(c, -1))
-  ent = jax.vmap(lambda e, i: e[i])(entropy, idx)
+  targets = response.reshape(c, -1)
+  if logits_chunk:
+    hidden = split.hidden(params, *inputs)
+    lse, entropy = lm_head.position_stats(
+        split, params, hidden.reshape(c * r * l, -1), chunk=logits_chunk,
+        temperature=temperature)
+    # Every chunk's slot indices are offset to its rows in the flat axis.
+    slot = (idx + jnp.arange(c)[:, None] * (r * l)).reshape(-1)
+    logp = (lm_head.token_logits(
+        split, params, hidden.reshape(c * r * l, -1)[slot],
+        targets.reshape(-1), temperature=temperature) - lse[slot]
+            ).reshape(c, -1)
+    ent = entropy[slot].reshape(c, -1)
+  else:
+    logits = logits_fn(params, *inputs) / temperature
+    logp_all = jax.nn.log_softmax(logits, axis=-1).reshape(c, r * l, -1)
+    entropy = objectives.token_entropy(logits).reshape(c, r * l)
+    logp = jax.vmap(lambda a, i, k: a[i, k])(logp_all, idx, targets)
+    ent = jax.vmap(lambda e, i: e[i])(entropy, idx)
   laid = src >= 0
   fill = (jnp.zeros(shape, logp.dtype) if fill_logp is None
           else fill_logp).reshape(c, -1)

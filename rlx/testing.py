@@ -101,3 +101,19 @@ def two_group_batch(seed: int = 0, *, vocab: int = 300):
       old_logp=jnp.full((b, g, t), -5.0, jnp.float32),
       rewards=jnp.asarray([[1.0, 0.0], [0.0, 1.0]]),
       group_mask=jnp.ones((b, g), bool))
+
+
+def random_responses(seed: int, *, vocab: int, b: int = 6, g: int = 4,
+                     p: int = 7, t: int = 9):
+  """(prompt [b, p] left-padded, prompt_mask, response [b, g, t], lengths
+  [b, g]) for packing tests: random prompt lengths, some responses long
+  and many short (they share rows), one of full length."""
+  rng = np.random.default_rng(seed)
+  plen = rng.integers(1, p + 1, b)
+  prompt_mask = np.arange(p)[None, :] >= (p - plen)[:, None]
+  prompt = np.where(prompt_mask, rng.integers(1, vocab, (b, p)), 0)
+  response = rng.integers(1, vocab, (b, g, t))
+  lengths = rng.integers(0, t + 1, (b, g))
+  lengths[:, 2:] //= 3
+  lengths[0, 0] = t
+  return prompt, prompt_mask, response, lengths

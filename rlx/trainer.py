@@ -27,6 +27,7 @@ from rlx import checkpoint
 from rlx import config as config_lib
 from rlx import evaluation
 from rlx import learner
+from rlx import lm_head
 from rlx import packing
 from rlx import policy as policy_lib
 from rlx import sharding
@@ -64,6 +65,15 @@ def build_model(cfg: Config, vocab_size: int):
     return model.apply({'params': params}, tokens, positions, mask)[0]
 
   return model, logits_fn
+
+
+def split_model(model: transformer.Transformer) -> lm_head.SplitLM:
+  """The model split at its output projection (`optim.logits_chunk`)."""
+  return lm_head.SplitLM(
+      hidden=lambda params, tokens, positions, mask: model.apply(
+          {'params': params}, tokens, positions, mask)[2],
+      unembedding=functools.partial(transformer.unembedding, model.cfg),
+      dtype=jnp.dtype(model.cfg.dtype))
 
 
 def _check_resume(workdir: str, ckpt: checkpoint.Checkpointer,
@@ -133,6 +143,7 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
                                 policy_lib.load_tokenizer(cfg))
   _check_task_size(cfg, task)
   model, logits_fn = build_model(cfg, task.tokenizer.vocab_size)
+  split = split_model(model)
   optimizer = learner.make_optimizer(cfg.optim)
   init_fn = functools.partial(transformer.init_params, model.cfg)
   seed_key = jax.random.key(cfg.warmstart.seed)
@@ -226,7 +237,7 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
       logits_fn, optimizer, cfg,
       shardings=(state_sh, param_sh if ref_params is not None else
                  plan.replicated, plan.batch((_minibatch(cfg),)),
-                 plan.replicated), merge_fn=policy.merge_fn)
+                 plan.replicated), merge_fn=policy.merge_fn, split=split)
   pack_chunks = _pack_chunks(cfg, plan, log.message)
   if start_step == 0 and cfg.log.memory_stats:
     _log_memory(log, train_step, train_state, ref_params, cfg, plan, task,
@@ -241,7 +252,7 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   # Old-policy log-probs from the learner's forward (packed or padded, as
   # the train step's), for rl.recompute_old_logp.
   recompute_jit = jax.jit(lambda p, part: learner.forward_logp(
-      logits_fn, cfg, p, part)[0])
+      logits_fn, cfg, p, part, split)[0])
   recompute_logp = lambda p, part: recompute_jit(policy.merged(p), part)
   base_key = jax.random.key(cfg.seed)
   eval_key = jax.random.fold_in(base_key, 2)  # Same draws every eval.

@@ -91,22 +91,11 @@ def model(tmp_path_factory):
   return logits_fn, params
 
 
-def _random_batch(seed, b=6, g=4, p=7, t=9):
-  rng = np.random.default_rng(seed)
-  plen = rng.integers(1, p + 1, b)
-  prompt_mask = np.arange(p)[None, :] >= (p - plen)[:, None]
-  prompt = np.where(prompt_mask, rng.integers(1, V, (b, p)), 0)
-  response = rng.integers(1, V, (b, g, t))
-  lengths = rng.integers(0, t + 1, (b, g))
-  lengths[:, 2:] //= 3  # Short ones, which share rows.
-  lengths[0, 0] = t
-  return prompt, prompt_mask, response, lengths
-
-
 @pytest.mark.parametrize('chunks', [1, 2, 3])
 def test_packed_logprobs_equal_padded(model, chunks):
   logits_fn, params = model
-  prompt, prompt_mask, response, lengths = _random_batch(chunks)
+  prompt, prompt_mask, response, lengths = testing.random_responses(
+      chunks, vocab=V)
   b, g, t = response.shape
   pk = packing.pack(prompt, prompt_mask, response, lengths, chunks=chunks)
   # The case exercises sharing: a bundle with several responses, and rows

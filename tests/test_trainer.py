@@ -203,7 +203,7 @@ def one_device_run(tmp_path_factory):
   return tmp, _train_script(tmp, 'one', '--config.mesh.shape=1,1,1')[1]
 
 
-def _assert_same_losses(one, mesh):
+def _assert_same_losses(one, mesh, rtol=1e-4):
   steps = lambda rows: [r for r in rows if 'learner/loss' in r]
   one, mesh = steps(one), steps(mesh)
   assert [r['step'] for r in mesh] == [1, 2, 3, 4, 5]
@@ -211,26 +211,33 @@ def _assert_same_losses(one, mesh):
   for a, b in zip(one, mesh):
     assert a['reward/mean'] == b['reward/mean']  # Same sampled tokens.
     for key in ('learner/loss', 'learner/grad_norm', 'learner/kl_ref'):
-      np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5,
+      np.testing.assert_allclose(b[key], a[key], rtol=rtol, atol=1e-5,
                                  err_msg=f'{key} at step {a["step"]}')
 
 
-@pytest.mark.parametrize('sampler_shape', ['', '1,1,8'])
+@pytest.mark.parametrize('sampler_shape,logits_chunk', [
+    ('', 0), ('1,1,8', 0), ('', 16)])
 def test_train_script_on_a_mesh_writes_the_one_device_losses(
-    one_device_run, sampler_shape):
+    one_device_run, sampler_shape, logits_chunk):
   """Acceptance (issue 7): the same loss trajectory for the first 5 steps on
   mesh (2, 2, 2) of 8 simulated devices as on one device; also with the
-  sampler on its own (1, 1, 8) mesh (weights resharded every step)."""
+  sampler on its own (1, 1, 8) mesh (weights resharded every step), and
+  with the learner's output projection in chunks (vocabulary sharded)."""
   tmp, one = one_device_run
   err, mesh = _train_script(
-      tmp, f'mesh{sampler_shape}', '--config.mesh.shape=2,2,2',
+      tmp, f'mesh{sampler_shape}_{logits_chunk}', '--config.mesh.shape=2,2,2',
       *([f'--config.mesh.sampler_shape={sampler_shape}'] if sampler_shape
-        else []))
+        else []), f'--config.optim.logits_chunk={logits_chunk}')
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8" in err
   if sampler_shape:
     assert "sampler mesh {'data': 1, 'fsdp': 1, 'tensor': 8}" in err
   assert 'train step [B=4, G=4, T=24] memory per device' in err
-  _assert_same_losses(one, mesh)
+  # Step 1's groups are all-equal, so its gradient is rounding noise (norm
+  # 6e-10 here, 4e-8 chunked), which Adam's first update scales up to the
+  # learning rate: the chunked run's later gradients differ from the
+  # materialised run's by up to 6e-4 (relative), not 1e-4. Its sampled
+  # tokens stay the same (rewards).
+  _assert_same_losses(one, mesh, rtol=2e-3 if logits_chunk else 1e-4)
 
 
 def test_two_processes_write_the_one_device_losses(one_device_run):

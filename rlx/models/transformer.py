@@ -353,6 +353,16 @@ class Transformer(nn.Module):
             None if cache is None else tuple(new_cache), hidden)
 
 
+def unembedding(cfg: TransformerConfig, params) -> Array:
+  """`[V, D]` output embeddings: `Transformer`'s logits are
+  `hidden @ unembedding(cfg, params).T`, computed in `cfg.dtype` and then
+  cast to float32 (the tied embedding table, or the untied kernel's
+  transpose)."""
+  if cfg.tie_embeddings:
+    return params['embed']['embedding']
+  return params['unembed']['kernel'].T
+
+
 def init_params(cfg: TransformerConfig, key) -> dict:
   """Initialises unboxed parameters (logical names: see `logical_specs`)."""
   tokens = jnp.zeros((1, 1), jnp.int32)
