@@ -377,6 +377,11 @@ class BackendConfig:
   # implementation. einsum: rlx's grouped-query einsums (the reference);
   # xla / cudnn: jax.nn.dot_product_attention with that implementation;
   # auto: cudnn on NVIDIA GPUs where the model allows it, else einsum.
+  attention_chunk: int = 0  # > 0: full-sequence attention (the learner's
+  # forward) runs this many queries at a time, recomputed in the backward
+  # pass, so its [rows, heads, L, L] scores are never held at once (einsum
+  # and xla; cudnn's fused kernel holds none anyway). For long sequences
+  # off cuDNN (TPU, CPU, float32). 0: all queries at once.
   xla_flags: str = 'auto'  # Extra XLA_FLAGS set before the backend starts;
   # auto: rlx's documented per-platform flags; '' none.
 
@@ -766,6 +771,8 @@ def _validate_mesh(cfg: Config) -> None:
              f'axes from {MESH_AXES} or None)')
   _require(cfg.backend.attention in ATTENTION_IMPLS, 'backend.attention',
            f'{cfg.backend.attention!r} is not one of {list(ATTENTION_IMPLS)}')
+  _require(cfg.backend.attention_chunk >= 0, 'backend.attention_chunk',
+           'must be >= 0')
 
 
 # Advantages whose inputs the RL loop cannot supply yet (library-only).

@@ -58,7 +58,8 @@ def build_model(cfg: Config, vocab_size: int):
   # checkpoints and the warm-start cache key (cfg.model) do not depend on it.
   mcfg = dataclasses.replace(mcfg, attention=backend.resolve_attention(
       cfg.backend.attention, backend.platform(), mcfg,
-      capability=backend.compute_capability()))
+      capability=backend.compute_capability()),
+                             attention_chunk=cfg.backend.attention_chunk)
   model = transformer.Transformer(mcfg)
 
   def logits_fn(params, tokens, positions, mask):

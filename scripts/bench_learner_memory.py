@@ -9,7 +9,8 @@ default body and a --vocab-token output layer (untied, as in most LLMs),
 once per `optim.logits_chunk` in --chunks (0: the [positions, vocab] logits
 materialised), and prints XLA's memory analysis of each compiled program:
 temporaries (activations, logits and their gradients), arguments and
-outputs. --run also times the step (use small shapes on a CPU).
+outputs. --attention_chunk sets backend.attention_chunk for every run.
+--run also times the step (use small shapes on a CPU).
 """
 
 import os
@@ -35,6 +36,9 @@ _ROWS = flags.DEFINE_integer('rows', 16, 'Packed rows per minibatch.')
 _LENGTH = flags.DEFINE_integer('length', 1024, 'Tokens per row.')
 _CHUNKS = flags.DEFINE_list('chunks', ['0', '4096', '1024'],
                             'optim.logits_chunk values.')
+_ATTENTION_CHUNK = flags.DEFINE_integer(
+    'attention_chunk', 0, 'backend.attention_chunk (queries per attention '
+    'block; 0: all at once).')
 _RUN = flags.DEFINE_bool('run', False, 'Also run and time the step.')
 
 
@@ -59,11 +63,12 @@ def main(argv):
   c = config_lib.default_config_dict()
   c.model.tie_embeddings = False
   c.rl.batch_prompts, c.rl.group_size = _ROWS.value, 2
+  c.backend.attention_chunk = _ATTENTION_CHUNK.value
   batch = _batch(_ROWS.value, _LENGTH.value, _VOCAB.value)
   print(f'{jax.devices()[0].device_kind}: vocab {_VOCAB.value}, '
         f'{batch.packed.tokens.shape[1]} packed rows x '
         f'{batch.packed.tokens.shape[2]} tokens, model width '
-        f'{c.model.embed_dim}')
+        f'{c.model.embed_dim}, attention_chunk {_ATTENTION_CHUNK.value}')
   print('| logits_chunk | temporaries | arguments | outputs | step s |')
   print('|---|---|---|---|---|')
   for chunk in (int(x) for x in _CHUNKS.value):

@@ -131,6 +131,8 @@ def test_override_parses_strings_by_field_type():
     ({'rl.batch_prompts': 8, 'rl.num_minibatches': 2,
       'optim.num_microbatches': 8}, 'optim.num_microbatches'),
     ({'optim.num_microbatches': 0}, 'optim.num_microbatches'),
+    ({'optim.logits_chunk': -2}, 'optim.logits_chunk'),
+    ({'backend.attention_chunk': -1}, 'backend.attention_chunk'),
     ({'rl.batch_prompts': 6, 'rl.num_minibatches': 4}, 'rl.num_minibatches'),
     ({'rl.num_minibatches': 0}, 'rl.num_minibatches'),
     ({'rl.group_size': 1}, 'rl.group_size'),

@@ -62,6 +62,9 @@ class TransformerConfig:
   attention: str = 'einsum'  # Kernel (ATTENTION_IMPLS; see `attend`): a
   # runtime choice that leaves the parameters unchanged. rlx/backend.py
   # picks it per platform for the trainer.
+  attention_chunk: int = 0  # Queries per block in full-sequence attention
+  # (`attend`'s query_chunk; calls with a cache ignore it). A runtime
+  # choice, like `attention`.
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -76,6 +79,8 @@ class TransformerConfig:
     if self.rope_scaling not in ('none', 'linear', 'llama3'):
       raise ValueError(f'model.rope_scaling={self.rope_scaling!r} is not one '
                        "of 'none', 'linear', 'llama3'")
+    if self.attention_chunk < 0:
+      raise ValueError(f'attention_chunk={self.attention_chunk} must be >= 0')
     if self.attention not in ATTENTION_IMPLS:
       raise ValueError(f'model.attention={self.attention!r} is not one of '
                        f'{list(ATTENTION_IMPLS)}')
@@ -196,8 +201,26 @@ def _even_lengths(q: Array, k: Array, v: Array, mask: Array):
   return seq(q, pad_l), seq(k, pad_s), seq(v, pad_s), mask
 
 
+def _in_query_blocks(fn, q: Array, k: Array, v: Array, mask: Array,
+                     chunk: int) -> Array:
+  """`fn(q, k, v, mask)` on `chunk` queries at a time under
+  `jax.checkpoint`: the `[B, heads, chunk, S]` scores of one block are the
+  largest temporary, in the backward pass too (each block is recomputed).
+  Every query still sees all S keys, so the result is `fn`'s up to float
+  rounding. Padded queries (masked everywhere) are dropped."""
+  b, l, n, h = q.shape
+  pad = -l % chunk
+  q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
+  blocks = lambda x: jnp.swapaxes(
+      x.reshape(b, (l + pad) // chunk, chunk, *x.shape[2:]), 0, 1)
+  out = jax.lax.map(jax.checkpoint(lambda qm: fn(qm[0], k, v, qm[1])),
+                    (blocks(q), blocks(mask)))
+  return jnp.swapaxes(out, 0, 1).reshape(b, l + pad, n, h)[:, :l]
+
+
 def attend(q: Array, k: Array, v: Array, mask: Array, *,
-           implementation: str = 'einsum') -> Array:
+           implementation: str = 'einsum', query_chunk: int = 0) -> Array:
   """Grouped-query attention; softmax in float32 whatever the dtype.
 
   'xla' and 'cudnn' call jax.nn.dot_product_attention, which wants keys
@@ -214,10 +237,16 @@ def attend(q: Array, k: Array, v: Array, mask: Array, *,
     mask: [B, L, S] bool, True where query l may attend slot s. A row with
       no True entry (a padding query) gets finite, unused output.
     implementation: one of ATTENTION_IMPLS.
+    query_chunk: > 0: 'einsum' and 'xla' run that many queries at a time
+      (`_in_query_blocks`); cuDNN's fused kernel holds no scores anyway.
 
   Returns:
     [B, L, N, H] in the dtype of q.
   """
+  if (query_chunk and q.shape[1] > query_chunk and
+      implementation in ('einsum', 'xla')):
+    return _in_query_blocks(functools.partial(
+        attend, implementation=implementation), q, k, v, mask, query_chunk)
   if implementation == 'einsum':
     return _einsum_attention(q, k, v, mask)
   if implementation not in ATTENTION_IMPLS:
@@ -269,7 +298,8 @@ class Attention(nn.Module):
       impl = 'xla' if impl == 'cudnn' else impl
     else:
       key, val = jnp.swapaxes(key, 1, 2), jnp.swapaxes(val, 1, 2)  # [B,K,S,H]
-    out = attend(q, key, val, mask, implementation=impl)
+    out = attend(q, key, val, mask, implementation=impl,
+                 query_chunk=cfg.attention_chunk if layer_cache is None else 0)
     out = dense(cfg.embed_dim, (-2, -1), ('q_heads', 'head_dim', 'embed'),
                 'o')(out)
     return out, new_cache

@@ -246,6 +246,38 @@ def test_xla_attention_gradients_match_einsum():
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize('impl,chunk', [('einsum', 4), ('einsum', 3),
+                                        ('xla', 4), ('einsum', 64)])
+def test_attention_in_query_blocks_equals_all_at_once(impl, chunk):
+  """backend.attention_chunk: logits and gradients of the full-sequence
+  forward (L = 11: blocks of 4 and 3 leave a padded last block; 64 > L is
+  one block) equal the all-at-once attention's; cached calls ignore it."""
+  ref_cfg = _cfg(attention=impl)
+  params = tr.init_params(ref_cfg, jax.random.key(0))
+  tokens, pmask, p, extra = _padded_batch()
+  valid = jnp.concatenate([pmask, jnp.ones((3, extra), bool)], 1)
+  cfg = _cfg(attention=impl, attention_chunk=chunk)
+  def loss(params, cfg):
+    logits = _full_logits(cfg, params, tokens, valid)
+    return jnp.sum(jnp.where(valid[..., None], jax.nn.log_softmax(logits),
+                             0)), logits
+  grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
+  (ref_g, ref), (got_g, got) = grad(params, ref_cfg), grad(params, cfg)
+  np.testing.assert_allclose(np.where(valid[..., None], got, 0),
+                             np.where(valid[..., None], ref, 0), atol=1e-5)
+  assert np.isfinite(np.asarray(got)).all()
+  for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(ref_g)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+  cached, _ = _cached_logits(cfg, params, tokens, pmask, p, extra)
+  ref_cached, _ = _cached_logits(ref_cfg, params, tokens, pmask, p, extra)
+  np.testing.assert_array_equal(cached, ref_cached)
+
+
+def test_attention_chunk_is_validated():
+  with pytest.raises(ValueError, match='attention_chunk=-1 must be >= 0'):
+    _cfg(attention_chunk=-1)
+
+
 def test_xla_attention_close_to_einsum_in_bfloat16():
   ref_cfg = _cfg(dtype='bfloat16')
   params = tr.init_params(ref_cfg, jax.random.key(0))
