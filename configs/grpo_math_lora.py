@@ -69,6 +69,9 @@ def get_config():
   # [positions, 151936] float32 logits would be tens of GB at once
   # (scripts/bench_learner_memory.py).
   config.optim.logits_chunk = 2048
+  # Where cuDNN flash attention cannot run (TPU, float32), the learner's
+  # attention 512 queries at a time rather than [32, heads, 1535, 1535].
+  config.backend.attention_chunk = 512
 
   config.eval.every = 25
   config.eval.num_prompts = 500

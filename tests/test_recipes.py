@@ -63,6 +63,7 @@ def test_recipe_builds_with_its_objective(recipe):
     assert cfg.task.name == 'math_files' and cfg.lora.rank > 0
     assert (cfg.rl.group_size, cfg.sampling.max_new_tokens) == (8, 1024)
     assert cfg.optim.logits_chunk == 2048  # 151936-token vocabularies.
+    assert cfg.backend.attention_chunk == 512
 
 
 def test_math_lora_recipe_names_its_placeholder_model_dir(tmp_path):
