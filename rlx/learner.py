@@ -131,11 +131,10 @@ def response_logprobs(logits_fn: LogitsFn, params: Params, prompt: Array,
                               cache_index=0)
   if logits_chunk:
     hidden = split.hidden(params, tokens, positions, mask)[:, p - 1:]
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    lse, entropy = lm_head.position_stats(
-        split, params, hidden, chunk=logits_chunk, temperature=temperature)
-    logp = lm_head.token_logits(split, params, hidden, response.reshape(-1),
-                                temperature=temperature) - lse
+    logp, entropy = lm_head.logprobs(
+        split, params, hidden.reshape(-1, hidden.shape[-1]),
+        jnp.arange(response.size), response.reshape(-1), chunk=logits_chunk,
+        temperature=temperature)
     return logp.reshape(response.shape), entropy.reshape(response.shape)
   logits = logits_fn(params, tokens, positions, mask)[:, p - 1:]
   logits = logits / temperature

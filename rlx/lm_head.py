@@ -60,3 +60,16 @@ def token_logits(split: SplitLM, params, hidden: Array, tokens: Array, *,
                      preferred_element_type=jnp.float32)
   # Rounded like the projection's output (a no-op in float32).
   return logit.astype(split.dtype).astype(jnp.float32) / temperature
+
+
+def logprobs(split: SplitLM, params, hidden: Array, slot: Array,
+             tokens: Array, *, chunk: int, temperature
+             ) -> tuple[Array, Array]:
+  """Log-probs and entropies `[N]` of `tokens [N]`, token n read at
+  position `slot[n]` of `hidden [S, D]` (several tokens may share one: a
+  packed prompt's last position starts every response of its bundle)."""
+  lse, entropy = position_stats(split, params, hidden, chunk=chunk,
+                                temperature=temperature)
+  logit = token_logits(split, params, hidden[slot], tokens,
+                       temperature=temperature)
+  return logit - lse[slot], entropy[slot]

@@ -214,16 +214,12 @@ def logprobs(logits_fn, params, packed: Packed, response: Array, *,
   targets = response.reshape(c, -1)
   if logits_chunk:
     hidden = split.hidden(params, *inputs)
-    lse, entropy = lm_head.position_stats(
-        split, params, hidden.reshape(c * r * l, -1), chunk=logits_chunk,
-        temperature=temperature)
     # Every chunk's slot indices are offset to its rows in the flat axis.
     slot = (idx + jnp.arange(c)[:, None] * (r * l)).reshape(-1)
-    logp = (lm_head.token_logits(
-        split, params, hidden.reshape(c * r * l, -1)[slot],
-        targets.reshape(-1), temperature=temperature) - lse[slot]
-            ).reshape(c, -1)
-    ent = entropy[slot].reshape(c, -1)
+    logp, ent = lm_head.logprobs(
+        split, params, hidden.reshape(c * r * l, -1), slot,
+        targets.reshape(-1), chunk=logits_chunk, temperature=temperature)
+    logp, ent = logp.reshape(c, -1), ent.reshape(c, -1)
   else:
     logits = logits_fn(params, *inputs) / temperature
     logp_all = jax.nn.log_softmax(logits, axis=-1).reshape(c, r * l, -1)

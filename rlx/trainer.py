@@ -56,9 +56,10 @@ def build_model(cfg: Config, vocab_size: int):
   from rlx import backend  # pylint: disable=g-import-not-at-top
   # The attention kernel is a runtime choice per platform: parameters,
   # checkpoints and the warm-start cache key (cfg.model) do not depend on it.
-  mcfg = dataclasses.replace(mcfg, attention=backend.resolve_attention(
+  attention = backend.resolve_attention(
       cfg.backend.attention, backend.platform(), mcfg,
-      capability=backend.compute_capability()),
+      capability=backend.compute_capability())
+  mcfg = dataclasses.replace(mcfg, attention=attention,
                              attention_chunk=cfg.backend.attention_chunk)
   model = transformer.Transformer(mcfg)
 

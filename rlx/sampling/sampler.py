@@ -127,9 +127,9 @@ def process_logits(logits: Array, temperature: Array, top_p: Array, *,
     return jax.nn.log_softmax(jnp.where(filtered < cutoff, -jnp.inf,
                                         filtered), axis=-1)
 
-  # top_p = 1 (the default) keeps every token: no sort over the vocabulary
-  # (at LLM vocabularies the costliest op of a decode step after the matmuls)
-  # and, without top-k, no second log-softmax.
+  # top_p = 1 (the default) keeps every token: no nucleus search over the
+  # vocabulary and, without top-k, no second log-softmax
+  # (scripts/bench_logits.py times both paths).
   unfiltered = ((lambda f: behaviour) if not top_k else
                 (lambda f: jax.nn.log_softmax(f, axis=-1)))
   return jax.lax.cond(top_p < 1.0, nucleus, unfiltered, filtered), behaviour
