@@ -6,11 +6,12 @@ Times `rlx.sampling.sampler.process_logits` (temperature, top-k, top-p and
 the two log-softmaxes that every decode step of every sampler runs) on
 random [rows, vocab] logits, jitted, median of --reps calls after one
 compiling call, for each vocabulary size (36: chain_arith; 32000: Llama 2;
-151936: Qwen2) and each top_p in --top_p. --reference also times the
-sort-based nucleus filter that rlx used before (a full sort of the
-vocabulary per row), as the "before" column.
+151936: Qwen2) and each top_p in --top_p, with --top_k. --reference also
+times the sort-based filters that rlx used before (`lax.top_k` and a full
+sort of the vocabulary per row), as the "before" column.
 """
 
+import functools
 import os
 import sys
 import time
@@ -35,11 +36,14 @@ _REFERENCE = flags.DEFINE_bool('reference', True, 'Also time the sort-based '
                                'nucleus filter.')
 
 
-def sorted_nucleus(logits, temperature, top_p):
-  """The sort-based filter (rlx before the bisection): sort every row,
-  cumulative mass, cutoff; always run, whatever top_p."""
+def sorted_nucleus(logits, temperature, top_p, top_k=0):
+  """The sort-based filters (rlx before the bisection): `lax.top_k`, then
+  sort every row, cumulative mass, cutoff; always run, whatever top_p."""
   scaled = logits / temperature
   behaviour = jax.nn.log_softmax(scaled, axis=-1)
+  if top_k:
+    kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
+    scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
   sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
   sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
   mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
@@ -63,7 +67,7 @@ def main(argv):
   del argv
   rlx_fn = jax.jit(lambda x, t, p: sampler.process_logits(
       x, t, p, top_k=_TOP_K.value))
-  ref_fn = jax.jit(sorted_nucleus)
+  ref_fn = jax.jit(functools.partial(sorted_nucleus, top_k=_TOP_K.value))
   print(f'{jax.devices()[0].device_kind}; rows {_ROWS.value}, top_k '
         f'{_TOP_K.value}; ms per call (median of {_REPS.value})')
   print('| vocab | top_p | rlx ms | sort-based ms | x |')
@@ -73,7 +77,7 @@ def main(argv):
     for p in (float(x) for x in _TOP_P.value):
       args = (logits, jnp.float32(1.0), jnp.float32(p))
       ours = _median_ms(rlx_fn, *args)
-      if _REFERENCE.value and not _TOP_K.value:
+      if _REFERENCE.value:
         ref = _median_ms(ref_fn, *args)
         print(f'| {v} | {p} | {ours:.2f} | {ref:.2f} | {ref / ours:.1f} |')
       else:
