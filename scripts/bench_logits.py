@@ -7,8 +7,9 @@ the two log-softmaxes that every decode step of every sampler runs) on
 random [rows, vocab] logits, jitted, median of --reps calls after one
 compiling call, for each vocabulary size (36: chain_arith; 32000: Llama 2;
 151936: Qwen2) and each top_p in --top_p, with --top_k. --reference also
-times the sort-based filters that rlx used before (`lax.top_k` and a full
-sort of the vocabulary per row), as the "before" column.
+times the sort-based nucleus filter that rlx used before (a full sort of
+the vocabulary per row, whatever top_p; after `lax.top_k` when --top_k,
+as rlx still does), as the "before" column.
 """
 
 import functools
@@ -37,8 +38,8 @@ _REFERENCE = flags.DEFINE_bool('reference', True, 'Also time the sort-based '
 
 
 def sorted_nucleus(logits, temperature, top_p, top_k=0):
-  """The sort-based filters (rlx before the bisection): `lax.top_k`, then
-  sort every row, cumulative mass, cutoff; always run, whatever top_p."""
+  """rlx's filter before the bisection: `lax.top_k` (unchanged), then a
+  sort of every row, cumulative mass, cutoff, whatever top_p."""
   scaled = logits / temperature
   behaviour = jax.nn.log_softmax(scaled, axis=-1)
   if top_k:

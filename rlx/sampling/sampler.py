@@ -69,29 +69,6 @@ def _order_key(x: Array) -> Array:
       0x80000000)
 
 
-def _bisect_cutoff(logits: Array, weights: Array, threshold) -> Array:
-  """`[R, V] -> [R, 1]`: per row, the smallest logit value v with
-  sum(weights[logits > v]) < threshold, by bisection over the float's bits:
-  32 masked sums over the vocabulary instead of a sort (`jnp.sort` and
-  `lax.top_k` of [64, 152k] take seconds on a CPU:
-  scripts/bench_logits.py)."""
-  keys = _order_key(logits)
-  # The answer lies in (lo, hi]: nothing is above the largest key, and key 0
-  # is below every float (-inf included), so everything is above it.
-  lo, hi = jnp.zeros_like(keys[:, 0]), jnp.max(keys, axis=-1)
-
-  def halve(_, bounds):
-    lo, hi = bounds
-    mid = lo + (hi - lo) // 2
-    above = jnp.sum(jnp.where(keys > mid[:, None], weights, 0), -1)
-    fits = above < threshold
-    return jnp.where(fits, lo, mid), jnp.where(fits, mid, hi)
-
-  _, hi = jax.lax.fori_loop(0, 32, halve, (lo, hi))  # 2^32 keys.
-  return jnp.min(jnp.where(keys >= hi[:, None], logits, jnp.inf), axis=-1,
-                 keepdims=True)
-
-
 def nucleus_cutoff(logits: Array, top_p: Array) -> Array:
   """`[R, V] -> [R, 1]`: the smallest logit whose tokens stay in the nucleus.
 
@@ -100,17 +77,26 @@ def nucleus_cutoff(logits: Array, top_p: Array) -> Array:
   strictly more probable than it is below `top_p` (so the token that crosses
   the threshold stays, and tied tokens stay or go together); equivalently
   iff `logits[j] >= cutoff`, where `cutoff` is the smallest logit value v
-  with mass(logits > v) < top_p. Exact up to the rounding of the masses.
-  `top_p` in (0, 1).
+  with mass(logits > v) < top_p. Found by bisection over the float's bits:
+  32 masked sums over the vocabulary instead of a sort (a sort of
+  [64, 152k] takes seconds on a CPU: scripts/bench_logits.py), exact up to
+  the rounding of those sums. `top_p` in (0, 1).
   """
-  return _bisect_cutoff(logits, jax.nn.softmax(logits, axis=-1), top_p)
+  probs = jax.nn.softmax(logits, axis=-1)
+  keys = _order_key(logits)
+  # The answer lies in (lo, hi]: mass(keys > hi) = 0 < top_p, and key 0 is
+  # below every float (-inf included), so mass(keys > 0) is all of it.
+  lo, hi = jnp.zeros_like(keys[:, 0]), jnp.max(keys, axis=-1)
 
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    fits = jnp.sum(jnp.where(keys > mid[:, None], probs, 0.0), -1) < top_p
+    return jnp.where(fits, lo, mid), jnp.where(fits, mid, hi)
 
-def top_k_cutoff(logits: Array, k: int) -> Array:
-  """`[R, V] -> [R, 1]`: the k-th largest logit of each row, as
-  `lax.top_k(logits, k)[0][:, -1:]` (tokens tied with it stay too); every
-  logit when k >= V. Counts are exact in float32 below 2^24 tokens."""
-  return _bisect_cutoff(logits, jnp.ones_like(logits), k)
+  _, hi = jax.lax.fori_loop(0, 32, halve, (lo, hi))  # 2^32 keys.
+  return jnp.min(jnp.where(keys >= hi[:, None], logits, jnp.inf), axis=-1,
+                 keepdims=True)
 
 
 def process_logits(logits: Array, temperature: Array, top_p: Array, *,
@@ -133,7 +119,7 @@ def process_logits(logits: Array, temperature: Array, top_p: Array, *,
   behaviour = jax.nn.log_softmax(scaled, axis=-1)
   filtered = scaled
   if top_k:
-    kth = top_k_cutoff(scaled, top_k)
+    kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
     filtered = jnp.where(scaled < kth, -jnp.inf, filtered)
 
   def nucleus(filtered):

@@ -172,20 +172,6 @@ def test_nucleus_cutoff_matches_float64_reference(case):
         assert np.flatnonzero(x[r] >= cutoff[r]).tolist() == [7]
 
 
-@pytest.mark.parametrize('ties', [False, True])
-def test_top_k_cutoff_equals_lax_top_k(ties):
-  rng = np.random.default_rng(3)
-  x = (rng.normal(size=(5, 200)) * 4).astype(np.float32)
-  if ties:
-    x = np.round(x)
-  for k in (1, 2, 7, 50, 199, 200):
-    got = jax.jit(sampler_lib.top_k_cutoff, static_argnums=1)(x, k)
-    np.testing.assert_array_equal(got, jax.lax.top_k(x, k)[0][:, -1:])
-  # k beyond the vocabulary keeps every token.
-  np.testing.assert_array_equal(sampler_lib.top_k_cutoff(x, 500),
-                                x.min(-1, keepdims=True))
-
-
 def _tiny_model():
   cfg = tr.TransformerConfig(vocab_size=V, num_layers=2, embed_dim=32,
                              num_heads=2, num_kv_heads=1, head_dim=16,
