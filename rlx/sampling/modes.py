@@ -286,14 +286,14 @@ class Rollouts:
     values = np.asarray(est.mean(cur_state.stats))[pid]
     cur_state = self.curriculum.observe(cur_state, pid, rewards.sum(-1),
                                         np.full(b, g))
-    version = np.asarray(batch.version)
+    token_version = np.asarray(batch.version)  # Per token.
     # Tokens sampled now: the returned groups' and the buffered ones'.
     decoded = int(metrics['rollout/sampled_tokens'])
     loss_mask = partial.off_policy_loss_mask(
         batch, current_version=step, mode=cfg.rollout.off_policy)
     if self._version != step:  # rollout.overlap: staleness vs the learner.
       metrics.update(partial.rollout_metrics(
-          version, batch.rollout.loss_mask, current_version=step))
+          token_version, batch.rollout.loss_mask, current_version=step))
     groups = StepGroups(
         ids=pid, tokens=ro.tokens, loss_mask=np.asarray(loss_mask),
         logp=ro.logp, entropy=ro.entropy, lengths=ro.lengths,
@@ -302,7 +302,7 @@ class Rollouts:
         rollouts=b * g, decoded_tokens=decoded,
         # Per-token policy versions, for analyses; the learner gets the
         # behaviour log-probs (and the loss mask in 'mask' mode) instead.
-        extras={'version': version},
+        extras={'version': token_version},
         prompt=np.asarray(batch.prompt),
         prompt_mask=np.asarray(batch.prompt_mask), metrics=metrics)
     zero = np.ptp(rewards, axis=1) == 0
