@@ -158,6 +158,12 @@ class CurriculumConfig:
   # sqrt(D)) | cosine (embeddings centred over the pool and normalised,
   # times dots_cosine_scale).
   dots_cosine_scale: float = 20.0  # dots (cosine): inverse temperature.
+  dots_readout: str = 'attention'  # dots: attention (the card's, over the
+  # references) | ridge: a linear probe, ridge regression of the references'
+  # pass rates on their embeddings (and a bias), shrunk toward 0.5 by
+  # dots_ridge; a history reference is predicted leave-one-out. Needs
+  # dots_similarity=cosine (centred, unit-norm embeddings).
+  dots_ridge: float = 1.0  # dots (ridge): the L2 penalty lambda.
   dots_tau: float = 0.1  # dots: P ~ exp(-|p_hat - 0.5| / tau).
   dots_embed_every: int = 0  # dots: recompute prompt embeddings every this
   # many steps; 0: once, from the warm start.
@@ -594,7 +600,8 @@ def _validate_curriculum(cfg: Config) -> None:
       ('estimator', cur.estimator, ('auto',) + estimators.ESTIMATORS),
       ('dars_schedule', cur.dars_schedule, ('et', 'hw')),
       ('dots_refs', cur.dots_refs, ('fresh', 'history')),
-      ('dots_similarity', cur.dots_similarity, ('dot', 'cosine'))):
+      ('dots_similarity', cur.dots_similarity, ('dot', 'cosine')),
+      ('dots_readout', cur.dots_readout, ('attention', 'ridge'))):
     _require(value in known, f'curriculum.{key}',
              f'{value!r} is not one of {list(known)}')
   parts = cur.filter.split('+')
@@ -618,8 +625,11 @@ def _validate_curriculum(cfg: Config) -> None:
               'gdro_ema', 'gdro_explore', 'skip_threshold'):
     value = getattr(cur, key)
     _require(0 <= value <= 1, f'curriculum.{key}', f'{value} not in [0, 1]')
+  _require(cur.dots_readout != 'ridge' or cur.dots_similarity == 'cosine',
+           'curriculum.dots_readout', "ridge needs dots_similarity='cosine' "
+           '(centred, unit-norm embeddings: dots_ridge is on their scale)')
   for key in ('prior_alpha', 'prior_beta', 'dots_tau', 'dots_prior',
-              'dots_cosine_scale'):
+              'dots_cosine_scale', 'dots_ridge'):
     _require(getattr(cur, key) > 0, f'curriculum.{key}', 'must be > 0')
   for key in ('gdro_bins', 'dots_ref_prompts', 'dots_ref_samples',
               'dots_history_refs'):

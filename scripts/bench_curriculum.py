@@ -55,6 +55,10 @@ METHODS = {
     # curriculum.dots_refs in rlx/config.py).
     'dots_history': {'selector': 'dots', 'dots_refs': 'history',
                      'dots_similarity': 'cosine'},
+    # The same with a linear probe (ridge) instead of attention as the
+    # readout (curriculum.dots_readout).
+    'dots_ridge': {'selector': 'dots', 'dots_refs': 'history',
+                   'dots_similarity': 'cosine', 'dots_readout': 'ridge'},
     'alloc_cures': {'allocator': 'cures'},
     'rollout_gdro': {'allocator': 'rollout_gdro'},
     'xrpo': {'allocator': 'xrpo'},
@@ -83,6 +87,10 @@ _BATCH = flags.DEFINE_integer('batch_prompts', 0, 'rl.batch_prompts for '
                               "other than 16 of the recipe's steps).")
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/bench_curriculum',
                                'Where runs are written.')
+_BOOTSTRAP = flags.DEFINE_integer(
+    'bootstrap', 0, 'If > 0: this many draws of the seeds with replacement '
+    "(paired with uniform's), printing each method's seed-mean curve ratio "
+    'median, 90% interval and P(ratio <= 0.5).')
 _SET = flags.DEFINE_multi_string('set', [], 'Extra override for every run, '
                                  'key=value (e.g. optim.packing=False); give '
                                  'such runs their own --workdir.')
@@ -149,7 +157,11 @@ def mean_curve_reach(runs, target):
   Evaluation i of every seed is averaged (pass@1, rollouts and seconds so
   far), so the crossing does not hinge on one seed's lucky evaluation.
   """
-  curves = [evals(r) for r in runs]
+  return curve_reach([evals(r) for r in runs], target)
+
+
+def curve_reach(curves, target):
+  """`mean_curve_reach` over the runs' `evals` lists."""
   n = min(len(c) for c in curves)
   mean = np.mean([c[:n] for c in curves], 0)  # [n, 3]
   for i in range(n):
@@ -159,6 +171,31 @@ def mean_curve_reach(runs, target):
       frac = (target - mean[i - 1, 2]) / (mean[i, 2] - mean[i - 1, 2])
       return tuple(mean[i - 1, :2] + frac * (mean[i, :2] - mean[i - 1, :2]))
   return None
+
+
+def bootstrap(base, runs, draws: int, seed: int = 0):
+  """The seed-mean curve ratio under resampling of the seeds.
+
+  Each draw picks len(base) seed indices with replacement, the same for
+  uniform (`base`) and the method (`runs`, paired by seed); uniform's
+  target is recomputed from the drawn seeds' finals, then the method's
+  curve reach is divided by uniform's (infinite where the method's curve
+  never reaches the target). Returns (median, 5th and 95th percentiles,
+  P(ratio <= 0.5)).
+  """
+  base_c, run_c = [evals(r) for r in base], [evals(r) for r in runs]
+  rng = np.random.default_rng(seed)
+  ratios = []
+  for _ in range(draws):
+    idx = rng.integers(len(base_c), size=len(base_c))
+    target = float(np.mean([base_c[i][-1][2] for i in idx]))
+    got = curve_reach([run_c[i] for i in idx], target)
+    ref = curve_reach([base_c[i] for i in idx], target)
+    ratios.append(np.inf if got is None else got[0] / ref[0])
+  ratios = np.array(ratios)
+  # 'nearest': no interpolation between finite and infinite draws.
+  lo, med, hi = np.percentile(ratios, [5, 50, 95], method='nearest')
+  return med, lo, hi, float(np.mean(ratios <= 0.5))
 
 
 def main(argv):
@@ -204,6 +241,18 @@ def main(argv):
             f'{cell(curve_s, "{:.0f}")} | {final:.3f} | '
             f'{gap.mean():+.3f} +- {gap_se:.3f} | {zero:.2f} |',
             flush=True)
+    if _BOOTSTRAP.value:
+      print(f'\nseed-mean curve ratio over {_BOOTSTRAP.value} paired draws '
+            'of the seeds (target recomputed per draw; inf: never reached)')
+      print('| method | median | 90% interval | P(ratio <= 0.5) |')
+      print('|---|---|---|---|')
+      for method, rs in runs.items():
+        if method == 'uniform':
+          continue
+        med, lo, hi, p = bootstrap(base, rs, _BOOTSTRAP.value)
+        num = lambda v: 'never' if v == np.inf else f'{v:.2f}'
+        print(f'| {method} | {num(med)} | {num(lo)}-{num(hi)} | {p:.2f} |',
+              flush=True)
 
 
 if __name__ == '__main__':

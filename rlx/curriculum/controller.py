@@ -137,7 +137,9 @@ class Curriculum:
                  spo_floor=cfg.spo_floor, dots_tau=cfg.dots_tau,
                  history=self.dots_history, scale=self._dots_scale(),
                  prior=cfg.dots_prior, alpha0=cfg.prior_alpha,
-                 beta0=cfg.prior_beta),
+                 beta0=cfg.prior_beta,
+                 ridge=(cfg.dots_ridge if cfg.dots_readout == 'ridge'
+                        else None)),
         static_argnums=2)
     self.allocator = alloc_lib.make(
         cfg.allocator, group_size=rl.group_size, min_group=cfg.min_group,

@@ -187,14 +187,19 @@ def make_spo(floor: float) -> Callable:
   return select
 
 
-def dots_predict(dots: DotsState, scale: float | None = None) -> Array:
-  """DOTS pass-rate prediction [N] by attention over the reference set.
+def dots_predict(dots: DotsState, scale: float | None = None, *,
+                 ridge: float | None = None) -> Array:
+  """DOTS pass-rate prediction [N] from the reference set.
 
-  p_hat_i = sum_r softmax_r(scale <e_i, e_r>) rate_r, over the valid
-  references (ref_ids >= 0); scale defaults to 1 / sqrt(D) (the card's).
-  With no references yet, 0.5 everywhere.
+  The card's readout (ridge None) is attention: p_hat_i = sum_r softmax_r(
+  scale <e_i, e_r>) rate_r over the valid references (ref_ids >= 0); scale
+  defaults to 1 / sqrt(D). With ridge = lambda the readout is a linear probe
+  instead (`ridge_readout`). With no references yet, 0.5 everywhere.
   """
   valid = dots.ref_ids >= 0
+  if ridge is not None:
+    return ridge_readout(dots.embed, dots.ref_ids, dots.ref_rates, valid,
+                         ridge)[0]
   attn = _attention(dots.embed, dots.ref_ids, valid[None], scale)
   return jnp.where(jnp.any(valid), attn @ dots.ref_rates, 0.5)
 
@@ -209,9 +214,36 @@ def _attention(embed: Array, refs: Array, valid: Array, scale) -> Array:
   return jnp.nan_to_num(jax.nn.softmax(logits, axis=-1))
 
 
+def ridge_readout(embed: Array, refs: Array, rates: Array, valid: Array,
+                  lam: float) -> tuple[Array, Array]:
+  """A linear probe of pass rates on prompt embeddings (`dots_readout=ridge`).
+
+  Ridge regression of the valid references' rates, centred at 0.5, on
+  [e_r, 1]: w = (X^T X + lam I)^-1 X^T (y - 0.5), so that little evidence
+  shrinks every prediction toward 0.5 (the uninformed value). Returns
+  0.5 + x_i^T w for every prompt [N] and each reference's leave-one-out
+  prediction [R] (the fit without that reference: 0.5 + (x_r^T w - h_r
+  (y_r - 0.5)) / (1 - h_r), h_r = x_r^T (X^T X + lam I)^-1 x_r its
+  leverage; 0.5 for invalid slots), both clipped to [0, 1]. The references
+  must be distinct prompts for the leave-one-out value to leave the prompt
+  out entirely.
+  """
+  x = jnp.concatenate([embed, jnp.ones_like(embed[:, :1])], axis=-1)
+  xr = x[jnp.maximum(refs, 0)] * valid[:, None]  # [R, D + 1], invalid: 0.
+  y = jnp.where(valid, rates - 0.5, 0.0)
+  gram = xr.T @ xr + lam * jnp.eye(x.shape[-1], dtype=x.dtype)
+  factor = jax.scipy.linalg.cho_factor(gram)
+  w = jax.scipy.linalg.cho_solve(factor, xr.T @ y)
+  lever = jnp.sum(xr * jax.scipy.linalg.cho_solve(factor, xr.T).T, -1)
+  loo = (xr @ w - lever * y) / (1.0 - lever)
+  return (jnp.clip(0.5 + x @ w, 0.0, 1.0),
+          jnp.where(valid, jnp.clip(0.5 + loo, 0.0, 1.0), 0.5))
+
+
 def dots_history_predict(state: CurriculumState, scale: float | None = None,
                          *, prior: float = 2.0, alpha0: float = 1.0,
-                         beta0: float = 1.0) -> Array:
+                         beta0: float = 1.0,
+                         ridge: float | None = None) -> Array:
   """DOTS over the training history (`curriculum.dots_refs=history`).
 
   The references are the prompts trained on most recently (`dots.ref_ids`,
@@ -225,33 +257,46 @@ def dots_history_predict(state: CurriculumState, scale: float | None = None,
     p_hat_i = (s_i + prior m_i) / (s_i + f_i + prior).
 
   An unseen prompt is predicted from similar prompts; a prompt with many
-  observations by its own pass rate.
+  observations by its own pass rate. With ridge = lambda, m_i is the linear
+  probe's prediction (`ridge_readout` over the references' rates; a
+  reference's own m_i is its leave-one-out prediction, so its evidence is
+  not counted twice).
   """
   s, dots = state.stats, state.dots
   n = s.alpha.shape[0]
   refs = dots.ref_ids
-  own = refs[None, :] == jnp.arange(n)[:, None]  # [N, R]
-  valid = (refs >= 0)[None] & ~own
-  attn = _attention(dots.embed, refs, valid, scale)
   succ = jnp.maximum(s.alpha - alpha0, 0.0)
   fail = jnp.maximum(s.beta - beta0, 0.0)
   seen = succ + fail
   rate = jnp.where(seen > 0, succ / jnp.maximum(seen, 1e-9), 0.5)
-  m = jnp.where(jnp.any(valid, -1), attn @ rate[jnp.maximum(refs, 0)], 0.5)
+  ref_rate = rate[jnp.maximum(refs, 0)]
+  if ridge is not None:
+    is_ref = refs >= 0
+    pred, loo = ridge_readout(dots.embed, refs, ref_rate, is_ref, ridge)
+    # A reference takes its leave-one-out prediction (0.5 when it is the
+    # only one; every prediction is 0.5 with no references).
+    m = pred.at[jnp.where(is_ref, refs, n)].set(loo, mode='drop')
+  else:
+    own = refs[None, :] == jnp.arange(n)[:, None]  # [N, R]
+    valid = (refs >= 0)[None] & ~own
+    attn = _attention(dots.embed, refs, valid, scale)
+    m = jnp.where(jnp.any(valid, -1), attn @ ref_rate, 0.5)
   return (succ + prior * m) / (succ + fail + prior)
 
 
 def make_dots(tau: float, *, history: bool = False,
               scale: float | None = None, prior: float = 2.0,
-              alpha0: float = 1.0, beta0: float = 1.0) -> Callable:
+              alpha0: float = 1.0, beta0: float = 1.0,
+              ridge: float | None = None) -> Callable:
   """DOTS: P proportional to exp(-|p_hat - 0.5| / tau), p_hat from fresh
   reference rollouts (`dots_predict`) or the history
-  (`dots_history_predict`)."""
+  (`dots_history_predict`), read out by attention (ridge None, the card's)
+  or by a ridge probe with that lambda."""
   def predict(state):
     if history:
       return dots_history_predict(state, scale, prior=prior, alpha0=alpha0,
-                                  beta0=beta0)
-    return dots_predict(state.dots, scale)
+                                  beta0=beta0, ridge=ridge)
+    return dots_predict(state.dots, scale, ridge=ridge)
 
   def select(state, key, k, eligible=None):
     p = predict(state)

@@ -170,9 +170,17 @@ def test_dots_remember_keeps_the_newest_distinct_prompts():
   np.testing.assert_array_equal(dots.ref_ids, [1, 2, 4, 3, 7])
 
 
-def test_dots_history_spends_no_reference_rollouts_and_avoids_all_equal():
+# ridge: with 16 references, most of them the middle third once it is
+# preferred, lambda = 1 shrinks the few extreme ones halfway to 0.5 (about
+# 0.8 of the picks are the middle third then); 0.1 fits them.
+@pytest.mark.parametrize('readout', [{}, {'dots_readout': 'ridge',
+                                          'dots_ridge': 0.1}],
+                         ids=['attention', 'ridge'])
+def test_dots_history_spends_no_reference_rollouts_and_avoids_all_equal(
+    readout):
   cur = _curriculum(selector='dots', dots_refs='history',
-                    dots_similarity='cosine', dots_history_refs=16)
+                    dots_similarity='cosine', dots_history_refs=16,
+                    **readout)
   state = cur.init(params={})
   picked = []
   for step in range(16):

@@ -158,7 +158,74 @@ def test_dots_history_prediction_by_hand():
       [(3 + 1) / 6, 1 / 6, 0.5], rtol=1e-5)
 
 
-def test_dots_history_selector_prefers_the_middle_group():
+def _np_ridge(x, y, lam):
+  """Numpy reference: ridge of y - 0.5 on [x, 1]; predict(x') + 0.5."""
+  xb = np.concatenate([x, np.ones((len(x), 1))], 1)
+  w = np.linalg.solve(xb.T @ xb + lam * np.eye(xb.shape[1]), xb.T @ (y - 0.5))
+  return lambda z: np.clip(
+      0.5 + np.concatenate([z, np.ones((len(z), 1))], 1) @ w, 0.0, 1.0)
+
+
+def test_ridge_readout_against_numpy_and_leave_one_out_refits():
+  rng = np.random.default_rng(0)
+  embed = rng.normal(size=(12, 3)).astype(np.float32)
+  refs = np.array([4, 0, 7, -1, 9, 2, -1, 11])
+  valid = refs >= 0
+  rates = rng.uniform(size=8).astype(np.float32)
+  lam = 0.7
+  pred, loo = sel.ridge_readout(jnp.asarray(embed), jnp.asarray(refs),
+                                jnp.asarray(rates), jnp.asarray(valid), lam)
+  fit = _np_ridge(embed[refs[valid]], rates[valid], lam)
+  np.testing.assert_allclose(pred, fit(embed), rtol=1e-4, atol=1e-5)
+  for r in range(8):
+    if not valid[r]:
+      assert loo[r] == 0.5
+      continue
+    others = valid & (np.arange(8) != r)  # Refit without reference r.
+    refit = _np_ridge(embed[refs[others]], rates[others], lam)
+    np.testing.assert_allclose(loo[r], refit(embed[refs[r]][None])[0],
+                               rtol=1e-4, atol=1e-5)
+  # Fresh references (the card's DOTS state) read out by the probe.
+  dots = sel.DotsState(jnp.asarray(embed), jnp.asarray(refs),
+                       jnp.asarray(rates))
+  np.testing.assert_allclose(sel.dots_predict(dots, ridge=lam), fit(embed),
+                             rtol=1e-4, atol=1e-5)
+  none = dots._replace(ref_ids=jnp.full((8,), -1, jnp.int32))
+  np.testing.assert_allclose(sel.dots_predict(none, ridge=lam), 0.5)
+
+
+def test_dots_history_ridge_prediction_by_hand():
+  # Prompts 0, 1, 3 seen and the references; prompt 2 unseen.
+  embed = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.5]],
+                   np.float32)
+  alpha = jnp.array([4.0, 1.0, 1.0, 3.0])
+  beta = jnp.array([2.0, 5.0, 1.0, 3.0])
+  stats = est.PromptStats(alpha, beta, jnp.array([1, 1, 0, 1]),
+                          jnp.array([0, 0, -1, 0]), jnp.ones((), jnp.int32))
+  refs = np.array([3, 1, 0, -1])
+  dots = sel.DotsState(jnp.asarray(embed), jnp.asarray(refs, jnp.int32),
+                       jnp.zeros(4))
+  state = sel.CurriculumState(stats, sel.gdro_init(5), dots)
+  lam, prior = 0.5, 2.0
+  got = np.asarray(sel.dots_history_predict(state, prior=prior, ridge=lam))
+  succ, fail = np.array([3.0, 0, 0, 2]), np.array([1.0, 4, 0, 2])
+  rate = {0: 0.75, 1: 0.0, 3: 0.5}
+  m = []
+  for i in range(4):  # A reference's prior leaves it out of the fit.
+    others = [j for j in (3, 1, 0) if j != i]
+    fit = _np_ridge(embed[others], np.array([rate[j] for j in others]), lam)
+    m.append(fit(embed[i][None])[0])
+  want = (succ + prior * np.array(m)) / (succ + fail + prior)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  # A reference's own rate does not move its prior: only its evidence.
+  moved = state._replace(stats=stats._replace(alpha=alpha.at[3].set(5.0)))
+  got2 = np.asarray(sel.dots_history_predict(moved, prior=prior, ridge=lam))
+  np.testing.assert_allclose(got2[3], (4 + prior * m[3]) / (6 + prior),
+                             rtol=1e-4)
+
+
+@pytest.mark.parametrize('ridge', [None, 1.0])
+def test_dots_history_selector_prefers_the_middle_group(ridge):
   state = _state()
   # The references are the first prompt of each group (p = 0.5, 0.02,
   # 0.98 by their posteriors); unseen prompts inherit their group's rate.
@@ -170,7 +237,8 @@ def test_dots_history_selector_prefers_the_middle_group():
   state = state._replace(dots=state.dots._replace(
       ref_ids=jnp.array([0, MID, half, -1], jnp.int32)))
   select = jax.jit(sel.make('dots', mmr1_mix=0.5, spo_floor=0.05,
-                            dots_tau=0.1, history=True, scale=1.0),
+                            dots_tau=0.1, history=True, scale=1.0,
+                            ridge=ridge),
                    static_argnums=2)
   ids = np.concatenate([np.asarray(select(state, jax.random.key(i), 6))
                         for i in range(20)])

@@ -1,0 +1,52 @@
+"""scripts/bench_curriculum.py: the seed-mean curve and its bootstrap."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'scripts',
+                     'bench_curriculum.py')
+
+
+@pytest.fixture(scope='module')
+def bench():
+  spec = importlib.util.spec_from_file_location('bench_curriculum', _PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _run(curve, per_step=100):
+  """metrics.jsonl rows of a run evaluated after every step."""
+  rows = []
+  for step, p in enumerate(curve):
+    if step:
+      rows.append({'step': step, 'rollouts/total': per_step * step})
+    rows.append({'step': step, 'eval/pass@1': p, 'time/elapsed_s': 10.0 * step})
+  return rows
+
+
+def test_mean_curve_reach_interpolates_the_seed_mean(bench):
+  runs = [_run([0.1, 0.2, 0.3]), _run([0.1, 0.4, 0.5])]
+  # Seed mean 0.1, 0.3, 0.4: 0.35 is half way from evaluation 1 to 2.
+  np.testing.assert_allclose(bench.mean_curve_reach(runs, 0.35), (150, 15))
+  assert bench.mean_curve_reach(runs, 0.1) == (0, 0)
+  assert bench.mean_curve_reach(runs, 0.5) is None
+
+
+def test_bootstrap_ratio(bench):
+  base = [_run([0.1, 0.2, 0.3, 0.4]) for _ in range(3)]
+  fast = [_run([0.1, 0.4, 0.4, 0.4]) for _ in range(3)]
+  med, lo, hi, p = bench.bootstrap(base, fast, draws=50)
+  # Uniform reaches its own final 0.4 at 300 rollouts, the method at 100.
+  np.testing.assert_allclose([med, lo, hi, p], [1 / 3, 1 / 3, 1 / 3, 1.0])
+  never = [_run([0.1, 0.2, 0.3, 0.35]) for _ in range(3)]
+  med, _, _, p = bench.bootstrap(base, never, draws=50)
+  assert med == np.inf and p == 0.0
+  # Seeds are drawn in pairs: a method equal to uniform seed by seed is at
+  # 1.0 in every draw, though the seeds differ.
+  base = [_run([0.1, 0.2, 0.3]), _run([0.1, 0.3, 0.5]), _run([0.2, 0.2, 0.6])]
+  med, lo, hi, p = bench.bootstrap(base, base, draws=200)
+  assert med == lo == hi == 1.0 and p == 0.0
