@@ -132,15 +132,15 @@ class Curriculum:
         self.estimator_name, lam=cfg.discount, gamma=cfg.vade_decay,
         rho=cfg.spo_discount, alpha0=cfg.prior_alpha, beta0=cfg.prior_beta)
     self.dots_history = cfg.selector == 'dots' and cfg.dots_refs == 'history'
+    dots = dict(history=self.dots_history, scale=self._dots_scale(),
+                prior=cfg.dots_prior, alpha0=cfg.prior_alpha,
+                beta0=cfg.prior_beta,
+                ridge=cfg.dots_ridge if cfg.dots_readout == 'ridge' else None)
     self._select = jax.jit(
         sel.make(cfg.selector, mmr1_mix=cfg.mmr1_mix,
-                 spo_floor=cfg.spo_floor, dots_tau=cfg.dots_tau,
-                 history=self.dots_history, scale=self._dots_scale(),
-                 prior=cfg.dots_prior, alpha0=cfg.prior_alpha,
-                 beta0=cfg.prior_beta,
-                 ridge=(cfg.dots_ridge if cfg.dots_readout == 'ridge'
-                        else None)),
+                 spo_floor=cfg.spo_floor, dots_tau=cfg.dots_tau, **dots),
         static_argnums=2)
+    self._dots_predict = jax.jit(sel.dots_predictor(**dots))
     self.allocator = alloc_lib.make(
         cfg.allocator, group_size=rl.group_size, min_group=cfg.min_group,
         max_group=self.max_group,
@@ -248,6 +248,9 @@ class Curriculum:
     else:
       ids = np.asarray(self._select(state, k_sel, b, eligible))
     p_sel = np.asarray(est.mean(state.stats))[ids]
+    if cfg.selector == 'dots':  # What DOTS predicted for its picks.
+      metrics['curriculum/dots_pred_mean'] = float(
+          np.mean(np.asarray(self._dots_predict(state))[ids]))
     groups = _Groups.empty(b)
     counts, m = self.allocator.first(p_sel)
     metrics.update({f'curriculum/{k}': v for k, v in m.items()})

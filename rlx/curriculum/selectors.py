@@ -284,19 +284,26 @@ def dots_history_predict(state: CurriculumState, scale: float | None = None,
   return (succ + prior * m) / (succ + fail + prior)
 
 
-def make_dots(tau: float, *, history: bool = False,
-              scale: float | None = None, prior: float = 2.0,
-              alpha0: float = 1.0, beta0: float = 1.0,
-              ridge: float | None = None) -> Callable:
-  """DOTS: P proportional to exp(-|p_hat - 0.5| / tau), p_hat from fresh
-  reference rollouts (`dots_predict`) or the history
-  (`dots_history_predict`), read out by attention (ridge None, the card's)
-  or by a ridge probe with that lambda."""
+def dots_predictor(*, history: bool = False, scale: float | None = None,
+                   prior: float = 2.0, alpha0: float = 1.0,
+                   beta0: float = 1.0,
+                   ridge: float | None = None) -> Callable:
+  """state -> DOTS' p_hat [N]: from fresh reference rollouts
+  (`dots_predict`) or the history (`dots_history_predict`), read out by
+  attention (ridge None, the card's) or by a ridge probe with that
+  lambda."""
   def predict(state):
     if history:
       return dots_history_predict(state, scale, prior=prior, alpha0=alpha0,
                                   beta0=beta0, ridge=ridge)
     return dots_predict(state.dots, scale, ridge=ridge)
+  return predict
+
+
+def make_dots(tau: float, **predictor) -> Callable:
+  """DOTS: P proportional to exp(-|p_hat - 0.5| / tau), p_hat from
+  `dots_predictor(**predictor)`."""
+  predict = dots_predictor(**predictor)
 
   def select(state, key, k, eligible=None):
     p = predict(state)

@@ -182,11 +182,12 @@ def test_dots_history_spends_no_reference_rollouts_and_avoids_all_equal(
                     dots_similarity='cosine', dots_history_refs=16,
                     **readout)
   state = cur.init(params={})
-  picked = []
+  picked, predicted = [], []
   for step in range(16):
     got, state, m = _collect(cur, state, step)
     assert m['curriculum/rollouts'] == B * G
     picked.append(np.asarray(got.ids))
+    predicted.append(m['curriculum/dots_pred_mean'])
   refs = np.asarray(state.dots.ref_ids)
   assert np.all(refs >= 0) and len(set(refs.tolist())) == 16
   # The embedding (id mod 3) tells the P_TRUE = 0.5 third apart: after a
@@ -194,3 +195,7 @@ def test_dots_history_spends_no_reference_rollouts_and_avoids_all_equal(
   # uniform selection).
   late = np.concatenate(picked[4:])
   assert np.mean(late % 3 == 2) > 0.9
+  # What DOTS predicted for its picks: the middle third's 0.5 (the first
+  # step, with no references, predicts 0.5 everywhere).
+  assert predicted[0] == 0.5
+  assert abs(np.mean(predicted[4:]) - 0.5) < 0.15

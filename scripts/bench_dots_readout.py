@@ -1,0 +1,184 @@
+r"""How well do prompt embeddings predict the warm start's pass rates?
+
+  python scripts/bench_dots_readout.py --config=grpo_hardmix \
+      --workdir=runs/bench_dots_readout
+
+DOTS (`curriculum.selector=dots`) predicts each prompt's pass rate from
+reference prompts whose rates were measured, and draws prompts with
+P ~ exp(-|p_hat - 0.5| / tau). This bench measures the prediction without
+any RL: the recipe's warm start samples --samples responses to --prompts
+train prompts (cached in --workdir), every prompt is embedded as the
+trainer embeds it (mean final hidden state over the prompt, centred over
+the sampled prompts and normalised: `dots_similarity=cosine`), and then
+
+- open loop: R random prompts serve as references, the rest are predicted
+  by attention (`dots_readout=attention`, inverse temperature --scale) and
+  by the ridge probe (`dots_readout=ridge`, each --lams), --repeats random
+  splits per R. Reported: the correlation of predicted and measured rates,
+  and the fraction of all-equal groups (all --samples responses right or
+  all wrong) expected among prompts drawn with the selector's weights (the
+  waste DOTS exists to avoid; 'uniform' is the fraction over all prompts).
+- closed loop: --sim_steps steps of --sim_batch prompts drawn from those
+  not drawn yet, each step's prompts becoming the newest references (at
+  most --sim_refs), as `dots_refs=history` does; a drawn prompt's rate is
+  its measured one. Reported: the all-equal fraction of the draws, per
+  quarter of the steps, mean over --sim_seeds. The policy does not change
+  here, unlike in training, and drawing without replacement uses up the
+  learnable middle of a finite sample (on the hard mix about a quarter of
+  the prompts): keep sim_steps x sim_batch well below --prompts / 4.
+
+Both readouts are rlx's own (`rlx.curriculum.selectors.dots_predict`).
+"""
+
+import importlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlx import config as config_lib
+from rlx import trainer
+from rlx.actor import Actor
+from rlx.curriculum import selectors as sel
+
+_CONFIG = flags.DEFINE_string('config', 'grpo_hardmix', 'configs/<name>.py')
+_PROMPTS = flags.DEFINE_integer('prompts', 4096, 'Train prompts sampled.')
+_SAMPLES = flags.DEFINE_integer('samples', 8, 'Responses per prompt.')
+_REFS = flags.DEFINE_list('refs', ['16', '64', '256'], 'Reference set sizes.')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Random splits per size.')
+_LAMS = flags.DEFINE_list('lams', ['0.1', '0.3', '1', '3'], 'Ridge lambdas.')
+_SCALE = flags.DEFINE_float('scale', 20.0, 'Attention inverse temperature '
+                            '(dots_cosine_scale).')
+_TAU = flags.DEFINE_float('tau', 0.1, 'Selection temperature (dots_tau).')
+_SIM_STEPS = flags.DEFINE_integer('sim_steps', 64, 'Closed-loop steps.')
+_SIM_BATCH = flags.DEFINE_integer('sim_batch', 8, 'Prompts per step.')
+_SIM_REFS = flags.DEFINE_integer('sim_refs', 256, 'References kept '
+                                 '(dots_history_refs).')
+_SIM_SEEDS = flags.DEFINE_integer('sim_seeds', 6, 'Closed-loop seeds.')
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/bench_dots_readout',
+                               'Where the sampled rates are cached.')
+
+
+def measure(cfg, path: str):
+  """(pass rate [n], embedding [n, D], chain steps [n]) of random train
+  prompts under the warm start, cached in `path`."""
+  if os.path.exists(path):
+    d = np.load(path)
+    return d['rates'], d['embed'], d['steps']
+  task, model, params = trainer.warm_started_policy(cfg)
+  n, g, batch = _PROMPTS.value, _SAMPLES.value, 64
+  ids = np.random.default_rng(0).choice(len(task.train), n, replace=False)
+  actor = Actor(model, task, cfg.sampling.max_new_tokens)
+  rates = np.zeros(n)
+  for s in range(0, n, batch):
+    idx = ids[s:s + batch]
+    scored = actor.rollout(
+        params, task.train_prompts[idx], task.train_prompt_mask[idx],
+        [task.train.answers[i] for i in idx], jax.random.key(s),
+        num_samples=g, temperature=cfg.sampling.temperature)
+    rates[s:s + batch] = (np.asarray(scored.rewards) > 0.5).mean(-1)
+  embed = np.asarray(trainer._embed_fn(model, task)(params, ids))  # pylint: disable=protected-access
+  steps = np.asarray(task.train.num_steps)[ids]
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  np.savez(path, ids=ids, rates=rates, embed=embed, steps=steps)
+  return rates, embed, steps
+
+
+def predict(embed, refs, rates, readout: str, lam: float) -> np.ndarray:
+  dots = sel.DotsState(jnp.asarray(embed, jnp.float32),
+                       jnp.asarray(refs, jnp.int32),
+                       jnp.asarray(rates[refs], jnp.float32))
+  if readout == 'attention':
+    return np.asarray(sel.dots_predict(dots, _SCALE.value))
+  return np.asarray(sel.dots_predict(dots, ridge=lam))
+
+
+def weights(p: np.ndarray) -> np.ndarray:
+  w = np.exp(-np.abs(p - 0.5) / _TAU.value)
+  return w / w.sum()
+
+
+def main(argv):
+  del argv
+  cfg = config_lib.build(
+      importlib.import_module(f'configs.{_CONFIG.value}').get_config())
+  rates, embed, steps = measure(cfg, os.path.join(
+      _WORKDIR.value, f'{_CONFIG.value}_n{_PROMPTS.value}_g{_SAMPLES.value}'
+      '.npz'))
+  embed = embed - embed.mean(0)
+  embed /= np.maximum(np.linalg.norm(embed, axis=-1, keepdims=True), 1e-6)
+  n = len(rates)
+  same = (rates == 0) | (rates == 1)
+  print(f'{n} prompts x {_SAMPLES.value} samples; all-equal groups '
+        f'{same.mean():.3f}\n\n| chain steps | prompts | pass rate | '
+        'all-equal |\n|---|---|---|---|')
+  for k in np.unique(steps):
+    m = steps == k
+    print(f'| {k} | {m.sum()} | {rates[m].mean():.3f} | '
+          f'{same[m].mean():.3f} |')
+
+  readouts = [('attention', 0.0)] + [('ridge', float(x)) for x in _LAMS.value]
+  print('\nOpen loop: all-equal fraction of weighted draws (correlation of '
+        'prediction and rate), mean over splits\n')
+  print('| references | uniform | ' + ' | '.join(
+      'attention' if r == 'attention' else f'ridge {lam:g}'
+      for r, lam in readouts) + ' | true rates |')
+  print('|---' * (len(readouts) + 3) + '|')
+  rng = np.random.default_rng(1)
+  for size in (int(x) for x in _REFS.value):
+    cells = {x: [] for x in readouts}
+    base, best = [], []
+    for _ in range(_REPEATS.value):
+      refs = rng.choice(n, size, replace=False)
+      test = np.setdiff1d(np.arange(n), refs)
+      base.append(same[test].mean())
+      best.append(weights(rates[test]) @ same[test])
+      for readout, lam in readouts:
+        p = predict(embed, refs, rates, readout, lam)[test]
+        cells[(readout, lam)].append(
+            (weights(p) @ same[test], np.corrcoef(p, rates[test])[0, 1]))
+    row = [f'{np.mean(v, 0)[0]:.3f} ({np.mean(v, 0)[1]:.2f})'
+           for v in cells.values()]
+    print(f'| {size} | {np.mean(base):.3f} | ' + ' | '.join(row) +
+          f' | {np.mean(best):.3f} |')
+
+  quarters = 4
+  print(f'\nClosed loop ({_SIM_STEPS.value} steps x {_SIM_BATCH.value}, '
+        f'{_SIM_REFS.value} newest references): all-equal fraction of the '
+        f'draws per quarter, mean over {_SIM_SEEDS.value} seeds\n')
+  print('| readout | ' + ' | '.join(f'Q{q + 1}' for q in range(quarters)) +
+        ' | all |\n' + '|---' * (quarters + 2) + '|')
+  for readout, lam in readouts:
+    fracs = []
+    for seed in range(_SIM_SEEDS.value):
+      key = np.random.default_rng(100 + seed)
+      history, used, frac = [], np.zeros(n, bool), []
+      for _ in range(_SIM_STEPS.value):
+        if history:
+          p = predict(embed, np.array(history[:_SIM_REFS.value]), rates,
+                      readout, lam)
+        else:
+          p = np.full(n, 0.5)
+        w = np.where(used, 0.0, np.exp(-np.abs(p - 0.5) / _TAU.value))
+        # Gumbel top-k: weighted draws without replacement.
+        g = np.log(np.maximum(w, 1e-30)) + key.gumbel(size=n)
+        picks = np.argsort(-g)[:_SIM_BATCH.value]
+        used[picks] = True
+        frac.append(same[picks].mean())
+        history = list(picks) + history
+      fracs.append(frac)
+    f = np.mean(fracs, 0)
+    parts = np.array_split(f, quarters)
+    name = 'attention' if readout == 'attention' else f'ridge {lam:g}'
+    print(f'| {name} | ' + ' | '.join(f'{x.mean():.3f}' for x in parts) +
+          f' | {f.mean():.3f} |')
+
+
+if __name__ == '__main__':
+  app.run(main)
