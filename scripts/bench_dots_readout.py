@@ -111,8 +111,8 @@ def main(argv):
   rates, embed, steps = measure(cfg, os.path.join(
       _WORKDIR.value, f'{_CONFIG.value}_n{_PROMPTS.value}_g{_SAMPLES.value}'
       '.npz'))
-  embed = embed - embed.mean(0)
-  embed /= np.maximum(np.linalg.norm(embed, axis=-1, keepdims=True), 1e-6)
+  embed = np.asarray(sel.centre_and_normalise(jnp.asarray(embed,
+                                                        jnp.float32)))
   n = len(rates)
   same = (rates == 0) | (rates == 1)
   print(f'{n} prompts x {_SAMPLES.value} samples; all-equal groups '

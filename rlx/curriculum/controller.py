@@ -193,9 +193,7 @@ class Curriculum:
              for i in range(0, self.pool, chunk)]
     embed = jnp.concatenate(parts).astype(jnp.float32)
     if self.cfg.dots_similarity == 'cosine':
-      embed = embed - jnp.mean(embed, axis=0)
-      embed = embed / jnp.maximum(
-          jnp.linalg.norm(embed, axis=-1, keepdims=True), 1e-6)
+      embed = sel.centre_and_normalise(embed)
     return embed
 
   def eligible(self, state) -> Optional[jax.Array]:

@@ -204,6 +204,15 @@ def dots_predict(dots: DotsState, scale: float | None = None, *,
   return jnp.where(jnp.any(valid), attn @ dots.ref_rates, 0.5)
 
 
+def centre_and_normalise(embed: Array) -> Array:
+  """Embeddings centred over the pool and scaled to unit norm
+  (`dots_similarity=cosine`; the ridge readout's lambda is on this
+  scale)."""
+  embed = embed - jnp.mean(embed, axis=0)
+  return embed / jnp.maximum(
+      jnp.linalg.norm(embed, axis=-1, keepdims=True), 1e-6)
+
+
 def _attention(embed: Array, refs: Array, valid: Array, scale) -> Array:
   """[N, R] softmax over the valid references of scale <e_i, e_r> (scale
   None: 1 / sqrt(D)); a row with no valid reference is all zero."""
