@@ -164,6 +164,10 @@ class CurriculumConfig:
   # dots_ridge; a history reference is predicted leave-one-out. Needs
   # dots_similarity=cosine (centred, unit-norm embeddings).
   dots_ridge: float = 1.0  # dots (ridge): the L2 penalty lambda.
+  dots_ref_halflife: float = 0.0  # dots (history, ridge): fit the probe on
+  # recent evidence, the k-th newest reference weighing 0.5^(k / this) in
+  # its least squares (in references: at B prompts per step, B * n is a
+  # half-life of n steps); 0: every reference weighs the same.
   dots_tau: float = 0.1  # dots: P ~ exp(-|p_hat - 0.5| / tau).
   dots_embed_every: int = 0  # dots: recompute prompt embeddings every this
   # many steps; 0: once, from the warm start.
@@ -628,6 +632,13 @@ def _validate_curriculum(cfg: Config) -> None:
   _require(cur.dots_readout != 'ridge' or cur.dots_similarity == 'cosine',
            'curriculum.dots_readout', "ridge needs dots_similarity='cosine' "
            '(centred, unit-norm embeddings: dots_ridge is on their scale)')
+  _require(cur.dots_ref_halflife >= 0, 'curriculum.dots_ref_halflife',
+           'must be >= 0')
+  _require(cur.dots_ref_halflife == 0 or cur.selector != 'dots' or (
+      cur.dots_refs == 'history' and cur.dots_readout == 'ridge'),
+           'curriculum.dots_ref_halflife', 'weighs history references in '
+           "the ridge probe: it needs dots_refs='history' and "
+           "dots_readout='ridge'")
   for key in ('prior_alpha', 'prior_beta', 'dots_tau', 'dots_prior',
               'dots_cosine_scale', 'dots_ridge'):
     _require(getattr(cur, key) > 0, f'curriculum.{key}', 'must be > 0')

@@ -59,6 +59,11 @@ METHODS = {
     # readout (curriculum.dots_readout).
     'dots_ridge': {'selector': 'dots', 'dots_refs': 'history',
                    'dots_similarity': 'cosine', 'dots_readout': 'ridge'},
+    # The probe fitted on recent evidence: the k-th newest of its 256
+    # references weighs 0.5^(k / 64) (a half-life of 8 steps at B = 8).
+    'dots_recent': {'selector': 'dots', 'dots_refs': 'history',
+                    'dots_similarity': 'cosine', 'dots_readout': 'ridge',
+                    'dots_ref_halflife': 64.0},
     'alloc_cures': {'allocator': 'cures'},
     'rollout_gdro': {'allocator': 'rollout_gdro'},
     'xrpo': {'allocator': 'xrpo'},

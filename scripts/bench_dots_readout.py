@@ -26,6 +26,9 @@ the sampled prompts and normalised: `dots_similarity=cosine`), and then
   here, unlike in training, and drawing without replacement uses up the
   learnable middle of a finite sample (on the hard mix about a quarter of
   the prompts): keep sim_steps x sim_batch well below --prompts / 4.
+  --halflives adds ridge (lambda 1) loops whose references weigh 0.5^(k /
+  half-life) by recency (`dots_ref_halflife`); with a fixed policy this
+  shows only what forgetting costs, not what it gains when pass rates move.
 
 Both readouts are rlx's own (`rlx.curriculum.selectors.dots_predict`).
 """
@@ -61,6 +64,9 @@ _SIM_BATCH = flags.DEFINE_integer('sim_batch', 8, 'Prompts per step.')
 _SIM_REFS = flags.DEFINE_integer('sim_refs', 256, 'References kept '
                                  '(dots_history_refs).')
 _SIM_SEEDS = flags.DEFINE_integer('sim_seeds', 6, 'Closed-loop seeds.')
+_HALFLIVES = flags.DEFINE_list('halflives', ['0'], 'Closed loop: ridge '
+                               'reference half-lives '
+                               '(dots_ref_halflife; 0: equal weights).')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/bench_dots_readout',
                                'Where the sampled rates are cached.')
 
@@ -90,13 +96,24 @@ def measure(cfg, path: str):
   return rates, embed, steps
 
 
-def predict(embed, refs, rates, readout: str, lam: float) -> np.ndarray:
-  dots = sel.DotsState(jnp.asarray(embed, jnp.float32),
-                       jnp.asarray(refs, jnp.int32),
-                       jnp.asarray(rates[refs], jnp.float32))
+def predict(embed, refs, rates, readout: str, lam: float,
+            halflife: float = 0.0) -> np.ndarray:
+  """p_hat [n] from references `refs` (newest first) with their measured
+  rates; a ridge half-life weighs them by recency as
+  `dots_history_predict` does."""
   if readout == 'attention':
+    dots = sel.DotsState(jnp.asarray(embed, jnp.float32),
+                         jnp.asarray(refs, jnp.int32),
+                         jnp.asarray(rates[refs], jnp.float32))
     return np.asarray(sel.dots_predict(dots, _SCALE.value))
-  return np.asarray(sel.dots_predict(dots, ridge=lam))
+  weight = None
+  if halflife > 0:
+    weight = jnp.asarray(0.5 ** (np.arange(len(refs)) / halflife),
+                         jnp.float32)
+  return np.asarray(sel.ridge_readout(
+      jnp.asarray(embed, jnp.float32), jnp.asarray(refs, jnp.int32),
+      jnp.asarray(rates[refs], jnp.float32), jnp.ones(len(refs), bool), lam,
+      weight)[0])
 
 
 def weights(p: np.ndarray) -> np.ndarray:
@@ -154,7 +171,10 @@ def main(argv):
         f'draws per quarter, mean over {_SIM_SEEDS.value} seeds\n')
   print('| readout | ' + ' | '.join(f'Q{q + 1}' for q in range(quarters)) +
         ' | all |\n' + '|---' * (quarters + 2) + '|')
-  for readout, lam in readouts:
+  loops = [('attention', 0.0, 0.0)] + [
+      ('ridge', float(x), 0.0) for x in _LAMS.value] + [
+          ('ridge', 1.0, float(h)) for h in _HALFLIVES.value if float(h) > 0]
+  for readout, lam, halflife in loops:
     fracs = []
     for seed in range(_SIM_SEEDS.value):
       key = np.random.default_rng(100 + seed)
@@ -162,7 +182,7 @@ def main(argv):
       for _ in range(_SIM_STEPS.value):
         if history:
           p = predict(embed, np.array(history[:_SIM_REFS.value]), rates,
-                      readout, lam)
+                      readout, lam, halflife)
         else:
           p = np.full(n, 0.5)
         w = np.where(used, 0.0, np.exp(-np.abs(p - 0.5) / _TAU.value))
@@ -176,6 +196,8 @@ def main(argv):
     f = np.mean(fracs, 0)
     parts = np.array_split(f, quarters)
     name = 'attention' if readout == 'attention' else f'ridge {lam:g}'
+    if halflife:
+      name += f', half-life {halflife:g} references'
     print(f'| {name} | ' + ' | '.join(f'{x.mean():.3f}' for x in parts) +
           f' | {f.mean():.3f} |')
 

@@ -50,3 +50,17 @@ def test_bootstrap_ratio(bench):
   base = [_run([0.1, 0.2, 0.3]), _run([0.1, 0.3, 0.5]), _run([0.2, 0.2, 0.6])]
   med, lo, hi, p = bench.bootstrap(base, base, draws=200)
   assert med == lo == hi == 1.0 and p == 0.0
+
+
+def test_every_method_is_a_valid_config(bench):
+  # A method's overrides must build (the config's checks) on both tasks.
+  from configs import grpo, grpo_hardmix  # pylint: disable=g-import-not-at-top
+  from rlx import config as config_lib  # pylint: disable=g-import-not-at-top
+  for recipe in (grpo, grpo_hardmix):
+    for name, overrides in bench.METHODS.items():
+      config = recipe.get_config()
+      for key, value in overrides.items():
+        config.curriculum[key] = value
+      cfg = config_lib.build(config)
+      for key, value in overrides.items():
+        assert getattr(cfg.curriculum, key) == value, (name, key)

@@ -135,7 +135,8 @@ class Curriculum:
     dots = dict(history=self.dots_history, scale=self._dots_scale(),
                 prior=cfg.dots_prior, alpha0=cfg.prior_alpha,
                 beta0=cfg.prior_beta,
-                ridge=cfg.dots_ridge if cfg.dots_readout == 'ridge' else None)
+                ridge=cfg.dots_ridge if cfg.dots_readout == 'ridge' else None,
+                halflife=cfg.dots_ref_halflife if self.dots_history else 0.0)
     self._select = jax.jit(
         sel.make(cfg.selector, mmr1_mix=cfg.mmr1_mix,
                  spo_floor=cfg.spo_floor, dots_tau=cfg.dots_tau, **dots),

@@ -224,7 +224,8 @@ def _attention(embed: Array, refs: Array, valid: Array, scale) -> Array:
 
 
 def ridge_readout(embed: Array, refs: Array, rates: Array, valid: Array,
-                  lam: float) -> tuple[Array, Array]:
+                  lam: float, weight: Array | None = None
+                  ) -> tuple[Array, Array]:
   """A linear probe of pass rates on prompt embeddings (`dots_readout=ridge`).
 
   Ridge regression of the valid references' rates, centred at 0.5, on
@@ -236,14 +237,20 @@ def ridge_readout(embed: Array, refs: Array, rates: Array, valid: Array,
   leverage; 0.5 for invalid slots), both clipped to [0, 1]. The references
   must be distinct prompts for the leave-one-out value to leave the prompt
   out entirely.
+
+  `weight` [R] (optional, > 0) makes it weighted least squares: reference r's
+  squared error counts weight_r times, w = (X^T W X + lam I)^-1 X^T W (y -
+  0.5), and its leverage is weight_r x_r^T (X^T W X + lam I)^-1 x_r (the
+  leave-one-out formula is unchanged).
   """
   x = jnp.concatenate([embed, jnp.ones_like(embed[:, :1])], axis=-1)
   xr = x[jnp.maximum(refs, 0)] * valid[:, None]  # [R, D + 1], invalid: 0.
   y = jnp.where(valid, rates - 0.5, 0.0)
-  gram = xr.T @ xr + lam * jnp.eye(x.shape[-1], dtype=x.dtype)
+  wr = xr if weight is None else xr * weight[:, None]  # W X
+  gram = wr.T @ xr + lam * jnp.eye(x.shape[-1], dtype=x.dtype)
   factor = jax.scipy.linalg.cho_factor(gram)
-  w = jax.scipy.linalg.cho_solve(factor, xr.T @ y)
-  lever = jnp.sum(xr * jax.scipy.linalg.cho_solve(factor, xr.T).T, -1)
+  w = jax.scipy.linalg.cho_solve(factor, wr.T @ y)
+  lever = jnp.sum(wr * jax.scipy.linalg.cho_solve(factor, xr.T).T, -1)
   loo = (xr @ w - lever * y) / (1.0 - lever)
   return (jnp.clip(0.5 + x @ w, 0.0, 1.0),
           jnp.where(valid, jnp.clip(0.5 + loo, 0.0, 1.0), 0.5))
@@ -251,8 +258,8 @@ def ridge_readout(embed: Array, refs: Array, rates: Array, valid: Array,
 
 def dots_history_predict(state: CurriculumState, scale: float | None = None,
                          *, prior: float = 2.0, alpha0: float = 1.0,
-                         beta0: float = 1.0,
-                         ridge: float | None = None) -> Array:
+                         beta0: float = 1.0, ridge: float | None = None,
+                         halflife: float = 0.0) -> Array:
   """DOTS over the training history (`curriculum.dots_refs=history`).
 
   The references are the prompts trained on most recently (`dots.ref_ids`,
@@ -269,7 +276,10 @@ def dots_history_predict(state: CurriculumState, scale: float | None = None,
   observations by its own pass rate. With ridge = lambda, m_i is the linear
   probe's prediction (`ridge_readout` over the references' rates; a
   reference's own m_i is its leave-one-out prediction, so its evidence is
-  not counted twice).
+  not counted twice). With halflife > 0 the probe is fitted on recent
+  evidence: the k-th newest reference (k = 0, 1, ...) weighs 0.5^(k /
+  halflife) in its least squares, so that rates measured many policy
+  updates ago count less.
   """
   s, dots = state.stats, state.dots
   n = s.alpha.shape[0]
@@ -281,7 +291,11 @@ def dots_history_predict(state: CurriculumState, scale: float | None = None,
   ref_rate = rate[jnp.maximum(refs, 0)]
   if ridge is not None:
     is_ref = refs >= 0
-    pred, loo = ridge_readout(dots.embed, refs, ref_rate, is_ref, ridge)
+    weight = None
+    if halflife > 0:
+      weight = 0.5 ** (jnp.arange(refs.shape[0]) / halflife)
+    pred, loo = ridge_readout(dots.embed, refs, ref_rate, is_ref, ridge,
+                              weight)
     # A reference takes its leave-one-out prediction (0.5 when it is the
     # only one; every prediction is 0.5 with no references).
     m = pred.at[jnp.where(is_ref, refs, n)].set(loo, mode='drop')
@@ -295,16 +309,22 @@ def dots_history_predict(state: CurriculumState, scale: float | None = None,
 
 def dots_predictor(*, history: bool = False, scale: float | None = None,
                    prior: float = 2.0, alpha0: float = 1.0,
-                   beta0: float = 1.0,
-                   ridge: float | None = None) -> Callable:
+                   beta0: float = 1.0, ridge: float | None = None,
+                   halflife: float = 0.0) -> Callable:
   """state -> DOTS' p_hat [N]: from fresh reference rollouts
-  (`dots_predict`) or the history (`dots_history_predict`), read out by
+  (`dots_predict`) or the history (`dots_history_predict`, whose ridge
+  probe weighs references by recency when halflife > 0), read out by
   attention (ridge None, the card's) or by a ridge probe with that
   lambda."""
+  if halflife > 0 and not (history and ridge is not None):
+    raise ValueError('a reference half-life needs the history references '
+                     'and the ridge readout')
+
   def predict(state):
     if history:
       return dots_history_predict(state, scale, prior=prior, alpha0=alpha0,
-                                  beta0=beta0, ridge=ridge)
+                                  beta0=beta0, ridge=ridge,
+                                  halflife=halflife)
     return dots_predict(state.dots, scale, ridge=ridge)
   return predict
 

@@ -174,8 +174,11 @@ def test_dots_remember_keeps_the_newest_distinct_prompts():
 # preferred, lambda = 1 shrinks the few extreme ones halfway to 0.5 (about
 # 0.8 of the picks are the middle third then); 0.1 fits them.
 @pytest.mark.parametrize('readout', [{}, {'dots_readout': 'ridge',
-                                          'dots_ridge': 0.1}],
-                         ids=['attention', 'ridge'])
+                                          'dots_ridge': 0.1},
+                                      {'dots_readout': 'ridge',
+                                       'dots_ridge': 0.1,
+                                       'dots_ref_halflife': 16.0}],
+                         ids=['attention', 'ridge', 'ridge_recent'])
 def test_dots_history_spends_no_reference_rollouts_and_avoids_all_equal(
     readout):
   cur = _curriculum(selector='dots', dots_refs='history',
@@ -199,3 +202,15 @@ def test_dots_history_spends_no_reference_rollouts_and_avoids_all_equal(
   # step, with no references, predicts 0.5 everywhere).
   assert predicted[0] == 0.5
   assert abs(np.mean(predicted[4:]) - 0.5) < 0.15
+  # The controller's prediction is the selector module's, with the
+  # configured readout and half-life.
+  halflife = readout.get('dots_ref_halflife', 0.0)
+  want = sel.dots_history_predict(
+      state, cur.cfg.dots_cosine_scale, prior=cur.cfg.dots_prior,
+      ridge=readout.get('dots_ridge'), halflife=halflife)
+  np.testing.assert_allclose(cur._dots_predict(state), want, rtol=1e-4)  # pylint: disable=protected-access
+  if halflife:
+    flat = sel.dots_history_predict(
+        state, cur.cfg.dots_cosine_scale, prior=cur.cfg.dots_prior,
+        ridge=readout['dots_ridge'])
+    assert not np.allclose(want, flat)

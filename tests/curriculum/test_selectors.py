@@ -158,10 +158,12 @@ def test_dots_history_prediction_by_hand():
       [(3 + 1) / 6, 1 / 6, 0.5], rtol=1e-5)
 
 
-def _np_ridge(x, y, lam):
-  """Numpy reference: ridge of y - 0.5 on [x, 1]; predict(x') + 0.5."""
+def _np_ridge(x, y, lam, weight=None):
+  """Numpy reference: (weighted) ridge of y - 0.5 on [x, 1]; predict(x') +
+  0.5."""
   xb = np.concatenate([x, np.ones((len(x), 1))], 1)
-  w = np.linalg.solve(xb.T @ xb + lam * np.eye(xb.shape[1]), xb.T @ (y - 0.5))
+  wx = xb if weight is None else xb * weight[:, None]
+  w = np.linalg.solve(wx.T @ xb + lam * np.eye(xb.shape[1]), wx.T @ (y - 0.5))
   return lambda z: np.clip(
       0.5 + np.concatenate([z, np.ones((len(z), 1))], 1) @ w, 0.0, 1.0)
 
@@ -192,6 +194,66 @@ def test_ridge_readout_against_numpy_and_leave_one_out_refits():
                              rtol=1e-4, atol=1e-5)
   none = dots._replace(ref_ids=jnp.full((8,), -1, jnp.int32))
   np.testing.assert_allclose(sel.dots_predict(none, ridge=lam), 0.5)
+
+
+def test_weighted_ridge_readout_against_numpy_and_leave_one_out_refits():
+  rng = np.random.default_rng(1)
+  embed = rng.normal(size=(10, 3)).astype(np.float32)
+  refs = np.array([4, 0, 7, 9, -1, 2, 5])
+  valid = refs >= 0
+  rates = rng.uniform(size=7).astype(np.float32)
+  weight = 0.5 ** (np.arange(7) / 2.0)
+  lam = 0.4
+  pred, loo = sel.ridge_readout(jnp.asarray(embed), jnp.asarray(refs),
+                                jnp.asarray(rates), jnp.asarray(valid), lam,
+                                jnp.asarray(weight, jnp.float32))
+  fit = _np_ridge(embed[refs[valid]], rates[valid], lam, weight[valid])
+  np.testing.assert_allclose(pred, fit(embed), rtol=1e-4, atol=1e-5)
+  for r in np.flatnonzero(valid):
+    others = valid & (np.arange(7) != r)
+    refit = _np_ridge(embed[refs[others]], rates[others], lam,
+                      weight[others])
+    np.testing.assert_allclose(loo[r], refit(embed[refs[r]][None])[0],
+                               rtol=1e-4, atol=1e-5)
+  assert loo[4] == 0.5
+  # Unit weights are the unweighted fit.
+  unweighted = sel.ridge_readout(jnp.asarray(embed), jnp.asarray(refs),
+                                 jnp.asarray(rates), jnp.asarray(valid), lam)
+  ones = sel.ridge_readout(jnp.asarray(embed), jnp.asarray(refs),
+                           jnp.asarray(rates), jnp.asarray(valid), lam,
+                           jnp.ones(7))
+  for a, b in zip(unweighted, ones):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_dots_history_ridge_half_life_weighs_recent_references():
+  # Two references with the same embedding direction and opposite rates:
+  # the newer one (first in ref_ids) wins as the half-life shrinks.
+  embed = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]], np.float32)
+  alpha = jnp.array([1.0, 9.0, 1.0])  # Prompt 1: 8 of 8 right (older).
+  beta = jnp.array([9.0, 1.0, 1.0])   # Prompt 0: 0 of 8 right (newer).
+  stats = est.PromptStats(alpha, beta, jnp.array([1, 1, 0]),
+                          jnp.array([0, 0, -1]), jnp.ones((), jnp.int32))
+  dots = sel.DotsState(jnp.asarray(embed), jnp.array([0, 1], jnp.int32),
+                       jnp.zeros(2))
+  state = sel.CurriculumState(stats, sel.gdro_init(5), dots)
+  lam, prior = 0.01, 2.0
+  preds = {}
+  for halflife in (0.0, 1.0, 0.25):
+    got = np.asarray(sel.dots_history_predict(state, prior=prior, ridge=lam,
+                                              halflife=halflife))
+    weight = None if halflife == 0 else 0.5 ** (np.arange(2) / halflife)
+    fit = _np_ridge(embed[:2], np.array([0.0, 1.0]), lam, weight)
+    # Prompt 2 is unseen: its prediction is the probe's.
+    np.testing.assert_allclose(got[2], fit(embed[2:])[0], rtol=1e-4,
+                               atol=1e-5)
+    preds[halflife] = got[2]
+  # Equal weights: about halfway; weights 1 : 0.5 (p ~ 1/3) and 1 : 1/16.
+  np.testing.assert_allclose(preds[0.0], 0.5, atol=0.01)
+  np.testing.assert_allclose(preds[1.0], 1 / 3, atol=0.01)
+  np.testing.assert_allclose(preds[0.25], 1 / 17, atol=0.01)
+  with pytest.raises(ValueError, match='half-life'):
+    sel.dots_predictor(history=True, halflife=4.0)  # Attention readout.
 
 
 def test_dots_history_ridge_prediction_by_hand():
