@@ -30,7 +30,8 @@ the sampled prompts and normalised: `dots_similarity=cosine`), and then
   half-life) by recency (`dots_ref_halflife`); with a fixed policy this
   shows only what forgetting costs, not what it gains when pass rates move.
 
-Both readouts are rlx's own (`rlx.curriculum.selectors.dots_predict`).
+Both readouts are rlx's own (`rlx.curriculum.selectors.dots_predict` for
+attention, `ridge_readout` for the probe).
 """
 
 import importlib
