@@ -169,6 +169,9 @@ class CurriculumConfig:
   # its least squares (in references: at B prompts per step, B * n is a
   # half-life of n steps); 0: every reference weighs the same.
   dots_tau: float = 0.1  # dots: P ~ exp(-|p_hat - 0.5| / tau).
+  dots_explore: float = 0.0  # dots: share of each batch drawn uniformly
+  # instead (round(share * B) prompts), so that history references span
+  # every difficulty; 0: none.
   dots_embed_every: int = 0  # dots: recompute prompt embeddings every this
   # many steps; 0: once, from the warm start.
   skip_threshold: float = 0.5  # skip: drop prompts whose posterior
@@ -626,6 +629,7 @@ def _validate_curriculum(cfg: Config) -> None:
            f'{cur.pool_size} must be 0 or in [rl.batch_prompts='
            f'{cfg.rl.batch_prompts}, task.num_train={cfg.task.num_train}]')
   for key in ('discount', 'vade_decay', 'spo_discount', 'mmr1_mix',
+              'dots_explore',
               'gdro_ema', 'gdro_explore', 'skip_threshold'):
     value = getattr(cur, key)
     _require(0 <= value <= 1, f'curriculum.{key}', f'{value} not in [0, 1]')

@@ -64,6 +64,11 @@ METHODS = {
     'dots_recent': {'selector': 'dots', 'dots_refs': 'history',
                     'dots_similarity': 'cosine', 'dots_readout': 'ridge',
                     'dots_ref_halflife': 64.0},
+    # The probe with a quarter of each batch drawn uniformly, so that its
+    # references span every difficulty (curriculum.dots_explore).
+    'dots_explore': {'selector': 'dots', 'dots_refs': 'history',
+                     'dots_similarity': 'cosine', 'dots_readout': 'ridge',
+                     'dots_explore': 0.25},
     'alloc_cures': {'allocator': 'cures'},
     'rollout_gdro': {'allocator': 'rollout_gdro'},
     'xrpo': {'allocator': 'xrpo'},

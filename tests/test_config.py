@@ -162,6 +162,7 @@ def test_override_parses_strings_by_field_type():
     ({'curriculum.dots_readout': 'ridge'}, 'curriculum.dots_readout'),
     ({'curriculum.dots_ridge': 0.0, 'curriculum.dots_readout': 'ridge',
       'curriculum.dots_similarity': 'cosine'}, 'curriculum.dots_ridge'),
+    ({'curriculum.dots_explore': 1.5}, 'curriculum.dots_explore'),
     ({'curriculum.dots_ref_halflife': -1.0},
      'curriculum.dots_ref_halflife'),
     ({'curriculum.selector': 'dots', 'curriculum.dots_ref_halflife': 64.0,

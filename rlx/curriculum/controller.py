@@ -139,7 +139,8 @@ class Curriculum:
                 halflife=cfg.dots_ref_halflife if self.dots_history else 0.0)
     self._select = jax.jit(
         sel.make(cfg.selector, mmr1_mix=cfg.mmr1_mix,
-                 spo_floor=cfg.spo_floor, dots_tau=cfg.dots_tau, **dots),
+                 spo_floor=cfg.spo_floor, dots_tau=cfg.dots_tau,
+                 dots_explore=cfg.dots_explore, **dots),
         static_argnums=2)
     self._dots_predict = jax.jit(sel.dots_predictor(**dots))
     self.allocator = alloc_lib.make(

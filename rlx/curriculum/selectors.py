@@ -329,20 +329,31 @@ def dots_predictor(*, history: bool = False, scale: float | None = None,
   return predict
 
 
-def make_dots(tau: float, **predictor) -> Callable:
+def make_dots(tau: float, explore: float = 0.0, **predictor) -> Callable:
   """DOTS: P proportional to exp(-|p_hat - 0.5| / tau), p_hat from
-  `dots_predictor(**predictor)`."""
+  `dots_predictor(**predictor)`. With explore > 0, round(explore * k) of
+  the k prompts are drawn uniformly from the rest instead (with history
+  references, so that they span every difficulty, not only the band DOTS
+  already picks)."""
   predict = dots_predictor(**predictor)
 
   def select(state, key, k, eligible=None):
     p = predict(state)
-    return sample_weighted(key, jnp.exp(-jnp.abs(p - 0.5) / tau), k,
-                           eligible)
+    weight = jnp.exp(-jnp.abs(p - 0.5) / tau)
+    n_uniform = int(round(explore * k))
+    if not n_uniform:  # The same draws as before the option existed.
+      return sample_weighted(key, weight, k, eligible)
+    k1, k2 = jax.random.split(key)
+    first = sample_weighted(k1, weight, k - n_uniform, eligible)
+    taken = jnp.zeros(p.shape, bool).at[first].set(True)
+    return jnp.concatenate([first, sample_weighted(
+        k2, jnp.ones_like(p), n_uniform, eligible, taken)])
   return select
 
 
 def make(name: str, *, mmr1_mix: float, spo_floor: float,
-         dots_tau: float, **dots_kwargs) -> Callable:
+         dots_tau: float, dots_explore: float = 0.0,
+         **dots_kwargs) -> Callable:
   """The selector registered under `name` (see SELECTORS)."""
   fixed = {'uniform': uniform, 'vade': vade, 'insight': insight,
            'cures': cures, 'prompt_gdro': prompt_gdro}
@@ -353,5 +364,5 @@ def make(name: str, *, mmr1_mix: float, spo_floor: float,
   if name == 'spo':
     return make_spo(spo_floor)
   if name == 'dots':
-    return make_dots(dots_tau, **dots_kwargs)
+    return make_dots(dots_tau, dots_explore, **dots_kwargs)
   raise ValueError(f'unknown selector {name!r}; known: {list(SELECTORS)}')

@@ -170,6 +170,21 @@ def test_dots_remember_keeps_the_newest_distinct_prompts():
   np.testing.assert_array_equal(dots.ref_ids, [1, 2, 4, 3, 7])
 
 
+def test_dots_explore_reaches_the_selector():
+  # Half of each batch is uniform: about half of DOTS' share (the middle
+  # third) plus a third of the explored half lands in the middle.
+  cur = _curriculum(selector='dots', dots_refs='history',
+                    dots_similarity='cosine', dots_history_refs=16,
+                    dots_explore=0.5)
+  state = cur.init(params={})
+  picked = []
+  for step in range(12):
+    got, state, _ = _collect(cur, state, step)
+    picked.append(np.asarray(got.ids))
+  late = np.concatenate(picked[4:])
+  assert 0.45 < np.mean(late % 3 == 2) < 0.85
+
+
 # ridge: with 16 references, most of them the middle third once it is
 # preferred, lambda = 1 shrinks the few extreme ones halfway to 0.5 (about
 # 0.8 of the picks are the middle third then); 0.1 fits them.

@@ -158,6 +158,26 @@ def test_dots_history_prediction_by_hand():
       [(3 + 1) / 6, 1 / 6, 0.5], rtol=1e-5)
 
 
+def test_dots_explore_draws_a_uniform_share():
+  # DOTS' share goes to the middle group (p = 0.5); the explored share is
+  # uniform over the rest, so it lands in the middle MID / N of the time.
+  state = _state()
+  select = jax.jit(sel.make('dots', mmr1_mix=0.5, spo_floor=0.05,
+                            dots_tau=0.05, dots_explore=0.5, scale=1.0),
+                   static_argnums=2)
+  picks = np.stack([np.asarray(select(state, jax.random.key(i), 8))
+                    for i in range(200)])
+  assert all(len(set(row)) == 8 for row in picks)  # Distinct ids.
+  np.testing.assert_array_equal(picks[0], select(state, jax.random.key(0),
+                                                 8))
+  assert np.mean(picks[:, :4] < MID) > 0.95  # DOTS' half.
+  explored = np.mean(picks[:, 4:] < MID)  # Uniform over N - 4 others.
+  assert abs(explored - (MID - 4) / (N - 4)) < 0.05
+  none = jax.jit(sel.make('dots', mmr1_mix=0.5, spo_floor=0.05,
+                          dots_tau=0.05, scale=1.0), static_argnums=2)
+  assert np.mean(np.asarray(none(state, jax.random.key(0), 8)) < MID) == 1.0
+
+
 def _np_ridge(x, y, lam, weight=None):
   """Numpy reference: (weighted) ridge of y - 0.5 on [x, 1]; predict(x') +
   0.5."""
