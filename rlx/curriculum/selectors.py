@@ -102,17 +102,24 @@ def cures(state: CurriculumState, key, k: int, eligible=None) -> Array:
   return sample_weighted(key, jnp.sqrt(p * (1 - p)), k, eligible)
 
 
+def weighted_then_uniform(key, weights: Array, k: int, n_weighted: int,
+                          eligible=None) -> Array:
+  """k distinct ids: n_weighted drawn with P proportional to `weights`, the
+  rest uniformly from the prompts not drawn (MMR1-VAS, DOTS' explore)."""
+  k1, k2 = jax.random.split(key)
+  first = sample_weighted(k1, weights, n_weighted, eligible)
+  taken = jnp.zeros(weights.shape, bool).at[first].set(True)
+  second = sample_weighted(k2, jnp.ones_like(weights), k - n_weighted,
+                           eligible, taken)
+  return jnp.concatenate([first, second])
+
+
 def make_mmr1_vas(mix: float) -> Callable:
   """MMR1-VAS: round(mix * k) drawn by VPS = p (1 - p), the rest uniform."""
   def select(state, key, k, eligible=None):
-    n_vps = int(round(mix * k))
-    k1, k2 = jax.random.split(key)
     p = est.mean(state.stats)
-    first = sample_weighted(k1, p * (1 - p), n_vps, eligible)
-    taken = jnp.zeros(p.shape, bool).at[first].set(True)
-    second = sample_weighted(k2, jnp.ones_like(p), k - n_vps, eligible,
-                             taken)
-    return jnp.concatenate([first, second])
+    return weighted_then_uniform(key, p * (1 - p), k, int(round(mix * k)),
+                                 eligible)
   return select
 
 
@@ -343,11 +350,7 @@ def make_dots(tau: float, explore: float = 0.0, **predictor) -> Callable:
     n_uniform = int(round(explore * k))
     if not n_uniform:  # The same draws as before the option existed.
       return sample_weighted(key, weight, k, eligible)
-    k1, k2 = jax.random.split(key)
-    first = sample_weighted(k1, weight, k - n_uniform, eligible)
-    taken = jnp.zeros(p.shape, bool).at[first].set(True)
-    return jnp.concatenate([first, sample_weighted(
-        k2, jnp.ones_like(p), n_uniform, eligible, taken)])
+    return weighted_then_uniform(key, weight, k, k - n_uniform, eligible)
   return select
 
 
