@@ -10,6 +10,9 @@ either whole or absent. Only finished checkpoints are ever listed.
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from rlx.types import PyTree
@@ -77,6 +80,22 @@ class Checkpointer:
           'away to start over, or point --workdir elsewhere.') from e
     return out.state, out.meta
 
+  def read(self, step: int) -> PyTree:
+    """The state pytree of step `step` as saved (nested dicts of arrays),
+    without a structure to restore into: for tools that inspect one part
+    of a run (e.g. its policy's parameters).
+
+    Raises:
+      CheckpointError naming the directory when it cannot be read.
+    """
+    path = os.path.join(self.directory, str(step))
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore())).state
+    except Exception as e:  # Orbax raises many types; report them as one.
+      raise CheckpointError(
+          f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from e
+
   def close(self) -> None:
     self._manager.close()
 
@@ -97,3 +116,55 @@ def load_params(directory: str, abstract_params: PyTree
   out = ckpt.restore(step, abstract_params)
   ckpt.close()
   return out
+
+
+def run_step(run: str, step: int) -> tuple[str, int]:
+  """(checkpoints folder, step) of a trainer run (`run`: its workdir or its
+  checkpoints folder); step 0: its latest finished checkpoint.
+
+  Raises:
+    CheckpointError when there is no such folder or step.
+  """
+  folder = os.path.abspath(os.path.expanduser(run))
+  if os.path.basename(folder) != 'checkpoints':
+    folder = os.path.join(folder, 'checkpoints')
+  if not os.path.isdir(folder):
+    raise CheckpointError(f'no checkpoints folder at {folder}')
+  ckpt = Checkpointer(folder)
+  steps = ckpt.all_steps()
+  ckpt.close()
+  if not steps or (step and step not in steps):
+    raise CheckpointError(
+        f'no finished checkpoint {step or ""} under {folder} (has: {steps})')
+  return folder, step or max(steps)
+
+
+def run_params(folder: str, step: int, like):
+  """The policy parameters a trainer run saved at `step` (for tools that
+  sample or evaluate a run's policy), as jax arrays.
+
+  Raises:
+    CheckpointError when the checkpoint holds none, or when their structure
+    or a shape differs from `like` (parameters of the expected model, e.g.
+    the warm start's), naming the first difference.
+  """
+  ckpt = Checkpointer(folder)
+  state = ckpt.read(step)
+  ckpt.close()
+  train = state.get('train') if isinstance(state, dict) else None
+  params = train.get('params') if isinstance(train, dict) else None
+  if params is None:
+    raise CheckpointError(
+        f'{folder}/{step} holds no train/params: not a trainer checkpoint')
+  got, want = (jax.tree_util.tree_flatten_with_path(x)[0]
+               for x in (params, like))
+  if [k for k, _ in got] != [k for k, _ in want]:
+    raise CheckpointError(
+        f'{folder}/{step}: its parameters are not the expected model\'s '
+        '(another model, or LoRA adapters without their base)')
+  for (path, a), (_, b) in zip(got, want):
+    if np.shape(a) != np.shape(b):
+      raise CheckpointError(
+          f'{folder}/{step}: {jax.tree_util.keystr(path)} has shape '
+          f'{np.shape(a)}, the expected model {np.shape(b)}')
+  return jax.tree.map(jnp.asarray, params)

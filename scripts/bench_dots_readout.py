@@ -30,6 +30,12 @@ the sampled prompts and normalised: `dots_similarity=cosine`), and then
   half-life) by recency (`dots_ref_halflife`); with a fixed policy this
   shows only what forgetting costs, not what it gains when pass rates move.
 
+--checkpoint=RUN_DIR measures the pass rates under the policy a trainer
+run saved (its latest checkpoint, or --checkpoint_step) instead of the
+warm start, so every table shows the prompts as they look late in a run;
+the embeddings stay the warm start's, as the trainer's DOTS keeps them
+unless `dots_embed_every` is set (--embed_policy: that policy's instead).
+
 Both readouts are rlx's own (`rlx.curriculum.selectors.dots_predict` for
 attention, `ridge_readout` for the probe).
 """
@@ -42,10 +48,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
+import hashlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlx import checkpoint
 from rlx import config as config_lib
 from rlx import trainer
 from rlx.actor import Actor
@@ -70,31 +79,48 @@ _HALFLIVES = flags.DEFINE_list('halflives', ['0'], 'Closed loop: ridge '
                                '(dots_ref_halflife; 0: equal weights).')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/bench_dots_readout',
                                'Where the sampled rates are cached.')
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', '', 'A trainer run of the same config (its workdir or '
+    'its checkpoints folder): pass rates under its saved policy; empty: '
+    'the warm start.')
+_CHECKPOINT_STEP = flags.DEFINE_integer(
+    'checkpoint_step', 0, 'Which step of --checkpoint (0: the latest).')
+_EMBED_POLICY = flags.DEFINE_bool(
+    'embed_policy', False, "Embed the prompts by --checkpoint's policy (what "
+    '`dots_embed_every` would give at that step) instead of the warm start.')
 
 
 def measure(cfg, path: str):
   """(pass rate [n], embedding [n, D], chain steps [n]) of random train
-  prompts under the warm start, cached in `path`."""
+  prompts: rates under the warm start or --checkpoint's policy (cached in
+  `path`), embeddings by the warm start or, with --embed_policy, by that
+  policy."""
+  task, model, params = trainer.warm_started_policy(cfg)
+  policy = params
+  if _CHECKPOINT.value:
+    policy = checkpoint.run_params(
+        *checkpoint.run_step(_CHECKPOINT.value, _CHECKPOINT_STEP.value),
+        params)
   if os.path.exists(path):
     d = np.load(path)
-    return d['rates'], d['embed'], d['steps']
-  task, model, params = trainer.warm_started_policy(cfg)
-  n, g, batch = _PROMPTS.value, _SAMPLES.value, 64
-  ids = np.random.default_rng(0).choice(len(task.train), n, replace=False)
-  actor = Actor(model, task, cfg.sampling.max_new_tokens)
-  rates = np.zeros(n)
-  for s in range(0, n, batch):
-    idx = ids[s:s + batch]
-    scored = actor.rollout(
-        params, task.train_prompts[idx], task.train_prompt_mask[idx],
-        [task.train.answers[i] for i in idx], jax.random.key(s),
-        num_samples=g, temperature=cfg.sampling.temperature)
-    rates[s:s + batch] = (np.asarray(scored.rewards) > 0.5).mean(-1)
-  embed = np.asarray(trainer._embed_fn(model, task)(params, ids))  # pylint: disable=protected-access
-  steps = np.asarray(task.train.num_steps)[ids]
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  np.savez(path, ids=ids, rates=rates, embed=embed, steps=steps)
-  return rates, embed, steps
+    ids, rates = d['ids'], d['rates']
+  else:
+    n, g, batch = _PROMPTS.value, _SAMPLES.value, 64
+    ids = np.random.default_rng(0).choice(len(task.train), n, replace=False)
+    actor = Actor(model, task, cfg.sampling.max_new_tokens)
+    rates = np.zeros(n)
+    for s in range(0, n, batch):
+      idx = ids[s:s + batch]
+      scored = actor.rollout(
+          policy, task.train_prompts[idx], task.train_prompt_mask[idx],
+          [task.train.answers[i] for i in idx], jax.random.key(s),
+          num_samples=g, temperature=cfg.sampling.temperature)
+      rates[s:s + batch] = (np.asarray(scored.rewards) > 0.5).mean(-1)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path, ids=ids, rates=rates)
+  embed = trainer._embed_fn(model, task)(  # pylint: disable=protected-access
+      policy if _EMBED_POLICY.value else params, ids)
+  return rates, np.asarray(embed), np.asarray(task.train.num_steps)[ids]
 
 
 def predict(embed, refs, rates, readout: str, lam: float,
@@ -126,20 +152,29 @@ def main(argv):
   del argv
   cfg = config_lib.build(
       importlib.import_module(f'configs.{_CONFIG.value}').get_config())
-  rates, embed, steps = measure(cfg, os.path.join(
-      _WORKDIR.value, f'{_CONFIG.value}_n{_PROMPTS.value}_g{_SAMPLES.value}'
-      '.npz'))
+  name = f'{_CONFIG.value}_n{_PROMPTS.value}_g{_SAMPLES.value}'
+  if _CHECKPOINT.value:  # One cache per run and step.
+    folder, step = checkpoint.run_step(_CHECKPOINT.value,
+                                       _CHECKPOINT_STEP.value)
+    name += f'_ck{step}_' + hashlib.sha1(folder.encode()).hexdigest()[:10]
+  if _EMBED_POLICY.value and not _CHECKPOINT.value:
+    raise app.UsageError('--embed_policy needs --checkpoint')
+  rates, embed, steps = measure(cfg, os.path.join(_WORKDIR.value,
+                                                  name + '.npz'))
   embed = np.asarray(sel.centre_and_normalise(jnp.asarray(embed,
                                                         jnp.float32)))
   n = len(rates)
   same = (rates == 0) | (rates == 1)
   print(f'{n} prompts x {_SAMPLES.value} samples; all-equal groups '
         f'{same.mean():.3f}\n\n| chain steps | prompts | pass rate | '
-        'all-equal |\n|---|---|---|---|')
+        'all-equal | all right | all-equal if every prompt had the '
+        'mean rate |\n|---|---|---|---|---|---|')
   for k in np.unique(steps):
     m = steps == k
-    print(f'| {k} | {m.sum()} | {rates[m].mean():.3f} | '
-          f'{same[m].mean():.3f} |')
+    mean = rates[m].mean()
+    print(f'| {k} | {m.sum()} | {mean:.3f} | {same[m].mean():.3f} | '
+          f'{(rates[m] == 1).mean():.3f} | '
+          f'{mean ** _SAMPLES.value + (1 - mean) ** _SAMPLES.value:.3f} |')
 
   readouts = [('attention', 0.0)] + [('ridge', float(x)) for x in _LAMS.value]
   print('\nOpen loop: all-equal fraction of weighted draws (correlation of '

@@ -249,3 +249,24 @@ def test_two_processes_write_the_one_device_losses(one_device_run):
                             processes=2)
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8" in err
   _assert_same_losses(one, mesh)
+
+
+def test_a_runs_policy_is_read_back_from_its_checkpoint(uninterrupted):
+  tmp, _, result, _ = uninterrupted
+  run = str(tmp / 'run')
+  folder, step = checkpoint.run_step(run, 0)
+  assert (folder, step) == (os.path.join(run, 'checkpoints'), 4)
+  assert checkpoint.run_step(folder, 4) == (folder, 4)
+  params = checkpoint.run_params(folder, step, result['params'])
+  jax.tree.map(np.testing.assert_array_equal, params, result['params'])
+  with pytest.raises(checkpoint.CheckpointError, match='has: \\[.*4\\]'):
+    checkpoint.run_step(run, 7)
+  with pytest.raises(checkpoint.CheckpointError, match='no checkpoints'):
+    checkpoint.run_step(str(tmp / 'elsewhere'), 0)
+  assert not os.path.exists(tmp / 'elsewhere')  # Nothing created.
+  wider = jax.tree.map(lambda x: np.zeros(np.shape(x) + (2,)),
+                       result['params'])
+  with pytest.raises(checkpoint.CheckpointError, match='has shape'):
+    checkpoint.run_params(folder, step, wider)
+  with pytest.raises(checkpoint.CheckpointError, match='expected model'):
+    checkpoint.run_params(folder, step, {'other': result['params']})
