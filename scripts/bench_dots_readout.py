@@ -40,6 +40,7 @@ Both readouts are rlx's own (`rlx.curriculum.selectors.dots_predict` for
 attention, `ridge_readout` for the probe).
 """
 
+import hashlib
 import importlib
 import os
 import sys
@@ -48,8 +49,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
-import hashlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
