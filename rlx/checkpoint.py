@@ -45,20 +45,24 @@ class Checkpointer:
                        force=True)
     self._manager.wait_until_finished()
 
+  def _restore(self, step: int, what: str, hint: str = '', **items):
+    """Orbax's restore of `items`; its many error types become one
+    CheckpointError naming `what` failed and the step's directory."""
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # Orbax raises many types; report them as one.
+      raise CheckpointError(
+          f'cannot {what} {os.path.join(self.directory, str(step))}: '
+          f'{type(e).__name__}: {e}{hint}') from e
+
   def meta(self, step: int) -> dict[str, Any]:
     """The metadata dict of step `step` alone (cheap: no arrays read).
 
     Raises:
       CheckpointError naming the directory when it cannot be read.
     """
-    try:
-      return self._manager.restore(step, args=ocp.args.Composite(
-          meta=ocp.args.JsonRestore())).meta
-    except Exception as e:  # Orbax raises many types; report them as one.
-      raise CheckpointError(
-          f'cannot read the metadata of checkpoint '
-          f'{os.path.join(self.directory, str(step))}: '
-          f'{type(e).__name__}: {e}') from e
+    return self._restore(step, 'read the metadata of checkpoint',
+                         meta=ocp.args.JsonRestore()).meta
 
   def restore(self, step: int, abstract_state: PyTree
               ) -> tuple[PyTree, dict[str, Any]]:
@@ -68,16 +72,12 @@ class Checkpointer:
       CheckpointError naming the directory when the files are missing,
       unreadable, or hold a different structure.
     """
-    path = os.path.join(self.directory, str(step))
-    try:
-      out = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          meta=ocp.args.JsonRestore()))
-    except Exception as e:  # Orbax raises many types; report them as one.
-      raise CheckpointError(
-          f'cannot restore checkpoint {path}: {type(e).__name__}: {e}. '
-          'It may be corrupt or from a different model/config; move it '
-          'away to start over, or point --workdir elsewhere.') from e
+    out = self._restore(
+        step, 'restore checkpoint',
+        '. It may be corrupt or from a different model/config; move it '
+        'away to start over, or point --workdir elsewhere.',
+        state=ocp.args.StandardRestore(abstract_state),
+        meta=ocp.args.JsonRestore())
     return out.state, out.meta
 
   def read(self, step: int) -> PyTree:
@@ -88,13 +88,8 @@ class Checkpointer:
     Raises:
       CheckpointError naming the directory when it cannot be read.
     """
-    path = os.path.join(self.directory, str(step))
-    try:
-      return self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore())).state
-    except Exception as e:  # Orbax raises many types; report them as one.
-      raise CheckpointError(
-          f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from e
+    return self._restore(step, 'read checkpoint',
+                         state=ocp.args.StandardRestore()).state
 
   def close(self) -> None:
     self._manager.close()

@@ -89,17 +89,13 @@ _EMBED_POLICY = flags.DEFINE_bool(
     '`dots_embed_every` would give at that step) instead of the warm start.')
 
 
-def measure(cfg, path: str):
+def measure(cfg, path: str, saved: tuple[str, int] | None):
   """(pass rate [n], embedding [n, D], chain steps [n]) of random train
-  prompts: rates under the warm start or --checkpoint's policy (cached in
-  `path`), embeddings by the warm start or, with --embed_policy, by that
-  policy."""
+  prompts: rates under the warm start or the policy `saved` (checkpoints
+  folder, step) by a run (cached in `path`), embeddings by the warm start
+  or, with --embed_policy, by that policy."""
   task, model, params = trainer.warm_started_policy(cfg)
-  policy = params
-  if _CHECKPOINT.value:
-    policy = checkpoint.run_params(
-        *checkpoint.run_step(_CHECKPOINT.value, _CHECKPOINT_STEP.value),
-        params)
+  policy = params if saved is None else checkpoint.run_params(*saved, params)
   if os.path.exists(path):
     d = np.load(path)
     ids, rates = d['ids'], d['rates']
@@ -151,15 +147,16 @@ def main(argv):
   del argv
   cfg = config_lib.build(
       importlib.import_module(f'configs.{_CONFIG.value}').get_config())
-  name = f'{_CONFIG.value}_n{_PROMPTS.value}_g{_SAMPLES.value}'
-  if _CHECKPOINT.value:  # One cache per run and step.
-    folder, step = checkpoint.run_step(_CHECKPOINT.value,
-                                       _CHECKPOINT_STEP.value)
-    name += f'_ck{step}_' + hashlib.sha1(folder.encode()).hexdigest()[:10]
   if _EMBED_POLICY.value and not _CHECKPOINT.value:
     raise app.UsageError('--embed_policy needs --checkpoint')
-  rates, embed, steps = measure(cfg, os.path.join(_WORKDIR.value,
-                                                  name + '.npz'))
+  name = f'{_CONFIG.value}_n{_PROMPTS.value}_g{_SAMPLES.value}'
+  saved = None
+  if _CHECKPOINT.value:  # One cache per run and step.
+    saved = checkpoint.run_step(_CHECKPOINT.value, _CHECKPOINT_STEP.value)
+    folder, step = saved
+    name += f'_ck{step}_' + hashlib.sha1(folder.encode()).hexdigest()[:10]
+  rates, embed, steps = measure(
+      cfg, os.path.join(_WORKDIR.value, name + '.npz'), saved)
   embed = np.asarray(sel.centre_and_normalise(jnp.asarray(embed,
                                                         jnp.float32)))
   n = len(rates)
