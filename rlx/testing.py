@@ -3,6 +3,7 @@
 import functools
 import importlib.util
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +19,28 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @functools.lru_cache(maxsize=None)
 def load_script(name: str):
-  """Imports scripts/<name>.py once (absl flags can only be defined once)."""
+  """Imports scripts/<name>.py once per process, for its functions.
+
+  Scripts define absl flags when imported, and several share names
+  (`--workdir`): absl refuses a second definition, so a name that an
+  earlier script loaded here already holds is handed to this one (the
+  earlier script's flag of that name is unregistered). Tests call the
+  scripts' functions, not their flags, so which test ran first in a
+  process does not matter.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location(
       f'rlx_script_{name}', os.path.join(_ROOT, 'scripts', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  while True:
+    module = importlib.util.module_from_spec(spec)
+    try:
+      spec.loader.exec_module(module)
+      return module
+    except flags.DuplicateFlagError as e:
+      taken = re.match(r"The flag '([^']+)' is defined twice", str(e))
+      if taken is None or taken.group(1) not in flags.FLAGS:
+        raise
+      delattr(flags.FLAGS, taken.group(1))
 
 
 def tiny_config_dict(tmp_dir: str) -> ml_collections.ConfigDict:

@@ -1,21 +1,14 @@
 """scripts/bench_curriculum.py: the seed-mean curve and its bootstrap."""
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'scripts',
-                     'bench_curriculum.py')
+from rlx import testing
 
 
 @pytest.fixture(scope='module')
 def bench():
-  spec = importlib.util.spec_from_file_location('bench_curriculum', _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return testing.load_script('bench_curriculum')
 
 
 def _run(curve, per_step=100):

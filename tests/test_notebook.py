@@ -122,3 +122,17 @@ def test_plot_script_exits_with_message(tmp_path, metrics):
   expected = 'no metrics file' if metrics is None else 'no eval rows'
   assert expected in proc.stderr
   assert not (tmp_path / 'curve.png').exists()
+
+
+def test_scripts_that_share_flag_names_load_in_one_process():
+  # bench_curriculum and plot_curve both define --workdir; whichever loads
+  # second takes the name over (xdist puts tests in any order).
+  load = testing.load_script.__wrapped__  # Past the per-process cache.
+  bench = load('bench_curriculum')
+  plot_curve = load('plot_curve')
+  got = plot_curve.moving_average([1, 2, 3, 4, 5, 6], window=5)
+  assert got.tolist() == [1.0, 1.5, 2.0, 2.5, 3.0, 4.0]
+  rows = [{'step': 0, 'eval/pass@1': 0.1, 'time/elapsed_s': 1.0},
+          {'step': 1, 'rollouts/total': 64, 'time/elapsed_s': 3.0},
+          {'step': 1, 'eval/pass@1': 0.4, 'time/elapsed_s': 4.0}]
+  assert bench.reach(rows, 0.3) == (64, 3.0)

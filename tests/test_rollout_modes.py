@@ -4,7 +4,6 @@ import os
 import warnings
 
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -52,25 +51,6 @@ def _run(base, name, **overrides):
 def _comparable(rows):
   return [{k: v for k, v in r.items() if not k.startswith(_NONDETERMINISTIC)}
           for r in rows]
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _shared_compiles(tmp_path_factory):
-  """The trainer runs here compile the same programs again and again:
-  share them through the persistent compilation cache (about 5x faster on
-  2 CPU cores), then put the process's settings back."""
-  keys = ('jax_compilation_cache_dir',
-          'jax_persistent_cache_min_compile_time_secs',
-          'jax_persistent_cache_min_entry_size_bytes')
-  old = {k: getattr(jax.config, k) for k in keys}
-  jax.config.update(keys[0], str(tmp_path_factory.mktemp('jax_cache')))
-  jax.config.update(keys[1], 0.0)
-  jax.config.update(keys[2], 0)
-  compilation_cache.reset_cache()  # Re-read the settings at next compile.
-  yield
-  for k, v in old.items():
-    jax.config.update(k, v)
-  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope='module')
