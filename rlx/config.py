@@ -178,6 +178,12 @@ class CurriculumConfig:
   # P(group all-equal) is at least this.
   dapo_max_retries: int = 3  # dapo: refill rounds before giving up (then
   # all-equal groups stay masked out; curriculum/dapo_bound_hit = 1).
+  dapo_free_refills: bool = False  # dapo, ANALYSIS ONLY (not a method):
+  # refill rollouts are not charged (left out of rollouts/total,
+  # tokens/decoded_total and rl.max_rollouts; counted in
+  # curriculum/uncharged_rollouts). The filter then knows for free which
+  # groups come back all-equal: an upper bound on what choosing prompts
+  # can save at equal rollouts, to compare selectors against.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -616,6 +622,9 @@ def _validate_curriculum(cfg: Config) -> None:
       set(parts) <= {'dapo', 'skip'} and len(set(parts)) == len(parts)),
            'curriculum.filter', f'{cur.filter!r} is not one of [none, dapo, '
            'skip, dapo+skip]')
+  _require(not cur.dapo_free_refills or 'dapo' in parts,
+           'curriculum.dapo_free_refills', 'needs curriculum.filter to '
+           f'include dapo (it is {cur.filter!r})')
   max_group = cur.max_group or 2 * g
   _require(1 <= cur.min_group <= g <= max_group, 'curriculum.min_group',
            f'need 1 <= min_group ({cur.min_group}) <= rl.group_size ({g}) '

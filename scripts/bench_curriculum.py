@@ -79,9 +79,21 @@ METHODS = {
                        'allocator': 'dars'},
 }
 
+# Not methods: bounds to compare methods against, run only when named in
+# --methods.
+BOUNDS = {
+    # DAPO whose refills are free (curriculum.dapo_free_refills): every
+    # trained group is one that did not come back all-equal, and only the
+    # trained rollouts count. What any selector that avoids all-equal
+    # groups could at best save at equal rollouts (at this G).
+    'dapo_oracle': {'filter': 'dapo', 'dapo_free_refills': True,
+                    'dapo_max_retries': 8},
+}
+
 _TASKS = flags.DEFINE_list('tasks', ['grpo_hardmix', 'grpo'],
                            'Task recipes (configs/<name>.py).')
-_METHODS = flags.DEFINE_list('methods', list(METHODS), 'Methods to run.')
+_METHODS = flags.DEFINE_list('methods', list(METHODS), 'Methods to run '
+                              '(and any of BOUNDS).')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1'], 'RL seeds.')
 _STEPS = flags.DEFINE_integer('steps', 16, 'RL steps of the uniform run.')
 _EVAL_EVERY = flags.DEFINE_integer('eval_every', 4, 'Steps between evals.')
@@ -121,7 +133,7 @@ def run_one(task: str, method: str, seed: int) -> list[dict]:
   config.eval.every = _EVAL_EVERY.value
   config.eval.num_prompts = _EVAL_PROMPTS.value
   config.curriculum.pool_size = _POOL.value
-  for key, value in METHODS[method].items():
+  for key, value in {**METHODS, **BOUNDS}[method].items():
     config.curriculum[key] = value
   config.log.progress = False
   config.log.tensorboard = False
@@ -215,6 +227,10 @@ def main(argv):
   jax.config.update('jax_compilation_cache_dir',
                     os.path.join(_WORKDIR.value, 'jax_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  unknown = sorted(set(_METHODS.value) - set(METHODS) - set(BOUNDS))
+  if unknown:
+    raise app.UsageError(f'--methods: unknown {unknown}; known: '
+                         f'{sorted(METHODS) + sorted(BOUNDS)}')
   seeds = [int(s) for s in _SEEDS.value]
   for task in _TASKS.value:
     runs = {m: [run_one(task, m, s) for s in seeds] for m in _METHODS.value}

@@ -232,9 +232,10 @@ class Curriculum:
                                 for i in range(1, 5))
     metrics, evidence = {}, []
     spent = [0, 0]  # rollouts, tokens
+    free = [0, 0]  # the same, uncharged (curriculum.dapo_free_refills)
 
-    sample = lambda ids, key, per_id: self._sample_rows(
-        params, ids, key, rollout_fn, spent, per_id)
+    sample = lambda ids, key, per_id, tally=spent: self._sample_rows(
+        params, ids, key, rollout_fn, tally, per_id)
 
     eligible = self.eligible(state)
     if eligible is not None:
@@ -264,8 +265,12 @@ class Curriculum:
     evidence.append((ids, groups.successes(), groups.counts()))
     keep = np.ones(b, bool)
     if 'dapo' in self.filters or cfg.allocator == 'dars':
+      refill = (functools.partial(sample, tally=free)
+                if cfg.dapo_free_refills else sample)
       ids, groups, keep = self._refill(state, ids, groups, zero, eligible,
-                                       k_dapo, sample, evidence, metrics)
+                                       k_dapo, refill, evidence, metrics)
+    if cfg.dapo_free_refills:
+      metrics['curriculum/uncharged_rollouts'] = free[0]
     stats_before = state.stats
     state = state._replace(stats=self._observe(state.stats, evidence))
     if self.dots_history:

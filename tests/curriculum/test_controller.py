@@ -102,6 +102,32 @@ def test_dapo_refills_all_equal_groups_and_counts_the_rollouts():
   assert m['curriculum/dapo_bound_hit'] == float(not kept.all())
 
 
+def test_free_dapo_refills_are_the_same_groups_uncharged():
+  # The analysis knob changes the bookkeeping only: the same key gives the
+  # same groups, and the refills move from the charged count to their own.
+  charged = _curriculum(filter='dapo', dapo_max_retries=5)
+  free = _curriculum(filter='dapo', dapo_max_retries=5,
+                     dapo_free_refills=True)
+  want, want_state, wm = _collect(charged, charged.init())
+  got, got_state, gm = _collect(free, free.init())
+  np.testing.assert_array_equal(got.ids, want.ids)
+  np.testing.assert_array_equal(got.rewards, want.rewards)
+  np.testing.assert_array_equal(got.group_mask, want.group_mask)
+  assert wm['curriculum/rollouts'] > B * G  # This key needs refills.
+  assert got.rollouts == gm['curriculum/rollouts'] == B * G
+  assert gm['curriculum/uncharged_rollouts'] == (wm['curriculum/rollouts']
+                                                 - B * G)
+  assert 0 < got.decoded_tokens < want.decoded_tokens
+  # Every rollout is still evidence for the estimator.
+  np.testing.assert_array_equal(got_state.stats.alpha, want_state.stats.alpha)
+
+
+def test_free_refills_need_the_dapo_filter():
+  with pytest.raises(config_lib.ConfigError,
+                     match='dapo_free_refills: needs curriculum.filter'):
+    _curriculum(filter='skip', dapo_free_refills=True)
+
+
 def test_skip_filter_avoids_prompts_known_to_be_all_equal():
   cur = _curriculum(filter='skip', estimator='count')
   state = cur.init()
