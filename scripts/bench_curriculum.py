@@ -90,6 +90,8 @@ BOUNDS = {
                     'dapo_max_retries': 8},
 }
 
+RUNNABLE = {**METHODS, **BOUNDS}
+
 _TASKS = flags.DEFINE_list('tasks', ['grpo_hardmix', 'grpo'],
                            'Task recipes (configs/<name>.py).')
 _METHODS = flags.DEFINE_list('methods', list(METHODS), 'Methods to run '
@@ -133,7 +135,7 @@ def run_one(task: str, method: str, seed: int) -> list[dict]:
   config.eval.every = _EVAL_EVERY.value
   config.eval.num_prompts = _EVAL_PROMPTS.value
   config.curriculum.pool_size = _POOL.value
-  for key, value in {**METHODS, **BOUNDS}[method].items():
+  for key, value in RUNNABLE[method].items():
     config.curriculum[key] = value
   config.log.progress = False
   config.log.tensorboard = False
@@ -227,10 +229,10 @@ def main(argv):
   jax.config.update('jax_compilation_cache_dir',
                     os.path.join(_WORKDIR.value, 'jax_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  unknown = sorted(set(_METHODS.value) - set(METHODS) - set(BOUNDS))
+  unknown = sorted(set(_METHODS.value) - set(RUNNABLE))
   if unknown:
     raise app.UsageError(f'--methods: unknown {unknown}; known: '
-                         f'{sorted(METHODS) + sorted(BOUNDS)}')
+                         f'{sorted(RUNNABLE)}')
   seeds = [int(s) for s in _SEEDS.value]
   for task in _TASKS.value:
     runs = {m: [run_one(task, m, s) for s in seeds] for m in _METHODS.value}

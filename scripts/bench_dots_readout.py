@@ -95,8 +95,12 @@ def measure(cfg, path: str, saved: tuple[str, int] | None):
   folder, step) by a run (cached in `path`), embeddings by the warm start
   or, with --embed_policy, by that policy."""
   task, model, params = trainer.warm_started_policy(cfg)
-  policy = params if saved is None else checkpoint.run_params(*saved, params)
-  if os.path.exists(path):
+  cached = os.path.exists(path)
+  # The saved policy is read only where it is used (the checks run first).
+  policy = params
+  if saved is not None and (not cached or _EMBED_POLICY.value):
+    policy = checkpoint.run_params(*saved, params)
+  if cached:
     d = np.load(path)
     ids, rates = d['ids'], d['rates']
   else:

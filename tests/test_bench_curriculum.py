@@ -50,7 +50,7 @@ def test_every_method_is_a_valid_config(bench):
   from configs import grpo, grpo_hardmix  # pylint: disable=g-import-not-at-top
   from rlx import config as config_lib  # pylint: disable=g-import-not-at-top
   for recipe in (grpo, grpo_hardmix):
-    for name, overrides in {**bench.METHODS, **bench.BOUNDS}.items():
+    for name, overrides in bench.RUNNABLE.items():
       config = recipe.get_config()
       for key, value in overrides.items():
         config.curriculum[key] = value
