@@ -323,9 +323,11 @@ class Curriculum:
               evidence, metrics):
     """DAPO dynamic sampling: replace all-equal groups, bounded retries.
 
-    Replacement prompts come from the same selector (excluding prompts
-    already used this step) with G rollouts each. Groups still all-equal
-    after `dapo_max_retries` rounds stay in the batch with their mask off.
+    Replacement prompts come from the same selector with G rollouts each,
+    never a prompt already used this step (the skip filter's ineligible
+    prompts only when the eligible ones run out); once every prompt of the
+    pool is used, the remaining holes stay. Groups still all-equal after
+    `dapo_max_retries` rounds stay in the batch with their mask off.
     With the DARS allocator (without 'dapo') no resampling happens: the
     card's merged groups with accuracy 0 or 1 are just dropped.
     """
@@ -336,13 +338,15 @@ class Curriculum:
     ids = ids.copy()
     done = 0
     for attempt in range(retries):
-      holes = np.flatnonzero(zero)
+      holes = np.flatnonzero(zero)[:np.sum(~used)]
       if not len(holes):
         break
       done = attempt + 1
-      elig = ~used if eligible is None else np.asarray(eligible) & ~used
+      # Tiers: eligible and unused first, then unused, used ones last.
+      tiers = np.where(used, 2, 0 if eligible is None else
+                       np.where(np.asarray(eligible), 0, 1)).astype(np.int32)
       new = np.asarray(self._select(state, jax.random.fold_in(key, attempt),
-                                    len(holes), jnp.asarray(elig)))
+                                    len(holes), jnp.asarray(tiers)))
       used[new] = True
       fresh = _Groups.empty(len(new))
       self._extend(fresh, new, np.full(len(new), g),

@@ -4,8 +4,11 @@ Each selector turns the curriculum state into either per-prompt sampling
 weights (drawn without replacement by the Gumbel-top-k trick, which equals
 sequential weighted sampling) or per-prompt scores (the k best, ties broken
 by the key). `eligible [N] bool` removes prompts (the pre-rollout skip); when
-fewer than k are eligible the rest are drawn from the ineligible ones, so a
-selector always returns k distinct ids. Same state and key, same ids.
+fewer than k are eligible the rest are drawn from the ineligible ones by the
+same rule (weights or scores, randomised by the key), so a selector always
+returns k distinct ids. `eligible` may instead be int tiers [N] (0 first, then
+1, ...): DAPO's refills put the prompts already used in a step last, so they
+come back only when nothing else is left. Same state and key, same ids.
 Formulas: ALGORITHMS.md section C; the choices the cards leave open are in
 each docstring.
 """
@@ -21,7 +24,7 @@ from rlx.types import Array
 SELECTORS = ('uniform', 'vade', 'insight', 'cures', 'mmr1_vas', 'prompt_gdro',
              'spo', 'dots')
 
-_OUT = -1e9  # Score of ineligible prompts: chosen only if nothing else is.
+_TAKEN = 1 << 20  # Tier of ids already drawn: after every other tier.
 
 
 class GdroState(NamedTuple):
@@ -47,34 +50,43 @@ class CurriculumState(NamedTuple):
   dots: DotsState
 
 
-def _eligible(eligible, n: int) -> Array:
-  return jnp.ones((n,), bool) if eligible is None else eligible
+def _tiers(eligible, n: int) -> Array:
+  """[N] int32 priority tiers, lower drawn first: 0 for eligible prompts
+  and 1 for the rest (`eligible` bool), or the given tiers (int)."""
+  if eligible is None:
+    return jnp.zeros((n,), jnp.int32)
+  eligible = jnp.asarray(eligible)
+  if eligible.dtype == jnp.bool_:
+    return jnp.where(eligible, 0, 1).astype(jnp.int32)
+  return eligible.astype(jnp.int32)
 
 
 def sample_weighted(key, weights: Array, k: int, eligible=None,
                     taken=None) -> Array:
   """k distinct ids drawn without replacement with P proportional to weights.
 
-  Gumbel-top-k: argtop_k(log w + Gumbel) is exactly sequential sampling
-  without replacement. Zero weights are drawn only after positive ones,
-  ineligible prompts after those, and `taken [N] bool` ones never while
-  others remain.
+  Gumbel-top-k: the k largest log w + Gumbel are exactly sequential
+  sampling without replacement. Zero weights come (in effect) after
+  positive ones; tier by tier (`_tiers`): ineligible prompts only once the
+  eligible ones run out, drawn the same way among themselves, and
+  `taken [N] bool` ones never while others remain.
   """
   n = weights.shape[0]
-  logw = jnp.log(jnp.maximum(weights, 1e-30))
-  logw = jnp.where(_eligible(eligible, n), logw, _OUT)
+  tier = _tiers(eligible, n)
   if taken is not None:
-    logw = jnp.where(taken, 2 * _OUT, logw)
-  g = jax.random.gumbel(key, (n,))
-  return jax.lax.top_k(logw + g, k)[1].astype(jnp.int32)
+    tier = jnp.where(taken, _TAKEN, tier)
+  perturbed = (jnp.log(jnp.maximum(weights, 1e-30)) +
+               jax.random.gumbel(key, (n,)))
+  return jnp.lexsort((-perturbed, tier))[:k].astype(jnp.int32)
 
 
 def top_scores(key, scores: Array, k: int, eligible=None) -> Array:
-  """The k highest scores; exact ties are broken uniformly by `key`."""
+  """The k highest scores, tier by tier (`_tiers`); exact ties are broken
+  uniformly by `key`."""
   n = scores.shape[0]
-  scores = jnp.where(_eligible(eligible, n), scores, _OUT)
-  # Rank by score, then by a random permutation among equal scores.
-  order = jnp.lexsort((jax.random.permutation(key, n), -scores))
+  # Rank by tier, then score, then a random permutation among equal scores.
+  order = jnp.lexsort((jax.random.permutation(key, n), -scores,
+                       _tiers(eligible, n)))
   return order[:k].astype(jnp.int32)
 
 
@@ -137,7 +149,7 @@ def prompt_gdro(state: CurriculumState, key, k: int, eligible=None) -> Array:
   """
   num_bins = state.gdro.log_q.shape[0]
   bins = gdro_bins(state.stats, num_bins)
-  elig = _eligible(eligible, bins.shape[0])
+  elig = _tiers(eligible, bins.shape[0]) == 0
   size = jnp.zeros((num_bins,), jnp.float32).at[bins].add(
       elig.astype(jnp.float32))
   w = jnp.exp(state.gdro.log_q)[bins] / jnp.maximum(size[bins], 1.0)

@@ -40,7 +40,7 @@ def fake_rollout(params, ids, key, num_samples):
   return jax.tree.map(regroup, ro), regroup(rewards)
 
 
-def _curriculum(**kw):
+def _curriculum(pool=N, **kw):
   c = config_lib.default_config_dict()
   c.rl.batch_prompts, c.rl.group_size = B, G
   c.task.num_train = N
@@ -48,7 +48,7 @@ def _curriculum(**kw):
     c.curriculum[k] = v
   cfg = config_lib.build(c)
   embed = lambda params, ids: jax.nn.one_hot(np.asarray(ids) % 3, 3) * 5.0
-  return ctl.Curriculum(cfg.curriculum, cfg.rl, N, embed_fn=embed)
+  return ctl.Curriculum(cfg.curriculum, cfg.rl, pool, embed_fn=embed)
 
 
 def _collect(cur, state, step=0):
@@ -100,6 +100,33 @@ def test_dapo_refills_all_equal_groups_and_counts_the_rollouts():
   seen = np.asarray(state.stats.alpha + state.stats.beta - 2.0).sum()
   assert seen == m['curriculum/rollouts']
   assert m['curriculum/dapo_bound_hit'] == float(not kept.all())
+
+
+@pytest.mark.parametrize('case', ['pool_is_batch', 'few_eligible'])
+def test_dapo_refills_never_repeat_a_prompt_in_a_step(case):
+  # Refills come from prompts not yet used this step; when none are left the
+  # holes stay (masked). Skipped prompts are taken before used ones.
+  if case == 'pool_is_batch':
+    cur = _curriculum(pool=B, filter='dapo', dapo_max_retries=5)
+    state = cur.init()
+  else:
+    cur = _curriculum(filter='dapo+skip', dapo_max_retries=5,
+                      estimator='count')
+    state = cur.init()
+    # Every prompt but the last two looks all-equal to the estimator (the
+    # mixed ones wrongly, as solved): 2 eligible prompts for B = 4.
+    known = np.arange(N - 2)
+    rate = np.where(P_TRUE[known] == 0.5, 1.0, P_TRUE[known])
+    state = state._replace(stats=cur.estimator.update(
+        state.stats, jnp.asarray(known), jnp.asarray(rate * 16),
+        jnp.full(known.shape, 16.0)))
+  for step in range(6):
+    got, _, m = _collect(cur, state, step)
+    ids = np.asarray(got.ids)
+    assert len(set(ids.tolist())) == B, ids
+    if case == 'pool_is_batch':
+      assert m['curriculum/dapo_retries'] == 0
+      assert m['curriculum/rollouts'] == B * G
 
 
 def test_free_dapo_refills_are_the_same_groups_uncharged():

@@ -83,6 +83,40 @@ def test_respects_eligibility_until_exhausted(name):
   assert set(range(30, 45)) <= set(ids.tolist()) and len(set(ids)) == 20
 
 
+@pytest.mark.parametrize('name', sel.SELECTORS)
+def test_the_fill_beyond_the_eligible_is_drawn_not_the_lowest_ids(name):
+  # 2 eligible prompts for 5 slots: the other 3 come from the ineligible
+  # ones by the selector's own rule, so they vary with the key (they were
+  # ids 0, 1, 2 whatever the key when ineligible weights sat at -1e9).
+  fn = jax.jit(_selector(name), static_argnums=2)
+  eligible = jnp.zeros(N, bool).at[jnp.array([40, 50])].set(True)
+  fills = set()
+  for i in range(20):
+    ids = np.asarray(fn(_state(), jax.random.key(i), 5, eligible))
+    assert set(ids[:2].tolist()) == {40, 50} and len(set(ids.tolist())) == 5
+    fills.add(tuple(sorted(ids[2:].tolist())))
+  assert len(fills) > 1, fills
+
+
+@pytest.mark.parametrize('name', sel.SELECTORS)
+def test_int_tiers_draw_lower_tiers_first(name):
+  fn = jax.jit(_selector(name), static_argnums=2)
+  tiers = jnp.asarray(np.arange(N) % 3, jnp.int32)  # 20 prompts per tier.
+  for i in range(10):
+    ids = np.asarray(fn(_state(), jax.random.key(i), 25, tiers))
+    got = np.sort(np.asarray(tiers)[ids])
+    np.testing.assert_array_equal(got, [0] * 20 + [1] * 5)
+
+
+def test_the_ineligible_fill_follows_the_weights():
+  w = jnp.array([1.0, 3.0, 1.0, 1.0, 4.0])
+  eligible = jnp.array([True, False, True, False, False])
+  draws = jax.vmap(lambda k: sel.sample_weighted(k, w, 3, eligible)[2])(
+      jax.random.split(jax.random.key(0), 20000))
+  freq = np.bincount(np.asarray(draws), minlength=5) / 20000
+  np.testing.assert_allclose(freq, [0, 3 / 8, 0, 1 / 8, 4 / 8], atol=0.015)
+
+
 def test_gumbel_top_one_matches_weights():
   w = jnp.array([1.0, 2.0, 3.0, 4.0])
   draws = jax.vmap(lambda k: sel.sample_weighted(k, w, 1)[0])(
