@@ -352,8 +352,9 @@ def make_train_step(logits_fn: LogitsFn,
     mask = batch.loss_mask & batch.group_mask[..., None]
     totals = {'tokens': jnp.sum(mask),
               'seqs': jnp.sum(batch.group_mask)}
-    split = lambda x: einops.rearrange(x, '(m b) ... -> m b ...', m=num_micro)
-    micro = jax.tree.map(split, (batch, advantages))
+    to_micro = lambda x: einops.rearrange(x, '(m b) ... -> m b ...',
+                                          m=num_micro)
+    micro = jax.tree.map(to_micro, (batch, advantages))
 
     def accumulate(carry, mb):
       grads_acc, loss_acc = carry

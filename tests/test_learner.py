@@ -243,6 +243,33 @@ def test_kl_to_reference(model, steps):
   np.testing.assert_allclose(float(pert['kl_ref']), want_metric, rtol=1e-4)
 
 
+def test_kl_in_reward_shapes_the_rewards(tmp_dir, model, steps):
+  # r - beta * sum_t k3(old || ref) over the response, then the plain loss:
+  # the same gradient as kl_beta = 0 on the shaped rewards.
+  logits_fn, params = model
+  batch = _batch(logits_fn, params, seed=8)
+  rng = np.random.default_rng(9)
+  ref = jax.tree.map(
+      lambda x: x + 0.05 * rng.normal(size=x.shape).astype(np.float32),
+      params)
+  step = learner.make_train_step(logits_fn, SGD, _cfg(
+      tmp_dir, **{'objective.kl_beta': KL_BETA,
+                  'objective.kl_in_reward': True}))
+  grads, metrics = _run(step, params, batch, ref_params=ref)
+  old = np.asarray(batch.old_logp, np.float64)
+  ref_logp = np.asarray(_logp(logits_fn, ref, batch.prompt,
+                              batch.prompt_mask, batch.response), np.float64)
+  k3 = np.exp(ref_logp - old) - (ref_logp - old) - 1
+  seq_kl = np.sum(np.where(np.asarray(batch.loss_mask), k3, 0.0), -1)
+  assert seq_kl.min() > 1e-4
+  np.testing.assert_allclose(float(metrics['kl_ref_seq']), seq_kl.mean(),
+                             rtol=1e-4)
+  shaped = batch._replace(rewards=jnp.asarray(
+      np.asarray(batch.rewards) - KL_BETA * seq_kl, jnp.float32))
+  want, _ = _run(steps[1], params, shaped)
+  assert _max_abs_diff(grads, want) < 1e-5
+
+
 def test_trim_batch_drops_only_padding(model):
   logits_fn, params = model
   rng = np.random.default_rng(4)
