@@ -103,7 +103,8 @@ class RLConfig:
   num_steps: int = 50  # RL steps (one rollout batch each).
   batch_prompts: int = 16  # B: prompts per step.
   group_size: int = 8  # G: responses per prompt.
-  num_minibatches: int = 1  # Optimizer updates per rollout batch.
+  num_minibatches: int = 1  # Optimizer updates per rollout batch (split by
+  # prompts; batch-whitened advantages are computed before the split).
   max_rollouts: int = 0  # Also stop once this many responses were sampled
   # (an equal-budget comparison); 0: no limit.
   recompute_old_logp: bool = False  # Old policy log-probs from the learner
@@ -537,6 +538,13 @@ def validate(cfg: Config) -> Config:
   _require(obj.overlong_buffer >= 0 and obj.overlong_buffer <
            s.max_new_tokens, 'objective.overlong_buffer',
            f'must be in [0, sampling.max_new_tokens={s.max_new_tokens})')
+  from rlx.objectives import advantages  # pylint: disable=g-import-not-at-top
+  _require(not (obj.kl_beta and obj.kl_in_reward and cfg.rl.num_minibatches
+                > 1 and obj.advantage in advantages.BATCH_WHITENED),
+           'objective.kl_in_reward', f'{obj.advantage!r} whitens over the '
+           'whole batch, which is split before the step that shapes the '
+           'rewards (rl.num_minibatches > 1): use kl_in_reward=False (the KL '
+           'in the loss) or one minibatch')
   _validate_curriculum(cfg)
   _validate_rollout(cfg)
   _validate_mesh(cfg)

@@ -56,6 +56,9 @@ class Batch(NamedTuple):
   # of each of those nodes, -1 likewise (treerl).
   packed: packing.Packed | None = None  # The real tokens in rows
   # (`pack_batch`); when set, the forward pass runs on them.
+  advantages: Array | None = None  # [B, G] computed over the whole rollout
+  # batch before it was split into minibatches (`minibatches`); None: the
+  # train step computes them from the batch it gets.
 
 
 def round_up(n: int, multiple: int, cap: int) -> int:
@@ -84,6 +87,31 @@ def trim_batch(batch: Batch, *, response_multiple: int = 16,
       response=cut(batch.response), loss_mask=cut(batch.loss_mask),
       old_logp=cut(batch.old_logp), behaviour_logp=cut(batch.behaviour_logp),
       entropy=cut(batch.entropy))
+
+
+def minibatches(batch: Batch, cfg: Config) -> list[Batch]:
+  """The rollout batch split by prompts into `rl.num_minibatches` parts,
+  one optimizer update each.
+
+  Estimators that whiten over the batch (`objectives.BATCH_WHITENED`) get
+  their advantages computed here, over the whole batch, so that the split
+  does not change them (the card's "whitened over the whole batch"); the
+  group-relative ones are the same either way and stay in the step.
+  """
+  obj, n = cfg.objective, cfg.rl.num_minibatches
+  if n > 1 and obj.advantage in objectives.BATCH_WHITENED:
+    batch = batch._replace(advantages=np.asarray(_whole_batch_advantages(
+        obj, jax.tree.map(jnp.asarray, batch))))
+  size = batch.rewards.shape[0] // n
+  return [jax.tree.map(lambda x, m=m: x[m * size:(m + 1) * size], batch)
+          for m in range(n)]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _whole_batch_advantages(obj: ObjectiveConfig, batch: Batch) -> Array:
+  return objectives.compute_advantages(
+      obj.advantage, batch.rewards, batch.group_mask,
+      **_advantage_kwargs(obj, batch, 0))
 
 
 def pack_batch(batch: Batch, *, chunks: int = 1) -> Batch:
@@ -332,9 +360,11 @@ def make_train_step(logits_fn: LogitsFn,
       rewards, extra['kl_ref_seq'] = _shape_rewards(logits_fn, cfg, split,
                                                     ref_params, batch)
       batch = batch._replace(rewards=rewards)
-    advantages = objectives.compute_advantages(
-        obj.advantage, batch.rewards, batch.group_mask,
-        **_advantage_kwargs(obj, batch, state.step))
+    advantages = batch.advantages
+    if advantages is None:
+      advantages = objectives.compute_advantages(
+          obj.advantage, batch.rewards, batch.group_mask,
+          **_advantage_kwargs(obj, batch, state.step))
     if obj.advantage == 'mc_grpo':  # The median pivot carries no gradient.
       batch = batch._replace(group_mask=batch.group_mask & ~(
           objectives.mc_grpo_pivot(batch.rewards, batch.group_mask)))

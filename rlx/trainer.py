@@ -326,9 +326,7 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
       batch = rollouts.batch(got, rewards=rewards, old_logp=got.logp)
       if not pack_chunks:  # Packed rows have a fixed length instead.
         batch = learner.trim_batch(batch)
-      mini = rl.batch_prompts // rl.num_minibatches
-      parts = [jax.tree.map(lambda x, m=m: x[m * mini:(m + 1) * mini], batch)
-               for m in range(rl.num_minibatches)]
+      parts = learner.minibatches(batch, cfg)
       if pack_chunks:
         parts = [learner.pack_batch(p, chunks=pack_chunks) for p in parts]
       if rl.recompute_old_logp:  # Under the weights before this step's updates.

@@ -270,6 +270,48 @@ def test_kl_in_reward_shapes_the_rewards(tmp_dir, model, steps):
   assert _max_abs_diff(grads, want) < 1e-5
 
 
+def test_minibatches_whiten_over_the_whole_batch(tmp_dir, model):
+  # REINFORCE++ whitens over the batch: two minibatches get the whole
+  # batch's advantages (not each half's own); GRPO's stay in the step.
+  logits_fn, params = model
+  batch = _batch(logits_fn, params, seed=10)
+  cfg = _cfg(tmp_dir, **{'objective.advantage': 'reinforce_pp',
+                         'rl.num_minibatches': 2})
+  parts = learner.minibatches(batch, cfg)
+  assert [p.rewards.shape[0] for p in parts] == [B // 2, B // 2]
+  rewards = np.asarray(batch.rewards, np.float64)
+  centred = rewards - rewards.mean(1, keepdims=True)
+  want = (centred - centred.mean()) / (centred.std() + 1e-6)
+  got = np.concatenate([p.advantages for p in parts])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  half = centred[:B // 2]
+  per_half = (half - half.mean()) / (half.std() + 1e-6)
+  assert np.abs(got[:B // 2] - per_half).max() > 1e-3
+  np.testing.assert_array_equal(np.concatenate([p.response for p in parts]),
+                                batch.response)
+  grpo = learner.minibatches(batch, _cfg(tmp_dir, **{
+      'rl.num_minibatches': 2}))
+  assert all(p.advantages is None for p in grpo)
+
+
+def test_step_trains_on_given_advantages(model, steps):
+  logits_fn, params = model
+  batch = _batch(logits_fn, params, seed=11)
+  adv = np.random.default_rng(12).normal(size=(B, G)).astype(np.float32)
+  grads, _ = _run(steps[1], params, batch._replace(advantages=adv))
+  _, want = _reference_value_and_grad(logits_fn, params, batch,
+                                      jnp.asarray(adv))
+  assert _max_abs_diff(grads, want) < 1e-5
+
+
+def test_kl_in_reward_refuses_a_split_whitened_batch(tmp_dir):
+  with pytest.raises(config_lib.ConfigError,
+                     match='objective.kl_in_reward.*whitens'):
+    _cfg(tmp_dir, **{'objective.advantage': 'reinforce_pp',
+                     'rl.num_minibatches': 2, 'objective.kl_beta': 0.1,
+                     'objective.kl_in_reward': True})
+
+
 def test_trim_batch_drops_only_padding(model):
   logits_fn, params = model
   rng = np.random.default_rng(4)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from rlx.config import ConfigError
 from rlx.objectives.advantages import ADVANTAGES
+from rlx.objectives.advantages import BATCH_WHITENED
 from rlx.objectives.advantages import batch_whiten
 from rlx.objectives.advantages import d3s_keep_ratio
 from rlx.objectives.advantages import d3s_sample_mask

@@ -574,6 +574,11 @@ def d3s_keep_ratio(step, *, start: float, end: float = 1.0,
   return start + (end - start) * frac
 
 
+# Estimators whose statistics span the whole batch (not one group): a batch
+# split into several optimizer updates must get them computed before the
+# split (`learner.minibatches`).
+BATCH_WHITENED = ('reinforce_pp', 'spo', 'tree')
+
 ADVANTAGES = {
     'grpo': grpo,
     'dr_grpo': dr_grpo,
