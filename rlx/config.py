@@ -729,14 +729,14 @@ def _validate_rollout(cfg: Config) -> None:
                              ('filter', cur.filter, 'none')):
       _require(value == need, f'curriculum.{key}', f'{value!r} is not '
                f'supported with rollout.mode=april (needs {need!r})')
-    corrected = obj.correction != 'none' or obj.loss == 'decoupled'
-    _require(ro.off_policy == 'mask' or not corrected or
-             cfg.rl.recompute_old_logp, 'rl.recompute_old_logp',
-             'must be True for rollout.off_policy=keep with objective.'
-             f'correction={obj.correction!r} / objective.loss={obj.loss!r}: '
-             'the correction compares the old policy (the current weights) '
-             'with the stale behaviour log-probs, which are equal without a '
-             'recompute')
+  corrected = obj.correction != 'none' or obj.loss == 'decoupled'
+  _require(not corrected or cfg.rl.recompute_old_logp,
+           'rl.recompute_old_logp', 'must be True with objective.correction='
+           f'{obj.correction!r} / objective.loss={obj.loss!r}: the '
+           'correction compares the old policy (the learner\'s weights before '
+           'the update) with the behaviour log-probs of the sampler, and '
+           'without a recompute the old log-probs are the behaviour ones '
+           '(every weight exactly 1)')
   if ro.mode == 'tree':
     _validate_tree(cfg)
 

@@ -88,6 +88,7 @@ def test_kl_reference_with_minibatches_and_tis(tmp_path):
   c.rl.num_minibatches = 2
   c.objective.kl_beta = 0.1
   c.objective.correction = 'tis'
+  c.rl.recompute_old_logp = True
   trainer.train(config_lib.build(c), str(tmp_path / 'run'))
   rows = [r for r in read_metrics(str(tmp_path / 'run' / 'metrics.jsonl'))
           if 'reward/mean' in r]
