@@ -251,7 +251,7 @@ class RolloutConfig:
   # groups an insert spans.
   resume_bucket: int = 0  # april: resumed prefixes are re-prefilled in
   # windows of a multiple of this; 0: 16.
-  inflight_groups: int = 0  # april: groups in flight N' (>= B); 0: 2 B.
+  inflight_groups: int = 0  # april: groups in flight N' (> B); 0: 2 B.
   resume: str = 'prefill'  # april: how unfinished responses continue at
   # the next step. prefill: prompt + partial response re-prefilled under the
   # new weights (APRIL); keep_kv: they keep their slot and KV cache and go
@@ -719,9 +719,11 @@ def _validate_rollout(cfg: Config) -> None:
            f'tree rollouts; set rollout.mode=tree (is {ro.mode!r})')
   if ro.mode == 'april':
     _require(not ro.inflight_groups or
-             ro.inflight_groups >= cfg.rl.batch_prompts,
+             ro.inflight_groups > cfg.rl.batch_prompts,
              'rollout.inflight_groups', f'{ro.inflight_groups} must be 0 '
-             f'(2 B) or >= rl.batch_prompts={cfg.rl.batch_prompts}')
+             f'(2 B) or > rl.batch_prompts={cfg.rl.batch_prompts}: APRIL '
+             'over-provisions (with N\' = B nothing is ever carried over; '
+             'that is rollout.mode=continuous)')
     # APRIL takes prompts in data order and returns whichever B groups
     # finish first: no selection, allocation or refill can act on them.
     for key, value, need in (('selector', cur.selector, 'uniform'),

@@ -83,6 +83,9 @@ def base(tmp_path_factory):
      'curriculum.filter'),
     ({'rollout.mode': 'april', 'rollout.inflight_groups': 8},
      'rollout.inflight_groups'),
+    # N' = B: an empty partial buffer, which a checkpoint cannot hold.
+    ({'rollout.mode': 'april', 'rollout.inflight_groups': 16},
+     'rollout.inflight_groups'),
     ({'rollout.mode': 'april', 'objective.correction': 'tis'},
      'rl.recompute_old_logp'),
     ({'rollout.mode': 'april', 'objective.loss': 'decoupled'},
