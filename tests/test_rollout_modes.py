@@ -279,6 +279,8 @@ def test_april_step_bookkeeping(base, resume):
     version = got.extras['version']
     full = np.arange(got.tokens.shape[-1]) < got.lengths[..., None]
     np.testing.assert_array_equal(got.loss_mask, full & (version == step))
+    assert got.metrics['rollout/no_loss_group_frac'] == np.mean(
+        ~(full & (version == step)).any(axis=(1, 2)))
     np.testing.assert_array_equal(version >= 0, full)
     off += int(np.sum(full & (version < step)))
     assert m['curriculum/zero_var_frac'] == np.mean(np.ptp(got.rewards, 1)

@@ -291,6 +291,11 @@ class Rollouts:
     decoded = int(metrics['rollout/sampled_tokens'])
     loss_mask = partial.off_policy_loss_mask(
         batch, current_version=step, mode=cfg.rollout.off_policy)
+    # Groups the loss cannot see: in 'mask' mode, those that had finished
+    # before this step (several groups can finish in the chunk that
+    # reaches N; the surplus waits in the buffer and comes back stale).
+    metrics['rollout/no_loss_group_frac'] = float(
+        np.mean(~np.asarray(loss_mask).any(axis=(1, 2))))
     if self._version != step:  # rollout.overlap: staleness vs the learner.
       metrics.update(partial.rollout_metrics(
           token_version, batch.rollout.loss_mask, current_version=step))
