@@ -41,6 +41,7 @@ from rlx.curriculum.controller import Curriculum
 from rlx.models import kv_cache
 from rlx.models import lora
 from rlx.models import transformer
+from rlx.replay import partial_buffer as pb
 from rlx.sampling import modes
 
 # Config keys that may change when a run is resumed (schedule and logging);
@@ -204,6 +205,13 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
     _check_same_config(ckpt.meta(start_step)['config'], cfg,
                        ckpt.directory)
     state, meta = ckpt.restore(start_step, abstract)
+    if state['partial']:  # APRIL's carried responses, before any sampling.
+      try:
+        pb.validate(state['partial']['buffer'],
+                    max_new_tokens=cfg.sampling.max_new_tokens)
+      except ValueError as e:
+        raise ValueError(f'checkpoint {ckpt.directory}/{start_step}: '
+                         f'{e}') from e
     counters.update(meta['counters'])
     log.message(f'resumed from step {start_step} ({ckpt.directory})')
   else:

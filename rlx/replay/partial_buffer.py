@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from rlx.sampling.engine import Tracks, empty_tracks
-from rlx.types import Array
+from rlx.types import Array, FinishReason
 
 
 class Groups(NamedTuple):
@@ -65,6 +65,45 @@ def capacity(buf: PartialBuffer) -> int:
 def select(groups: Groups, index) -> Groups:
   """Rows `index` of every field, as numpy arrays (a copy)."""
   return jax.tree.map(lambda x: np.asarray(x)[index], groups)
+
+
+def validate(buf: PartialBuffer, *, max_new_tokens: int) -> None:
+  """Checks a buffer read from outside (a checkpoint) before it is resumed.
+
+  Raises:
+    ValueError: naming the first inconsistency: a count beyond the
+      capacity, a response width other than `max_new_tokens`, a held group
+      without a prompt id or prompt token, a finish reason that is not one,
+      a running response with no room left (length not in [0, T)) or a
+      finished one longer than T, or token versions not set exactly on the
+      tokens before each length.
+  """
+  n, cap = size(buf), capacity(buf)
+  if not 0 <= n <= cap:
+    raise ValueError(f'partial buffer: count {n} not in [0, capacity {cap}]')
+  held = select(buf.groups, np.arange(n))
+  tr, t = held.tracks, np.shape(buf.groups.tracks.tokens)[-1]
+  if t != max_new_tokens:
+    raise ValueError(f'partial buffer: responses of {t} tokens, but '
+                     f'sampling.max_new_tokens is {max_new_tokens}')
+  if np.any(held.prompt_id < 0) or np.any(~held.prompt_mask.any(-1)):
+    raise ValueError('partial buffer: a held group has no prompt id or no '
+                     'prompt token')
+  running = tr.finish == int(FinishReason.RUNNING)
+  known = np.isin(tr.finish, [int(f) for f in FinishReason])
+  ok = known & np.where(running, (tr.length >= 0) & (tr.length < t),
+                        (tr.length >= 0) & (tr.length <= t))
+  if not ok.all():
+    g, i = np.argwhere(~ok)[0]
+    raise ValueError(
+        f'partial buffer: group {g} sample {i} has length {tr.length[g, i]} '
+        f'and finish {tr.finish[g, i]}; a running response needs a length '
+        f'in [0, {t}), a finished one in [0, {t}]')
+  written = np.arange(t) < tr.length[..., None]
+  if np.any((tr.version >= 0) != written):
+    g, i = np.argwhere(np.any((tr.version >= 0) != written, -1))[0]
+    raise ValueError(f'partial buffer: group {g} sample {i} has token '
+                     'versions that do not match its length')
 
 
 def concat(a: Groups, b: Groups) -> Groups:

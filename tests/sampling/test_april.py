@@ -134,6 +134,7 @@ def test_every_prompt_completes_exactly_once_and_prefixes_are_kept(keep_kv):
           np.testing.assert_array_equal(batch.version[g, s, :k], ver)
     returned += batch.prompt_id.tolist()
     assert pb.size(buf) == 3 and metrics['rollout/buffer_groups'] == 3
+    pb.validate(buf, max_new_tokens=T)  # What a resume would check.
     held, _ = pb.take(buf)
     partial_rows = int(np.sum((held.tracks.length > 0) &
                               (held.tracks.finish == int(
@@ -195,6 +196,40 @@ def test_resume_under_new_weights_keeps_old_logprobs():
   frac = np.sum(lm & (version == 0)) / np.sum(lm)
   assert metrics['rollout/off_policy_token_frac'] == pytest.approx(frac)
   assert metrics['rollout/staleness/1'] == pytest.approx(frac)
+
+
+def test_validate_names_what_is_wrong_with_a_buffer():
+  sampler = _sampler()
+  buf = sampler.init_buffer()
+  ids = np.arange(6)
+  _, buf, _ = sampler(None, buf, *_new_prompts(np.random.default_rng(3),
+                                                ids), ids,
+                      jax.random.key(0), 1.0, version=0)
+  pb.validate(buf, max_new_tokens=T)
+  tr = buf.groups.tracks
+  g, i = np.argwhere(tr.finish[:3] == int(FinishReason.RUNNING))[0]
+
+  def broken(**fields):
+    new = {k: np.array(v) for k, v in tr._asdict().items()}
+    for name, value in fields.items():
+      new[name][g, i] = value
+    return buf._replace(groups=buf.groups._replace(
+        tracks=type(tr)(**new)))
+
+  with pytest.raises(ValueError, match=f'group {g} sample {i} has length '
+                     f'{T} and finish'):
+    pb.validate(broken(length=T), max_new_tokens=T)
+  with pytest.raises(ValueError, match='finish 7'):
+    pb.validate(broken(finish=7), max_new_tokens=T)
+  versions = np.array(tr.version[g, i])
+  versions[tr.length[g, i]] = 0  # One past the length.
+  with pytest.raises(ValueError, match='versions'):
+    pb.validate(broken(version=versions), max_new_tokens=T)
+  with pytest.raises(ValueError, match='count 9'):
+    pb.validate(buf._replace(count=np.asarray(9, np.int32)),
+                max_new_tokens=T)
+  with pytest.raises(ValueError, match='max_new_tokens is 5'):
+    pb.validate(buf, max_new_tokens=5)
 
 
 def test_buffer_checkpoint_round_trip_resumes_identically(tmp_path):
