@@ -645,8 +645,9 @@ def _validate_curriculum(cfg: Config) -> None:
            cfg.task.num_train, 'curriculum.pool_size',
            f'{cur.pool_size} must be 0 or in [rl.batch_prompts='
            f'{cfg.rl.batch_prompts}, task.num_train={cfg.task.num_train}]')
-  for key in ('discount', 'vade_decay', 'spo_discount', 'mmr1_mix',
-              'dots_explore',
+  _require(0 < cur.spo_discount <= 1, 'curriculum.spo_discount',
+           f'{cur.spo_discount} not in (0, 1] (0 would keep no evidence)')
+  for key in ('discount', 'vade_decay', 'mmr1_mix', 'dots_explore',
               'gdro_ema', 'gdro_explore', 'skip_threshold'):
     value = getattr(cur, key)
     _require(0 <= value <= 1, f'curriculum.{key}', f'{value} not in [0, 1]')

@@ -17,7 +17,8 @@ forgotten (ALGORITHMS.md section C):
          forgetting; the posterior mean is CurES' (acc + 1) / (all + 2).
   spo    SPO value tracker (discounted forgetting, Xu et al. 2025):
          alpha <- rho*alpha + s, beta <- rho*beta + (n - s) (no pull toward
-         the prior); v(x) = alpha / (alpha + beta) is SPO's baseline.
+         the prior; both floored at SPO_MIN_COUNT); v(x) = alpha / (alpha +
+         beta) is SPO's baseline.
 
 Rewards in [0, 1] count as fractional successes. All functions are pure and
 jit-able; the state is a NamedTuple of arrays (saved in the checkpoint).
@@ -125,13 +126,22 @@ def count() -> Estimator:
   return beta_bernoulli(lam=1.0, alpha0=1.0, beta0=1.0)
 
 
+SPO_MIN_COUNT = 1e-3  # Pseudo-count floor of the SPO tracker: forgetting
+# alone would take alpha or beta to 0 (an improper Beta, NaN in the
+# all-equal probability) after a long run of one outcome.
+
+
 def spo_tracker(*, rho: float = 0.9, alpha0: float = 1.0,
                 beta0: float = 1.0) -> Estimator:
-  """SPO's value tracker with discounted forgetting (no prior pull)."""
+  """SPO's value tracker with discounted forgetting (no prior pull);
+  alpha and beta never fall below SPO_MIN_COUNT."""
+  if not 0 < rho <= 1:
+    raise ValueError(f'SPO forgetting factor rho={rho} not in (0, 1]')
+
   def update(state, ids, successes, counts):
     ids, s, n = _check_ids(ids, successes, counts)
-    a = rho * state.alpha[ids] + s
-    b = rho * state.beta[ids] + (n - s)
+    a = jnp.maximum(rho * state.alpha[ids] + s, SPO_MIN_COUNT)
+    b = jnp.maximum(rho * state.beta[ids] + (n - s), SPO_MIN_COUNT)
     return _observe(state, ids, a, b, n)
 
   return Estimator(_init_fn(alpha0, beta0), update)

@@ -155,6 +155,12 @@ def test_free_refills_need_the_dapo_filter():
     _curriculum(filter='skip', dapo_free_refills=True)
 
 
+def test_spo_discount_zero_is_refused():
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'spo_discount: 0.0 not in \(0, 1\]'):
+    _curriculum(spo_discount=0.0)
+
+
 def test_skip_filter_avoids_prompts_known_to_be_all_equal():
   cur = _curriculum(filter='skip', estimator='count')
   state = cur.init()

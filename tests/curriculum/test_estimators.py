@@ -66,6 +66,21 @@ def test_spo_tracker_discounts_without_prior_pull():
                              [0.5 * (0.5 + 1), 0.5 * 0.5 + 1])
 
 
+def test_spo_tracker_stays_a_proper_beta_after_a_long_run_of_one_outcome():
+  # 0.5^k underflows float32 after ~150 all-correct visits; the floor keeps
+  # beta at SPO_MIN_COUNT and the all-equal probability finite.
+  e = est.spo_tracker(rho=0.5)
+  s = e.init(1)
+  for _ in range(200):
+    s = e.update(s, jnp.array([0]), jnp.array([8.0]), jnp.array([8.0]))
+  assert float(s.beta[0]) == pytest.approx(est.SPO_MIN_COUNT)
+  np.testing.assert_allclose(float(s.alpha[0]), 16.0, rtol=1e-6)
+  p = float(est.prob_all_same(s.alpha, s.beta, 8)[0])
+  assert np.isfinite(p) and 0.99 < p <= 1.0
+  with pytest.raises(ValueError, match='rho=0'):
+    est.spo_tracker(rho=0.0)
+
+
 def test_update_is_jittable_and_matches_eager():
   e = est.vade()
   args = (e.init(5), jnp.array([1, 3]), jnp.array([2.0, 1.0]),
