@@ -277,9 +277,16 @@ class Curriculum:
       seen = np.concatenate([i[np.asarray(n) > 0] for i, _, n in evidence])
       state = state._replace(dots=dots_remember(state.dots, seen))
     if cfg.selector == 'prompt_gdro':
-      fail = 1.0 - groups.successes() / np.maximum(groups.counts(), 1)
+      # Every group the selector drew this step, the all-equal ones DAPO
+      # replaced included (they are the bins' hardest and easiest evidence).
+      drawn = np.concatenate([i for i, _, _ in evidence])
+      succ = np.concatenate([s for _, s, _ in evidence])
+      cnt = np.concatenate([np.asarray(n) for _, _, n in evidence])
+      seen = cnt > 0
+      fail = 1.0 - succ[seen] / cnt[seen]
       state = state._replace(gdro=sel.gdro_update(
-          state.gdro, stats_before, jnp.asarray(ids), jnp.asarray(fail),
+          state.gdro, stats_before, jnp.asarray(drawn[seen]),
+          jnp.asarray(fail),
           eta=cfg.gdro_eta, decay=cfg.gdro_ema, explore=cfg.gdro_explore))
     out = self._assemble(ids, groups, keep,
                          np.asarray(est.mean(stats_before))[ids], spent)

@@ -155,6 +155,27 @@ def test_free_refills_need_the_dapo_filter():
     _curriculum(filter='skip', dapo_free_refills=True)
 
 
+def test_prompt_gdro_learns_from_the_groups_dapo_replaced(monkeypatch):
+  seen = {}
+
+  def spy(gdro, stats, ids, fail, **kw):
+    seen['ids'], seen['fail'] = np.asarray(ids), np.asarray(fail)
+    return real(gdro, stats, ids, fail, **kw)
+
+  real = sel.gdro_update
+  monkeypatch.setattr(sel, 'gdro_update', spy)
+  cur = _curriculum(selector='prompt_gdro', filter='dapo', dapo_max_retries=5)
+  got, _, m = _collect(cur, cur.init())
+  assert m['curriculum/rollouts'] > B * G  # Some groups were replaced.
+  final = set(np.asarray(got.ids)[got.group_mask.any(-1)].tolist())
+  replaced = [i for i in seen['ids'] if i not in final]
+  assert len(seen['ids']) == m['curriculum/rollouts'] // G and replaced
+  # Each drawn prompt's failure rate: P_TRUE 0 -> 1, 1 -> 0, exactly.
+  sure = P_TRUE[seen['ids']] != 0.5
+  np.testing.assert_array_equal(seen['fail'][sure],
+                                1.0 - P_TRUE[seen['ids']][sure])
+
+
 def test_spo_discount_zero_is_refused():
   with pytest.raises(config_lib.ConfigError,
                      match=r'spo_discount: 0.0 not in \(0, 1\]'):
