@@ -381,7 +381,9 @@ def make_train_step(logits_fn: LogitsFn,
               loss_mask=batch.loss_mask, token_keep=kw['token_keep']))
     mask = batch.loss_mask & batch.group_mask[..., None]
     totals = {'tokens': jnp.sum(mask),
-              'seqs': jnp.sum(batch.group_mask)}
+              # Sequences with a token in the loss, as `aggregate` counts
+              # them (an APRIL 'mask' group or a D3S drop may have none).
+              'seqs': jnp.sum(jnp.any(mask, -1))}
     to_micro = lambda x: einops.rearrange(x, '(m b) ... -> m b ...',
                                           m=num_micro)
     micro = jax.tree.map(to_micro, (batch, advantages))

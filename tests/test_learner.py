@@ -304,6 +304,29 @@ def test_step_trains_on_given_advantages(model, steps):
   assert _max_abs_diff(grads, want) < 1e-5
 
 
+def test_seq_mean_counts_only_sequences_with_loss_tokens(tmp_dir, model):
+  # A valid sample whose loss mask is empty (an APRIL 'mask' group) keeps its
+  # reward in the group's statistics but is not a sequence of the mean.
+  logits_fn, params = model
+  batch = _batch(logits_fn, params, seed=13)
+  loss_mask = np.array(batch.loss_mask)
+  loss_mask[1, 2] = False
+  batch = batch._replace(loss_mask=jnp.asarray(loss_mask))
+  step = learner.make_train_step(logits_fn, SGD, _cfg(
+      tmp_dir, **{'objective.aggregation': 'seq-mean-token-mean'}))
+  _, metrics = _run(step, params, batch)
+  adv = _np_grpo(np.asarray(batch.rewards), np.asarray(batch.group_mask))
+  logp = np.asarray(_logp(logits_fn, params, batch.prompt, batch.prompt_mask,
+                          batch.response), np.float64)
+  rho = np.exp(logp - np.asarray(batch.old_logp, np.float64))
+  a = adv[..., None]
+  per = -np.minimum(rho * a, np.clip(rho, 0.8, 1.2) * a)
+  lengths = loss_mask.sum(-1)
+  per_seq = np.where(loss_mask, per, 0).sum(-1) / np.maximum(lengths, 1)
+  want = per_seq[lengths > 0].mean()
+  np.testing.assert_allclose(float(metrics['loss']), want, rtol=1e-5)
+
+
 def test_kl_in_reward_refuses_a_split_whitened_batch(tmp_dir):
   with pytest.raises(config_lib.ConfigError,
                      match='objective.kl_in_reward.*whitens'):
