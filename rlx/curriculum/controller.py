@@ -80,6 +80,11 @@ def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 def epoch_order(seed: int, step: int, batch: int, n: int) -> np.ndarray:
   """Prompts of step `step` in data order: slices of per-epoch permutations
   of the n prompts (each prompt once per epoch), a function of (seed, step).
+  When `batch` does not divide n, a batch that spans two epochs can hold a
+  prompt twice (the end of one permutation and the start of the next; about
+  a (batch - a) / n repeats for a split at a), as with any
+  shuffle-and-repeat loader; the uniform baselines of every benchmark walk
+  this order, so it is kept.
   """
   pos = np.arange(step * batch, (step + 1) * batch)
   return np.array([_epoch_permutation(seed, int(p // n), n)[p % n]
