@@ -13,10 +13,16 @@ and \\text{} dropped, sets/tuples/intervals compared as such). rlx adds:
   * answers that are not mathematics ('Monday', '(B)') fall back to a
     normalised string comparison;
   * math-verify's signal-based timeouts only work in a process's main
-    thread; elsewhere (thread pools) parsing runs without them.
+    thread, and an answer such as 9^{9^{9^{9}}} would otherwise hang the
+    caller: `score` called from another thread (`rollout.overlap` samples
+    in one) scores in a helper process, in whose main thread the timeouts
+    hold (`is_correct` and `reward` called directly from a thread run
+    without them).
 """
 
 from collections.abc import Sequence
+from concurrent import futures
+import multiprocessing
 import re
 import threading
 from typing import Optional
@@ -109,8 +115,30 @@ def reward(response: str, answer: str) -> float:
   return 1.0 if is_correct(response, answer) else 0.0
 
 
+_helper = None
+_helper_lock = threading.Lock()
+
+
+def _helper_process() -> futures.ProcessPoolExecutor:
+  """One spawned scoring process, started on first use (a fork of a
+  process running JAX threads would be unsafe)."""
+  global _helper
+  with _helper_lock:
+    if _helper is None:
+      _helper = futures.ProcessPoolExecutor(
+          max_workers=1, mp_context=multiprocessing.get_context('spawn'))
+    return _helper
+
+
+def _score(responses: list, answers: list) -> np.ndarray:
+  return np.array([reward(r, a) for r, a in zip(responses, answers)],
+                  dtype=np.float32)
+
+
 def score(responses: Sequence[str], answers: Sequence[str]) -> np.ndarray:
-  """Rewards a batch: float32 [N] of 0.0 / 1.0.
+  """Rewards a batch: float32 [N] of 0.0 / 1.0, every parse and comparison
+  under the TIMEOUT_S limit (from a thread other than the main one, in a
+  helper process; see the module docstring).
 
   Raises:
     ValueError: if the two lengths differ.
@@ -118,5 +146,7 @@ def score(responses: Sequence[str], answers: Sequence[str]) -> np.ndarray:
   if len(responses) != len(answers):
     raise ValueError(
         f'got {len(responses)} responses but {len(answers)} answers')
-  return np.array([reward(r, a) for r, a in zip(responses, answers)],
-                  dtype=np.float32)
+  responses, answers = list(responses), list(answers)
+  if threading.current_thread() is threading.main_thread():
+    return _score(responses, answers)
+  return _helper_process().submit(_score, responses, answers).result()

@@ -1,6 +1,7 @@
 """Math answer verifier on tricky equivalent (and inequivalent) forms."""
 
 import concurrent.futures
+import threading
 
 import numpy as np
 import pytest
@@ -83,3 +84,20 @@ def test_score_batch_and_thread_pool():
   np.testing.assert_array_equal(got, want)
   with pytest.raises(ValueError, match='2 responses but 1 answers'):
     math_answer.score(['a', 'b'], ['a'])
+
+
+def test_score_from_a_thread_keeps_the_timeouts():
+  # 9^(9^(9^9)) would hold the interpreter in SymPy for good without a
+  # timeout; `score` from a thread (rollout.overlap) uses a helper process
+  # whose main thread has them, and gives the same rewards as the main
+  # thread.
+  responses = [r for r, _ in EQUIVALENT[:3]] + ['\\boxed{9^{9^{9^{9}}}}']
+  answers = [a for _, a in EQUIVALENT[:3]] + ['3']
+  got = []
+  worker = threading.Thread(  # A daemon: a hang fails the test, not exit.
+      target=lambda: got.append(math_answer.score(responses, answers)),
+      daemon=True)
+  worker.start()
+  worker.join(120)
+  assert got, 'score from a thread did not return in 120 s'
+  np.testing.assert_array_equal(got[0], [1.0, 1.0, 1.0, 0.0])
