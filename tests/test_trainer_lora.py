@@ -30,11 +30,12 @@ _NONDETERMINISTIC = ('time/',)
 
 
 def _write_math(path, n, *, start=0):
-  """n problems 'What is a+b?' with MATH-style boxed answers."""
+  """n distinct problems 'i. What is a+b?' with MATH-style boxed
+  answers."""
   with open(path, 'w') as f:
     for i in range(start, start + n):
       a, b = i % 7, (3 * i) % 5
-      f.write(json.dumps({'problem': f'What is {a}+{b}?',
+      f.write(json.dumps({'problem': f'{i}. What is {a}+{b}?',
                           'solution': f'{a}+{b}=\\boxed{{{a + b}}}'}) + '\n')
   return str(path)
 
@@ -96,7 +97,7 @@ def test_math_task_encodes_chat_prompts_left_padded(tmp_path, tokenizer):
   assert task.test.answers[0] == str(32 % 7 + 96 % 5)
   want = tokenizer.encode_chat([
       {'role': 'system', 'content': 'Box it.'},
-      {'role': 'user', 'content': 'Q: What is 0+0? (\\boxed{})'}])
+      {'role': 'user', 'content': 'Q: 0. What is 0+0? (\\boxed{})'}])
   row, mask = task.train_prompts[0], task.train_prompt_mask[0]
   assert row.shape == (96,) and mask.sum() == len(want)
   assert list(row[mask]) == want and not mask[0] and mask[-1]
@@ -111,13 +112,42 @@ def test_long_prompts_are_dropped_and_counted(tmp_path, tokenizer):
   with open(path, 'a') as f:
     f.write(json.dumps({'problem': 'long ' * 200, 'solution': '\\boxed{1}'})
             + '\n')
-  test = _write_math(tmp_path / 'test.jsonl', 4)
+  test = _write_math(tmp_path / 'test.jsonl', 4, start=6)
+  with open(path, 'a') as f:  # A repeat of a train problem.
+    f.write(json.dumps({'problem': '0. What is 0+0?',
+                        'solution': '\\boxed{0}'}) + '\n')
+  # The test file is also among the train files: its problems stay out of
+  # train.
   cfg = _cfg(tmp_path, **{'task.train_files': f'{path}, {test}',
                           'task.test_files': test})
   task = load_task(cfg.task, tokenizer)
-  assert len(task.train) == 10 and len(task.test) == 4
-  assert task.notes == ('task: dropped 1 of 11 train problems longer than '
-                        'task.prompt_len=96 tokens (first: mixed.jsonl:7)',)
+  assert len(task.train) == 6 and len(task.test) == 4
+  assert not set(task.train.prompts) & set(task.test.prompts)
+  assert task.notes == (
+      'task.train_files: skipped 1 records repeating a problem already read',
+      'task.train_files: skipped 4 records whose problem is in the test '
+      'split',
+      'task: dropped 1 of 7 train problems longer than task.prompt_len=96 '
+      'tokens (first: mixed.jsonl:7)')
+
+
+def test_small_or_empty_splits_are_named(tmp_path, tokenizer):
+  six = _write_math(tmp_path / 'six.jsonl', 6)
+  task = load_task(_cfg(tmp_path, **{'task.train_files': six}).task,
+                   tokenizer)
+  assert (len(task.train), len(task.test)) == (3, 3)
+  assert task.notes == ('task: held out 3 test problems of the 6 read '
+                        '(task.num_test=8)',)
+  one = _write_math(tmp_path / 'one.jsonl', 1)
+  with pytest.raises(ConfigError, match='task.train_files: 1 problem read; '
+                     'holding out a test split needs at least 2'):
+    load_task(_cfg(tmp_path, **{'task.train_files': one}).task, tokenizer)
+  empty = tmp_path / 'empty.jsonl'
+  empty.write_text('')
+  with pytest.raises(ConfigError, match='task.test_files: no problem was '
+                     'read'):
+    load_task(_cfg(tmp_path, **{'task.test_files': str(empty)}).task,
+              tokenizer)
 
 
 def test_bad_data_files_are_named_before_the_model_loads(tmp_path):

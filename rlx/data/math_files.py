@@ -1,14 +1,18 @@
 """Math problems from local JSONL or Parquet files (MATH, GSM8K, DAPO...).
 
 Each record gives a problem and its gold answer; the field names are
-arguments (dotted for nested JSON: 'reward_model.ground_truth'). When the
+arguments (dotted for nested JSON: 'reward_model.ground_truth'; a number
+indexes a list: 'prompt.0.content' for a chat-message list). When the
 answer field holds a whole worked solution, `extract` pulls the final
 answer out of it: 'boxed' takes the last \\boxed{...} (MATH), 'hashes' the
 text after the last '####' (GSM8K). Files are read whole; the result is
-plain Python lists, in file order.
+plain Python lists, in file order. A problem whose text was already read
+(many datasets repeat each prompt) or is in `exclude` (the test split, when
+reading train) is skipped and counted, so the splits hold distinct problems
+and never share one.
 """
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 import dataclasses
 import glob
 import json
@@ -35,6 +39,8 @@ class MathData:
   problems: list[str]
   answers: list[str]
   sources: list[str]
+  repeats: int = 0  # Records skipped: their problem was already read.
+  excluded: int = 0  # Records skipped: their problem is in `exclude`.
 
   def __len__(self) -> int:
     return len(self.problems)
@@ -49,7 +55,9 @@ def _expand(paths: Union[str, Sequence[str]]) -> list[str]:
     if not matches:
       raise FileNotFoundError(f'{pattern}: no such file (or no file matches '
                               'the pattern)')
-    out.extend(matches)
+    # A file named twice (a path and a pattern) is read once.
+    out.extend(m for m in matches if os.path.realpath(m) not in
+               {os.path.realpath(o) for o in out})
   return out
 
 
@@ -87,10 +95,15 @@ def _parquet_records(path: str, columns: list[str]):
 def _field(record: Any, field: str, where: str) -> Any:
   value = record
   for part in field.split('.'):
-    if not isinstance(value, dict) or part not in value:
-      keys = sorted(value) if isinstance(value, dict) else type(value)
+    if isinstance(value, dict) and part in value:
+      value = value[part]
+    elif (not isinstance(value, (str, dict)) and hasattr(value, '__getitem__')
+          and part.isdigit() and int(part) < len(value)):
+      value = value[int(part)]  # A list (or array) entry.
+    else:
+      keys = (sorted(value) if isinstance(value, dict) else
+              f'a {type(value).__name__}')
       raise ValueError(f'{where}: missing field {field!r} (has {keys})')
-    value = value[part]
   if value is None:
     raise ValueError(f'{where}: field {field!r} is null')
   return value
@@ -113,7 +126,8 @@ def _extract(answer: str, extract: str, where: str) -> str:
 def load_math_files(paths: Union[str, Sequence[str]], *,
                     problem_field: str = 'problem',
                     answer_field: str = 'answer', extract: str = 'none',
-                    limit: Optional[int] = None) -> MathData:
+                    limit: Optional[int] = None,
+                    exclude: Collection[str] = ()) -> MathData:
   """Reads math problems from .jsonl/.json/.parquet files.
 
   Args:
@@ -123,10 +137,12 @@ def load_math_files(paths: Union[str, Sequence[str]], *,
       `extract`); numbers are turned into strings.
     extract: 'none', 'boxed' (last \\boxed{} of the field) or 'hashes'
       (text after the last '####').
-    limit: stop after this many problems.
+    limit: stop after this many (distinct) problems.
+    exclude: problem texts to skip (another split's).
 
   Returns:
-    The problems, answers and their sources, in file order.
+    The distinct problems, answers and their sources, in file order, and
+    how many records were skipped as repeats or excluded.
 
   Raises:
     FileNotFoundError: naming a path or pattern with no file.
@@ -137,6 +153,8 @@ def load_math_files(paths: Union[str, Sequence[str]], *,
   if extract not in EXTRACTORS:
     raise ValueError(f'extract={extract!r} is not one of {EXTRACTORS}')
   problems, answers, sources = [], [], []
+  seen, exclude, skipped = set(), frozenset(exclude), [0, 0]
+  done = lambda: MathData(problems, answers, sources, *skipped)
   for path in _expand(paths):
     if path.endswith(_JSON_SUFFIXES):
       records = _json_records(path)
@@ -148,14 +166,24 @@ def load_math_files(paths: Union[str, Sequence[str]], *,
                        f'{_JSON_SUFFIXES + _PARQUET_SUFFIXES})')
     for number, record in records:
       if limit is not None and len(problems) >= limit:
-        return MathData(problems, answers, sources)
+        return done()
       where = f'{path}:{number}'
       problem = _field(record, problem_field, where)
       answer = _field(record, answer_field, where)
-      if not isinstance(answer, (str, int, float)):
+      if not isinstance(problem, str):
+        raise ValueError(
+            f'{where}: field {problem_field!r} is a {type(problem).__name__}, '
+            "not text (for a chat-message list name the text's field, e.g. "
+            f"'{problem_field}.0.content')")
+      if isinstance(answer, bool) or not isinstance(answer,
+                                                    (str, int, float)):
         raise ValueError(f'{where}: field {answer_field!r} is a '
                          f'{type(answer).__name__}, not text or a number')
-      problems.append(str(problem))
+      if problem in seen or problem in exclude:
+        skipped[problem in exclude] += 1
+        continue
+      seen.add(problem)
+      problems.append(problem)
       answers.append(_extract(str(answer), extract, where))
       sources.append(os.path.basename(path) + f':{number}')
-  return MathData(problems, answers, sources)
+  return done()

@@ -75,18 +75,31 @@ def load_task(cfg: TaskConfig, tokenizer: Tokenizer | None = None) -> Task:
               test_prompt_mask=test_m, reward_fn=chain_arith_reward.score)
 
 
-def _read_math(cfg: TaskConfig, key: str, limit: int
-               ) -> math_files.MathData:
-  """Reads `cfg.<key>` (comma-separated paths/globs), errors as ConfigError
-  naming the key and the file."""
+def _read_math(cfg: TaskConfig, key: str, limit: int, exclude=()
+               ) -> tuple[math_files.MathData, list[str]]:
+  """Reads `cfg.<key>` (comma-separated paths/globs): distinct problems,
+  none of them in `exclude`; errors as ConfigError naming the key and the
+  file. Returns the data and notes on what was skipped."""
   paths = [p.strip() for p in getattr(cfg, key).split(',') if p.strip()]
   try:
-    return math_files.load_math_files(
+    data = math_files.load_math_files(
         [os.path.expanduser(p) for p in paths],
         problem_field=cfg.problem_field, answer_field=cfg.answer_field,
-        extract=cfg.answer_extract, limit=limit)
+        extract=cfg.answer_extract, limit=limit, exclude=exclude)
   except (OSError, ValueError) as e:
     raise ConfigError(f'task.{key}: {e}') from e
+  if not len(data):
+    raise ConfigError(f'task.{key}: no problem was read from {paths}'
+                      + (f' ({data.excluded} are test problems)'
+                         if data.excluded else ''))
+  notes = []
+  if data.repeats:
+    notes.append(f'task.{key}: skipped {data.repeats} records repeating a '
+                 'problem already read')
+  if data.excluded:
+    notes.append(f'task.{key}: skipped {data.excluded} records whose '
+                 'problem is in the test split')
+  return data, notes
 
 
 def _encode_math(tok, cfg: TaskConfig, data: math_files.MathData,
@@ -139,20 +152,32 @@ def _load_math_files(cfg: TaskConfig, tok: Tokenizer | None) -> Task:
   if tok is None:
     raise ConfigError("task.name='math_files' needs the model's tokenizer "
                       '(model.hf_dir)')
-  if cfg.test_files.strip():
-    train = _read_math(cfg, 'train_files', cfg.num_train)
-    test = _read_math(cfg, 'test_files', cfg.num_test)
-  else:  # Hold out the last num_test problems read.
-    both = _read_math(cfg, 'train_files', cfg.num_train + cfg.num_test)
-    n = len(both) - min(cfg.num_test, len(both) // 2)
+  if cfg.test_files.strip():  # Test first: train skips its problems.
+    test, notes = _read_math(cfg, 'test_files', cfg.num_test)
+    train, train_notes = _read_math(cfg, 'train_files', cfg.num_train,
+                                    exclude=set(test.problems))
+    notes += train_notes
+  else:  # Hold out the last num_test (distinct) problems read.
+    both, notes = _read_math(cfg, 'train_files',
+                             cfg.num_train + cfg.num_test)
+    if len(both) < 2:
+      raise ConfigError(f'task.train_files: {len(both)} problem read; '
+                        'holding out a test split needs at least 2 (or '
+                        'set task.test_files)')
+    held = min(cfg.num_test, len(both) // 2)
+    if held < cfg.num_test:
+      notes.append(f'task: held out {held} test problems of the '
+                   f'{len(both)} read (task.num_test={cfg.num_test})')
+    n = len(both) - held
     part = lambda s: math_files.MathData(both.problems[s], both.answers[s],
                                          both.sources[s])
     train, test = part(slice(0, n)), part(slice(n, None))
-  train_data, train_p, train_m, notes = _encode_math(tok, cfg, train,
-                                                     'train')
+  train_data, train_p, train_m, train_notes = _encode_math(tok, cfg, train,
+                                                           'train')
   test_data, test_p, test_m, test_notes = _encode_math(tok, cfg, test,
                                                        'test')
   return Task(tokenizer=tok, train=train_data, test=test_data,
               train_prompts=train_p, train_prompt_mask=train_m,
               test_prompts=test_p, test_prompt_mask=test_m,
-              reward_fn=math_answer.score, notes=tuple(notes + test_notes))
+              reward_fn=math_answer.score,
+              notes=tuple(notes + train_notes + test_notes))

@@ -49,12 +49,14 @@ def test_parquet_globs_and_limit(tmp_path):
   data = math_files.load_math_files(str(tmp_path / 'part-*.parquet'),
                                     problem_field='question',
                                     answer_field='final')
-  assert data.problems == ['q1', 'q2', 'q3', 'q1']
-  assert data.sources[-1] == 'part-1.parquet:1'
+  # part-1's q1 repeats part-0's: read once, counted.
+  assert data.problems == ['q1', 'q2', 'q3'] and data.repeats == 1
+  assert data.sources[-1] == 'part-0.parquet:3'
   first = math_files.load_math_files(
       [str(tmp_path / 'part-1.parquet'), str(tmp_path / 'part-0.parquet')],
       problem_field='question', answer_field='final', limit=2)
-  assert first.problems == ['q1', 'q1'] and first.answers == ['1', '1']
+  assert first.problems == ['q1', 'q2'] and first.answers == ['1', '2']
+  assert first.sources == ['part-1.parquet:1', 'part-0.parquet:2']
   with pytest.raises(ValueError, match=r"part-0.parquet: no column 'answer'"):
     math_files.load_math_files(str(tmp_path / 'part-0.parquet'),
                                problem_field='question')
@@ -89,3 +91,34 @@ def test_errors_name_the_file_line_and_field(tmp_path):
     math_files.load_math_files(str(csv))
   with pytest.raises(ValueError, match="extract='last'"):
     math_files.load_math_files(good, extract='last')
+
+
+def test_distinct_problems_exclusion_and_files_named_twice(tmp_path):
+  path = _jsonl(tmp_path / 'a.jsonl', RECORDS + RECORDS[:1])
+  data = math_files.load_math_files([path, str(tmp_path / 'a*.jsonl')])
+  assert data.problems == [r['problem'] for r in RECORDS]
+  assert data.repeats == 1 and data.excluded == 0  # The file read once.
+  rest = math_files.load_math_files(path, exclude={RECORDS[0]['problem']})
+  assert rest.problems == [RECORDS[1]['problem']]
+  assert rest.excluded == 2 and rest.repeats == 0
+
+
+def test_chat_message_lists_and_field_types(tmp_path):
+  chat = [{'prompt': [{'role': 'user', 'content': 'What is 2+2?'}],
+           'reward_model': {'ground_truth': '4'}}]
+  path = _jsonl(tmp_path / 'chat.jsonl', chat)
+  data = math_files.load_math_files(
+      path, problem_field='prompt.0.content',
+      answer_field='reward_model.ground_truth')
+  assert data.problems == ['What is 2+2?'] and data.answers == ['4']
+  with pytest.raises(ValueError, match=r"chat.jsonl:1: field 'prompt' is a "
+                     r"list, not text .*'prompt.0.content'"):
+    math_files.load_math_files(path, problem_field='prompt',
+                               answer_field='reward_model.ground_truth')
+  with pytest.raises(ValueError, match=r"missing field 'prompt.1.content' "
+                     r'\(has a list\)'):
+    math_files.load_math_files(path, problem_field='prompt.1.content',
+                               answer_field='reward_model.ground_truth')
+  flag = _jsonl(tmp_path / 'flag.jsonl', [{'problem': 'p', 'answer': True}])
+  with pytest.raises(ValueError, match="'answer' is a bool"):
+    math_files.load_math_files(flag)
