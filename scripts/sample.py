@@ -27,11 +27,17 @@ _PROMPT = flags.DEFINE_multi_string('prompt', None, 'Prompt (repeatable).',
                                     required=True)
 _CHAT = flags.DEFINE_bool('chat', True, 'Apply the chat template.')
 _SYSTEM = flags.DEFINE_string('system', None, 'System message (chat only).')
-_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 128, 'Response budget.')
-_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0 = greedy.')
-_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus mass.')
-_TOP_K = flags.DEFINE_integer('top_k', 0, '0 disables top-k.')
-_NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'Samples per prompt.')
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 128, 'Response budget.',
+                                lower_bound=1)
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0 = greedy.',
+                                  lower_bound=0.0)
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus mass, in (0, 1].',
+                            upper_bound=1.0)
+flags.register_validator('top_p', lambda v: v > 0,
+                         message='--top_p must be in (0, 1]')
+_TOP_K = flags.DEFINE_integer('top_k', 0, '0 disables top-k.', lower_bound=0)
+_NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'Samples per prompt.',
+                                    lower_bound=1)
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _DTYPE = flags.DEFINE_string('dtype', None,
                              "'float32' or 'bfloat16'; default: the "
@@ -74,7 +80,8 @@ def generate(model_dir, prompts, *, chat=True, system=None,
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
   try:
     texts = generate(
         _MODEL_DIR.value, _PROMPT.value, chat=_CHAT.value,

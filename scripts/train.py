@@ -37,7 +37,9 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None,
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}: overrides are '
+                         'flags, --config.<section>.<key>=<value>')
   try:
     cfg = config_lib.build(_CONFIG.value)
     # Both before anything touches a device: XLA reads its flags, and

@@ -245,6 +245,13 @@ def test_cli_rejects_unknown_flag(tmp_path):
   assert 'bogus' in proc.stderr
 
 
+def test_cli_rejects_a_stray_argument(tmp_path):
+  # An override without its --config. prefix is not silently dropped.
+  proc = _train(tmp_path, 'rl.num_steps=5')
+  assert proc.returncode != 0
+  assert "unexpected arguments ['rl.num_steps=5']" in proc.stderr
+
+
 def test_cli_rejects_impossible_combination(tmp_path):
   proc = _train(tmp_path, '--config.rl.batch_prompts=6',
                 '--config.optim.num_microbatches=4')
