@@ -181,8 +181,16 @@ class HFTokenizer:
       text = _token_text(tok_config.get(f'{key}_token'))
       if text is not None and tok.token_to_id(text) is not None:
         ids[f'{key}_token_id'] = tok.token_to_id(text)
-    eos = ids['eos_token_id']
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    # Every end id stops generation: the tokenizer's eos token first (the
+    # chat turn's end), then generation_config's and config.json's lists
+    # (Llama 3.1 also ends on <|eom_id|>).
+    as_list = lambda v: [v] if isinstance(v, int) else list(v or [])
+    eos = []
+    for i in (as_list(ids['eos_token_id']) +
+              as_list(generation.get('eos_token_id')) +
+              as_list(config.get('eos_token_id'))):
+      if i not in eos:
+        eos.append(i)
     if not eos:
       raise ValueError(f'{model_dir}: no eos_token_id in config.json, '
                        'generation_config.json or tokenizer_config.json')

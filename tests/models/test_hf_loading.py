@@ -155,6 +155,72 @@ def test_sharded_save_and_float32_round_trip(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, again)
 
 
+def test_a_save_replaces_an_earlier_one_whole(tmp_path):
+  # Sharded first, then a single file into the same directory: the old
+  # index and shards go (they were loaded instead of the new weights), and
+  # a directory that is not a model is refused.
+  src = _fixture('llama')
+  _, params, _ = rlx.models.from_pretrained(src, param_dtype='float32')
+  out = str(tmp_path / 'out')
+  rlx.models.save_pretrained(out, params, source_dir=src,
+                             max_shard_bytes=100_000)
+  halved = jax.tree.map(lambda x: x / 2, params)
+  written = rlx.models.save_pretrained(out, halved, source_dir=src)
+  assert sorted(os.listdir(out)) == sorted(os.path.basename(w)
+                                           for w in written)
+  assert not os.path.exists(os.path.join(out, hf.weights.INDEX_FILE))
+  assert not [n for n in os.listdir(tmp_path) if n != 'out']  # No leftovers.
+  _, again, _ = rlx.models.from_pretrained(out)
+  jax.tree.map(np.testing.assert_array_equal, halved, again)
+  with open(os.path.join(out, 'config.json')) as f:
+    saved = json.load(f)
+  assert saved['dtype'] == saved['torch_dtype'] == 'float32'
+  other = tmp_path / 'notes'
+  other.mkdir()
+  (other / 'todo.txt').write_text('mine')
+  with pytest.raises(ValueError, match='not a model directory'):
+    rlx.models.save_pretrained(str(other), params, source_dir=src)
+  assert (other / 'todo.txt').read_text() == 'mine'
+
+
+def test_weight_files_are_chosen_as_transformers_does(tmp_path):
+  path = _copy_fixture(tmp_path)
+  cfg = hf.transformer_config(hf.config.read_config(path))
+  want = hf.load_params(path, cfg)
+  # A stale index beside model.safetensors is ignored, as transformers does.
+  with open(os.path.join(path, hf.weights.INDEX_FILE), 'w') as f:
+    json.dump({'weight_map': {'x': 'gone.safetensors'}}, f)
+  jax.tree.map(np.testing.assert_array_equal, hf.load_params(path, cfg),
+               want)
+  # Two unindexed files holding the same tensors: named, not picked.
+  os.remove(os.path.join(path, hf.weights.INDEX_FILE))
+  os.rename(os.path.join(path, 'model.safetensors'),
+            os.path.join(path, 'a.safetensors'))
+  shutil.copy(os.path.join(path, 'a.safetensors'),
+              os.path.join(path, 'b.safetensors'))
+  with pytest.raises(ValueError, match=r'is in both .*a.safetensors and '
+                     r'.*b.safetensors'):
+    hf.load_params(path, cfg)
+  os.remove(os.path.join(path, 'a.safetensors'))
+  with open(os.path.join(path, hf.weights.INDEX_FILE), 'w') as f:
+    json.dump({'files': []}, f)
+  with pytest.raises(ValueError, match='not a safetensors index'):
+    hf.load_params(path, cfg)
+
+
+def test_malformed_config_json_and_rope_fields_are_named(tmp_path):
+  path = _copy_fixture(tmp_path, rope_parameters={
+      'rope_type': 'llama3', 'factor': 8.0, 'rope_theta': 500000.0})
+  with pytest.raises(ValueError, match=r"RoPE scaling 'llama3' needs "
+                     r"\['low_freq_factor', 'high_freq_factor', "
+                     r"'original_max_position_embeddings'\]"):
+    hf.transformer_config(hf.config.read_config(path), where='config.json')
+  with open(os.path.join(path, 'config.json'), 'w') as f:
+    f.write('{"architectures": [')
+  with pytest.raises(ValueError, match='config.json: invalid JSON'):
+    hf.config.read_config(path)
+
+
 def test_loads_straight_into_a_named_sharding():
   src = _fixture('llama')
   cfg = hf.transformer_config(hf.config.read_config(src),

@@ -69,6 +69,15 @@ def test_tokenizer_config_overrides_special_tokens(tmp_path):
   tok = hf_tokenizer.HFTokenizer.from_dir(path)
   assert tok.eos_id == tok.token_to_id('<|eot_id|>')
   assert tok.pad_id == tok.token_to_id('<|start_header_id|>')
+  # The config's end ids still stop generation beside the override, and so
+  # do generation_config's (Llama 3.1's <|eom_id|> is not a built-in stop).
+  assert tok.token_to_id('<|end_of_text|>') in tok.stop_ids
+  eom = tok.encode('a')[0]  # Stands in for <|eom_id|> (not in the fixture).
+  assert eom not in tok.stop_ids
+  with open(os.path.join(path, 'generation_config.json'), 'w') as f:
+    json.dump({'eos_token_id': [tok.token_to_id('<|end_of_text|>'), eom]}, f)
+  tok = hf_tokenizer.HFTokenizer.from_dir(path)
+  assert tok.eos_id == tok.token_to_id('<|eot_id|>') and eom in tok.stop_ids
 
 
 def test_decode_stops_at_end_of_turn_and_skips_specials():

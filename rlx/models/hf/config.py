@@ -65,7 +65,10 @@ def read_config(model_dir: str) -> dict[str, Any]:
                             'needs config.json, *.safetensors and '
                             'tokenizer.json)')
   with open(path) as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}: invalid JSON ({e})') from e
 
 
 def family_of(hf_config: dict[str, Any], where: str = CONFIG_FILE) -> Family:
@@ -101,6 +104,12 @@ def _rope_fields(hf_config: dict[str, Any], where: str) -> dict[str, Any]:
   if kind not in ('linear', 'llama3'):
     raise ValueError(f'{where}: RoPE type {kind!r} is not supported (only '
                      'default, linear, llama3)')
+  need = ['factor'] + (['low_freq_factor', 'high_freq_factor',
+                        'original_max_position_embeddings']
+                       if kind == 'llama3' else [])
+  missing = [k for k in need if k not in params]
+  if missing:
+    raise ValueError(f'{where}: RoPE scaling {kind!r} needs {missing}')
   fields.update(rope_scaling=kind, rope_factor=float(params['factor']))
   if kind == 'llama3':
     fields.update(

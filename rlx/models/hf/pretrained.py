@@ -22,7 +22,8 @@ from rlx.types import Params
 
 # Files copied unchanged by `save_pretrained` when the source has them.
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json',
-                   'special_tokens_map.json', 'generation_config.json')
+                   'special_tokens_map.json', 'generation_config.json',
+                   'chat_template.jinja', 'tokenizer.model')
 
 
 class Pretrained(NamedTuple):
@@ -69,35 +70,53 @@ def save_pretrained(out_dir: str, params: Params, *, source_dir: str,
 
   config.json and the tokenizer files come from `source_dir` (the directory
   the model was loaded from); config.json's dtype is set to the dtype of
-  the saved parameters.
+  the saved parameters. Atomic: everything is written to a new directory
+  beside `out_dir`, which then takes its place, so a crash leaves no partly
+  written model and no shard of an earlier save survives.
 
   Args:
-    out_dir: created if needed; must differ from source_dir.
+    out_dir: created, or replaced when it is an earlier model directory
+      (has config.json); any other non-empty directory is refused. Must
+      differ from source_dir.
     params: laid out as the source's architecture (`from_pretrained`).
     source_dir: the HF directory whose config and tokenizer to reuse.
     max_shard_bytes: split the weights above this size (see
       `weights.save_params`).
 
   Returns:
-    The paths written.
+    The paths written (under out_dir).
   """
+  out_dir = os.path.normpath(out_dir)
   if os.path.realpath(out_dir) == os.path.realpath(source_dir):
     raise ValueError(f'{out_dir}: refusing to overwrite the source directory')
+  if os.path.exists(out_dir) and (
+      not os.path.isdir(out_dir) or (os.listdir(out_dir) and not os.path.isfile(
+          os.path.join(out_dir, config_lib.CONFIG_FILE)))):
+    raise ValueError(f'{out_dir}: exists and is not a model directory (no '
+                     f'{config_lib.CONFIG_FILE}); refusing to replace it')
   hf_config = config_lib.read_config(source_dir)
   cfg = config_lib.transformer_config(
       hf_config, where=os.path.join(source_dir, config_lib.CONFIG_FILE))
-  os.makedirs(out_dir, exist_ok=True)
-  written = weights.save_params(out_dir, params, cfg,
+  tmp = f'{out_dir}.partial-{os.getpid()}'
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  written = weights.save_params(tmp, params, cfg,
                                 max_shard_bytes=max_shard_bytes)
   dtypes = {str(x.dtype) for x in jax.tree.leaves(params)}
   hf_config = dict(hf_config)
-  hf_config.pop('torch_dtype', None)
-  hf_config['dtype'] = dtypes.pop() if len(dtypes) == 1 else 'float32'
-  config_path = os.path.join(out_dir, config_lib.CONFIG_FILE)
+  # Both spellings: transformers >= 4.56 reads dtype, older torch_dtype.
+  hf_config['dtype'] = hf_config['torch_dtype'] = (
+      dtypes.pop() if len(dtypes) == 1 else 'float32')
+  config_path = os.path.join(tmp, config_lib.CONFIG_FILE)
   with open(config_path, 'w') as f:
     json.dump(hf_config, f, indent=2, sort_keys=True)
   written.append(config_path)
   for name in TOKENIZER_FILES:
     if os.path.isfile(os.path.join(source_dir, name)):
-      written.append(shutil.copy(os.path.join(source_dir, name), out_dir))
-  return written
+      written.append(shutil.copy(os.path.join(source_dir, name), tmp))
+  old = f'{out_dir}.old-{os.getpid()}'
+  if os.path.exists(out_dir):
+    os.rename(out_dir, old)
+  os.rename(tmp, out_dir)
+  shutil.rmtree(old, ignore_errors=True)
+  return [os.path.join(out_dir, os.path.relpath(p, tmp)) for p in written]

@@ -125,14 +125,28 @@ def abstract_params(cfg: transformer.TransformerConfig) -> Params:
 def tensor_files(model_dir: str) -> dict[str, str]:
   """HF tensor name -> the safetensors file that holds it.
 
+  The files are chosen as transformers chooses them: model.safetensors
+  when it exists, else the shards its index lists, else every *.safetensors
+  file (then a tensor found in two files is an error, not a silent pick).
+
   Raises:
     FileNotFoundError: naming the directory when it has no weights, or the
       shard an index points to when that file is missing.
+    ValueError: naming an index without a weight map, or a tensor that two
+      unindexed files both hold.
   """
+  single = os.path.join(model_dir, SINGLE_FILE)
+  if os.path.isfile(single):
+    with safe_open(single, framework='numpy') as f:
+      return {name: single for name in f.keys()}
   index_path = os.path.join(model_dir, INDEX_FILE)
   if os.path.isfile(index_path):
-    with open(index_path) as f:
-      weight_map = json.load(f)['weight_map']
+    try:
+      with open(index_path) as f:
+        weight_map = json.load(f)['weight_map']
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise ValueError(f'{index_path}: not a safetensors index (needs a '
+                       f'"weight_map": {e!r})') from e
     out = {}
     for name, file in weight_map.items():
       path = os.path.join(model_dir, file)
@@ -149,7 +163,13 @@ def tensor_files(model_dir: str) -> dict[str, str]:
   out = {}
   for path in files:
     with safe_open(path, framework='numpy') as f:
-      out.update((name, path) for name in f.keys())
+      for name in f.keys():
+        if name in out:
+          raise ValueError(
+              f'{model_dir}: tensor {name} is in both {out[name]} and '
+              f'{path}, and there is no {INDEX_FILE} to choose; remove the '
+              'stale file')
+        out[name] = path
   return out
 
 
