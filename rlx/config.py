@@ -44,7 +44,8 @@ class TaskConfig:
   # hold out the last num_test problems read from train_files (at most half
   # of them).
   problem_field: str = 'problem'  # math_files: field with the problem
-  # (dots for nested JSON).
+  # text (dots for nested JSON, a number indexes a list: prompt.0.content).
+  # Repeated problems are read once, and train skips those in test.
   answer_field: str = 'answer'  # math_files: field with the gold answer.
   answer_extract: str = 'none'  # math_files: none | boxed (last \\boxed{}
   # of the answer field, e.g. MATH solutions) | hashes (text after the last
