@@ -7,7 +7,9 @@ and \\text{} dropped, sets/tuples/intervals compared as such). rlx adds:
 
   * only the last \\boxed{...} (or \\fbox{...}) of a response counts when
     there is one, so a model may revise itself (math-verify alone would
-    read several boxes as a set);
+    read several boxes as a set); a response whose last box is never
+    closed (cut off while answering) has no answer, rather than falling
+    back to an earlier box or number;
   * the gold answer is read as LaTeX even without $...$ around it, which is
     how datasets store it ('(1,2)', '\\frac{3}{4}', '1,000');
   * answers that are not mathematics ('Monday', '(B)') fall back to a
@@ -97,6 +99,9 @@ def is_correct(response: str, answer: str) -> bool:
   Returns:
     Whether they agree.
   """
+  starts = [m.end() for m in _BOX.finditer(response)]
+  if starts and _box_close(response, starts[-1]) is None:
+    return False  # Cut off inside its final answer.
   boxed = last_boxed(response)
   pred = _parse(f'\\boxed{{{boxed}}}' if boxed is not None else response)
   gold_box = last_boxed(answer)

@@ -42,6 +42,9 @@ DIFFERENT = [
     ('first \\boxed{4}, no wait: \\boxed{3}', '4'),
     ('\\boxed{\\text{Tuesday}}', 'Monday'),
     ('', '0'),
+    # Cut off inside the final box: no answer, not an earlier one.
+    ('I think 3. Final: \\boxed{4', '3'),
+    ('\\boxed{3} or rather \\boxed{\\frac{3', '3'),
 ]
 
 
