@@ -204,12 +204,26 @@ class Plan:
 
 def primary_first(fn, *args, **kwargs):
   """`fn(*args)` on process 0 first, then on the others (one process: just
-  `fn`). For work that writes shared files, e.g. preparing a dataset."""
+  `fn`). For work that writes shared files, e.g. preparing a dataset.
+
+  When it fails on process 0, process 0 still reaches the barrier before
+  raising, so the others go on to `fn` and meet the error themselves (a bad
+  config fails everywhere with its message) rather than waiting out the
+  coordination timeout.
+  """
   if jax.process_count() == 1:
     return fn(*args, **kwargs)
-  out = fn(*args, **kwargs) if jax.process_index() == 0 else None
+  primary = jax.process_index() == 0
+  out, error = None, None
+  if primary:
+    try:
+      out = fn(*args, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
   multihost_utils.sync_global_devices('rlx.primary_first')
-  return fn(*args, **kwargs) if out is None else out
+  if error is not None:
+    raise error
+  return out if primary else fn(*args, **kwargs)
 
 
 def to_host(x) -> np.ndarray:

@@ -166,3 +166,26 @@ def test_sampler_on_mesh_equals_one_device(setup, single_sample, shape):
 
 def _assert_sharding(x, want):
   assert x.sharding.is_equivalent_to(want, x.ndim), (x.sharding, want)
+
+
+@pytest.mark.parametrize('index', [0, 1])
+def test_primary_first_fails_past_the_barrier(monkeypatch, index):
+  # Two processes simulated: process 0 runs fn first; when it fails it
+  # still reaches the barrier (so process 1 is not left waiting) and then
+  # raises; process 1 runs fn after the barrier and meets the error itself.
+  calls = []
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(jax, 'process_index', lambda: index)
+  monkeypatch.setattr(sharding.multihost_utils, 'sync_global_devices',
+                      lambda name: calls.append('barrier'))
+
+  def fail():
+    calls.append('fn')
+    raise ValueError('bad config')
+
+  with pytest.raises(ValueError, match='bad config'):
+    sharding.primary_first(fail)
+  assert calls == (['fn', 'barrier'] if index == 0 else ['barrier', 'fn'])
+  calls.clear()
+  assert sharding.primary_first(lambda: calls.append('fn') or 7) == 7
+  assert calls == (['fn', 'barrier'] if index == 0 else ['barrier', 'fn'])
