@@ -102,10 +102,16 @@ def init_adapters(key: PRNGKey, params: Params, cfg: LoraConfig, *,
   return flax.traverse_util.unflatten_dict(out)
 
 
-def delta(kernel: Array, lora_a: Array, lora_b: Array, scale: float) -> Array:
-  """scale * A @ B reshaped like `kernel` [in..., out...], in its dtype."""
+def merged_kernel(kernel: Array, lora_a: Array, lora_b: Array,
+                  scale: float) -> Array:
+  """kernel + scale * A @ B (reshaped like `kernel` [in..., out...]),
+  summed in float32 and rounded once to the kernel's dtype. With a
+  bfloat16 base an update smaller than half the kernel's rounding step at
+  an entry still leaves that entry unchanged in the forward pass (as in
+  any bfloat16 forward); the adapters themselves stay float32."""
   update = scale * (lora_a.astype(jnp.float32) @ lora_b.astype(jnp.float32))
-  return update.reshape(kernel.shape).astype(kernel.dtype)
+  return (kernel.astype(jnp.float32) +
+          update.reshape(kernel.shape)).astype(kernel.dtype)
 
 
 def merge(params: Params, adapters: Params, cfg: LoraConfig) -> Params:
@@ -123,7 +129,7 @@ def merge(params: Params, adapters: Params, cfg: LoraConfig) -> Params:
   ad = flax.traverse_util.flatten_dict(adapters)
   for path in {p[:-1] for p in ad}:
     kernel = flat[path + ('kernel',)]
-    flat[path + ('kernel',)] = kernel + delta(
+    flat[path + ('kernel',)] = merged_kernel(
         kernel, ad[path + ('lora_a',)], ad[path + ('lora_b',)], cfg.scale)
   return flax.traverse_util.unflatten_dict(flat)
 

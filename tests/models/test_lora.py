@@ -146,3 +146,14 @@ def test_bad_config():
     lora.LoraConfig(rank=0, alpha=1.0)
   with pytest.raises(ValueError, match=r"unknown \['wq'\]"):
     lora.LoraConfig(rank=2, alpha=1.0, targets=('q', 'wq'))
+
+
+def test_merge_rounds_the_sum_once():
+  # 1 + 0.00391 in bfloat16 (step 2^-7 at 1): rounding the update first
+  # gives exactly half a step, which ties to 1.0; the sum rounded once is
+  # 1 + 2^-7.
+  kernel = jnp.ones((1, 1), jnp.bfloat16)
+  a, b = jnp.full((1, 1), 0.00391, jnp.float32), jnp.ones((1, 1), jnp.float32)
+  assert float(kernel[0, 0] + jnp.bfloat16(0.00391)) == 1.0
+  merged = lora.merged_kernel(kernel, a, b, 1.0)
+  assert merged.dtype == jnp.bfloat16 and float(merged[0, 0]) == 1 + 2 ** -7
