@@ -300,7 +300,10 @@ def tree(rewards: Array, mask: Array, *, path_ids: Array,
     'mean': A_i = mean over the counted depths of a_{i,d};
   then A is whitened over all valid leaves of the batch (population std +
   eps). With D = 1 this is `batch_whiten(dr_grpo(...))`. Memory is
-  O(B G^2 D).
+  O(B G^2 D). The depths are those of the compressed tree the samplers
+  write (`tree_rules.tree_paths`: one depth per branch point, not per
+  segment), so a stretch of segments without a fork is one ancestor group,
+  counted once; the card leaves that reading open.
 
   Args:
     rewards: [B, G] float, leaf rewards R.

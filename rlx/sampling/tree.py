@@ -114,6 +114,10 @@ class TreeConfig:
       if getattr(self, name) < 1:
         raise ValueError(f'TreeConfig.{name}={getattr(self, name)} must be '
                          '>= 1')
+    if self.repeat_ngram and self.repeat_count < 2:
+      raise ValueError(f'TreeConfig.repeat_count={self.repeat_count} must be '
+                       '>= 2 with repeat_ngram (fewer repeats would end '
+                       'every path at its first boundary)')
     if self.fork_distinct and self.kind != 'eptree':
       raise ValueError('TreeConfig.fork_distinct is an EPTree rule (forks '
                        'inside a path); kind is ' + repr(self.kind))

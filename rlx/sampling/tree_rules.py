@@ -259,6 +259,7 @@ def treepo(cfg, st, *, b: int, w: int, advance: Callable, edit: Callable,
   info = {'segments': 0, 'fallbacks': 0, 'ended_answer': 0,
           'ended_repeat': 0}
   need_tokens = stop_fn is not None or cfg.repeat_ngram > 0
+  settled = np.zeros(b * w, bool)  # Ended paths the rules have seen.
   while True:
     st = advance(st, cfg.segment_len)
     info['segments'] += 1
@@ -266,18 +267,22 @@ def treepo(cfg, st, *, b: int, w: int, advance: Callable, edit: Callable,
         ('tokens',) if need_tokens else ()), *(
             ('logp',) if cfg.allocation == 'logp' else ()))
     live, length, ed = h['live'].copy(), h['length'].copy(), Edits(b * w)
-    for i in np.flatnonzero(live) if need_tokens else ():
+    # Paths that ended inside this segment (EOS or the length limit) get
+    # the answer rule too, so every leaf is cut after its answer alike.
+    ended_now = h['used'] & ~live & ~settled
+    for i in np.flatnonzero(live | ended_now) if need_tokens else ():
       toks = h['tokens'][i, :length[i]]
       cut = stop_fn(toks) if stop_fn else 0
       if cut:
         length[i], live[i] = min(cut, length[i]), False
         ed.stop(i, length[i], _STOP)
         info['ended_answer'] += 1
-      elif cfg.repeat_ngram and is_repeating(
+      elif live[i] and cfg.repeat_ngram and is_repeating(
           toks, max_ngram=cfg.repeat_ngram, count=cfg.repeat_count):
         live[i] = False
         ed.stop(i, length[i], _LENGTH)
         info['ended_repeat'] += 1
+    settled |= h['used'] & ~live
     for i in range(b):
       block = np.arange(i * w, (i + 1) * w)
       free, paths = block[~h['used'][block]], block[live[block]]
@@ -331,7 +336,10 @@ def eptree(cfg, st, *, b: int, w: int, advance: Callable, edit: Callable):
   """EPTree's host loop (TreeRL, Hou et al. 2025): M chains, then L rounds
   forking each tree at its N best `fork_points` into T branches; forks go
   to free slots point-rank first, round-robin over trees, until the budget
-  W is spent. Returns (final state, counters)."""
+  W is spent. A fork point is used once, so very short chains can run out
+  of points and leave slots unused: fewer than W leaves (the leaf mask and
+  the curriculum's variable groups carry that). Returns (final state,
+  counters)."""
   t, m = cfg.max_new_tokens, cfg.num_chains
   ed = Edits(b * w)
   tree_of = np.tile(np.arange(w), b)  # The chain each slot descends from.
