@@ -263,16 +263,20 @@ def treepo(cfg, st, *, b: int, w: int, advance: Callable, edit: Callable,
   while True:
     st = advance(st, cfg.segment_len)
     info['segments'] += 1
-    h = fetch(st, 'length', 'live', 'used', *(
+    h = fetch(st, 'length', 'live', 'used', 'finish', *(
         ('tokens',) if need_tokens else ()), *(
             ('logp',) if cfg.allocation == 'logp' else ()))
     live, length, ed = h['live'].copy(), h['length'].copy(), Edits(b * w)
-    # Paths that ended inside this segment (EOS or the length limit) get
-    # the answer rule too, so every leaf is cut after its answer alike.
+    # Paths that ended inside this segment get the answer rule too: cut
+    # after the answer when the length limit stopped them or text follows
+    # it (a stop token right after the answer stays, to be learned).
     ended_now = h['used'] & ~live & ~settled
     for i in np.flatnonzero(live | ended_now) if need_tokens else ():
       toks = h['tokens'][i, :length[i]]
       cut = stop_fn(toks) if stop_fn else 0
+      if cut and not live[i] and h['finish'][i] == _STOP and (
+          cut >= length[i] - 1):
+        cut = 0
       if cut:
         length[i], live[i] = min(cut, length[i]), False
         ed.stop(i, length[i], _STOP)

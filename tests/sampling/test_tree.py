@@ -302,16 +302,19 @@ def test_treepo_stop_rules_and_fallback():
   np.testing.assert_array_equal(out.rollout.finish, [[_STOP] * 4])
   assert out.metrics['tree/ended_answer'] > 0
   # Paths that end inside a segment, by the length limit or by EOS after
-  # the answer, are cut after it too, like those still live at a boundary.
+  # more text, are cut after the answer too, like those still live at a
+  # boundary; EOS right after the answer stays.
   stop_fn = lambda x: int(np.argmax(x == 9)) + 1 if 9 in x else 0
-  for seq, t_max in (([5, 6, 9, 7, 7, 7, 7, 7], 6), ([5, 6, 9, STOP], 16)):
+  for seq, t_max, want in (([5, 6, 9, 7, 7, 7, 7, 7], 6, 3),
+                           ([5, 6, 9, 7, STOP], 16, 3),
+                           ([5, 6, 9, STOP], 16, 4)):
     apply_fn, init_cache = _sequence_model(seq, p)
     sampler = tree.TreeSampler(
         apply_fn, init_cache, _cfg('treepo', t_max, segment_len=8),
         stop_fn=stop_fn)
     out = sampler(None, prompts, pmask, jax.random.key(0), 1.0,
                   num_leaves=w)
-    np.testing.assert_array_equal(out.rollout.lengths, [[3] * 4])
+    np.testing.assert_array_equal(out.rollout.lengths, [[want] * 4])
     np.testing.assert_array_equal(out.rollout.finish, [[_STOP] * 4])
   # Repetition: (5, 6) three times in a row ends the path at a boundary.
   apply_fn, init_cache = _sequence_model([5, 6] * 8, p)
