@@ -210,8 +210,8 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
         pb.validate(state['partial']['buffer'],
                     max_new_tokens=cfg.sampling.max_new_tokens)
       except ValueError as e:
-        raise ValueError(f'checkpoint {ckpt.directory}/{start_step}: '
-                         f'{e}') from e
+        raise checkpoint.CheckpointError(
+            f'checkpoint {ckpt.directory}/{start_step}: {e}') from e
     counters.update(meta['counters'])
     log.message(f'resumed from step {start_step} ({ckpt.directory})')
   else:

@@ -100,11 +100,28 @@ def save_pretrained(out_dir: str, params: Params, *, source_dir: str,
   tmp = f'{out_dir}.partial-{os.getpid()}'
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
+  try:
+    written = _write_model(tmp, params, cfg, hf_config, source_dir,
+                           max_shard_bytes)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  old = f'{out_dir}.old-{os.getpid()}'
+  if os.path.exists(out_dir):
+    os.rename(out_dir, old)
+  os.rename(tmp, out_dir)
+  shutil.rmtree(old, ignore_errors=True)
+  return [os.path.join(out_dir, os.path.relpath(p, tmp)) for p in written]
+
+
+def _write_model(tmp: str, params: Params, cfg, hf_config: dict,
+                 source_dir: str, max_shard_bytes: int) -> list[str]:
+  """Weights, config.json and the tokenizer files into `tmp`."""
   written = weights.save_params(tmp, params, cfg,
                                 max_shard_bytes=max_shard_bytes)
   dtypes = {str(x.dtype) for x in jax.tree.leaves(params)}
   hf_config = dict(hf_config)
-  # Both spellings: transformers >= 4.56 reads dtype, older torch_dtype.
+  # Both spellings: newer transformers read dtype, older ones torch_dtype.
   hf_config['dtype'] = hf_config['torch_dtype'] = (
       dtypes.pop() if len(dtypes) == 1 else 'float32')
   config_path = os.path.join(tmp, config_lib.CONFIG_FILE)
@@ -114,9 +131,4 @@ def save_pretrained(out_dir: str, params: Params, *, source_dir: str,
   for name in TOKENIZER_FILES:
     if os.path.isfile(os.path.join(source_dir, name)):
       written.append(shutil.copy(os.path.join(source_dir, name), tmp))
-  old = f'{out_dir}.old-{os.getpid()}'
-  if os.path.exists(out_dir):
-    os.rename(out_dir, old)
-  os.rename(tmp, out_dir)
-  shutil.rmtree(old, ignore_errors=True)
-  return [os.path.join(out_dir, os.path.relpath(p, tmp)) for p in written]
+  return written
