@@ -150,10 +150,22 @@ def run_one(task: str, method: str, seed: int) -> list[dict]:
   workdir = os.path.join(_WORKDIR.value, f'{folder}/{method}_seed{seed}')
   metrics = os.path.join(workdir, 'metrics.jsonl')
   rows = read_metrics(metrics) if os.path.exists(metrics) else []
-  if not any(r.get('rollouts/total', 0) >= budget for r in rows):
+  if not finished(rows, budget):  # New, or stopped early: resume.
     trainer.train(cfg, workdir)
     rows = read_metrics(metrics)
+  if not finished(rows, budget):
+    raise RuntimeError(f'{workdir}: the run ended without its final '
+                       f'evaluation at {budget} rollouts')
   return rows
+
+
+def finished(rows: list[dict], budget: int) -> bool:
+  """The run reached `budget` rollouts and wrote its final evaluation at
+  that step (a run killed during it is not finished)."""
+  last = next((r['step'] for r in rows
+               if r.get('rollouts/total', 0) >= budget), None)
+  return last is not None and any(
+      r['step'] == last and 'eval/pass@1' in r for r in rows)
 
 
 def evals(rows: list[dict]) -> list[tuple[int, float, float]]:
@@ -178,17 +190,24 @@ def mean_curve_reach(runs, target):
   """(rollouts, seconds) at which the seed-mean pass@1 curve first reaches
   `target`, interpolated linearly between evaluations (None if never).
 
-  Evaluation i of every seed is averaged (pass@1, rollouts and seconds so
-  far), so the crossing does not hinge on one seed's lucky evaluation.
+  Each seed's pass@1 and seconds are read, linearly interpolated, at every
+  rollout count where some seed evaluated (up to the shortest run), and
+  averaged there, so the crossing does not hinge on one seed's lucky
+  evaluation. With the same evaluation points on every seed (fixed
+  rollouts per step) this is the mean of evaluation i over seeds.
   """
   return curve_reach([evals(r) for r in runs], target)
 
 
 def curve_reach(curves, target):
   """`mean_curve_reach` over the runs' `evals` lists."""
-  n = min(len(c) for c in curves)
-  mean = np.mean([c[:n] for c in curves], 0)  # [n, 3]
-  for i in range(n):
+  curves = [np.asarray(c, float) for c in curves]  # [n_k, 3] each
+  end = min(c[-1, 0] for c in curves)
+  grid = np.unique(np.concatenate([c[c[:, 0] <= end, 0] for c in curves]))
+  at = lambda c, col: np.interp(grid, c[:, 0], c[:, col])
+  mean = np.stack([grid, np.mean([at(c, 1) for c in curves], 0),
+                   np.mean([at(c, 2) for c in curves], 0)], -1)  # [n, 3]
+  for i in range(len(grid)):
     if mean[i, 2] >= target - 1e-9:
       if i == 0:
         return tuple(mean[0, :2])
@@ -242,7 +261,7 @@ def main(argv):
     target = float(base_final.mean())
     base_reach = [reach(r, target) for r in base]
     base_rollouts = np.mean([x[0] for x in base_reach if x])
-    # None only if uniform's seeds logged different numbers of evaluations.
+    # Uniform's curve ends at its seeds' mean final, the target itself.
     base_curve = (mean_curve_reach(base, target) or (None,))[0]
     print(f'\n{task}: target pass@1 {target:.3f} (uniform, final, mean of '
           f'{len(seeds)} seeds); start {evals(base[0])[0][2]:.3f}')

@@ -29,6 +29,28 @@ def test_mean_curve_reach_interpolates_the_seed_mean(bench):
   assert bench.mean_curve_reach(runs, 0.5) is None
 
 
+def test_mean_curve_reach_on_seeds_evaluated_at_different_rollouts(bench):
+  # Variable rollouts per step (DAPO, DARS): evaluation i falls at
+  # different rollout counts per seed. Each curve is read at every
+  # evaluation point (interpolated), up to the shortest run.
+  a = _run([0.2, 0.3, 0.4], per_step=512)  # 0, 512, 1024
+  b = _run([0.2, 0.25, 0.3, 0.35, 0.45], per_step=256)  # 0 ... 1024
+  # Seed means at 0, 256, 512, 768, 1024: .2, .25, .3, .35, .425.
+  got = bench.mean_curve_reach([a, b], 0.32)
+  np.testing.assert_allclose(got[0], 512 + 0.4 * 256)
+  np.testing.assert_allclose(bench.mean_curve_reach([a, b], 0.425)[0], 1024)
+  # A longer seed's evaluations past the shortest run's end are not read.
+  c = _run([0.2, 0.3, 0.4, 0.9], per_step=512)
+  assert bench.mean_curve_reach([a, c], 0.5) is None
+
+
+def test_a_run_without_its_final_evaluation_is_not_finished(bench):
+  rows = _run([0.1, 0.2, 0.3])  # 200 rollouts at step 2, evaluated there.
+  assert bench.finished(rows, 200)
+  assert not bench.finished(rows[:-1], 200)  # Killed during the last eval.
+  assert not bench.finished(rows, 300)
+
+
 def test_bootstrap_ratio(bench):
   base = [_run([0.1, 0.2, 0.3, 0.4]) for _ in range(3)]
   fast = [_run([0.1, 0.4, 0.4, 0.4]) for _ in range(3)]
