@@ -105,6 +105,9 @@ def _config(mode: str, seed: int) -> config_lib.Config:
   for key, value in MODES[mode].items():
     config_lib.override(c, key, value)
   config_lib.apply_overrides(c, _SET.value)  # Last: --set wins.
+  if c.log.every != 1:  # The medians below read one row per step.
+    raise app.UsageError(f'--set log.every={c.log.every}: this bench reads '
+                         'every step (log.every=1)')
   return config_lib.build(c)
 
 
@@ -135,7 +138,8 @@ def run_one(mode: str, seed: int) -> dict:
               'rollout/policy_lag', 'time/rollout_busy_s',
               'tree/shared_prefix_frac', 'tree/depth_mean',
               'tree/distinct_answers'):
-    vals = [r[key] for r in steps if key in r]
+    # Steps 2.. like the seconds (APRIL's step 1 resumes nothing).
+    vals = [r[key] for r in steps[1:] if key in r]
     if vals:
       out[key] = float(np.mean(vals))
   print(f"{mode} seed {seed}: {out['s_step']:.2f} s/step, "

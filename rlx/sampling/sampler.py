@@ -185,18 +185,22 @@ def make_sampler(apply_fn: ApplyFn, init_cache_fn: InitCacheFn,
     b, p = prompts.shape
     g = num_samples
     rows = b * g
-    tok = einops.repeat(prompts, 'b p -> (b g) p', g=g)
-    pmask = einops.repeat(prompt_mask, 'b p -> (b g) p', g=g).astype(bool)
+    pmask = prompt_mask.astype(bool)
     temperature = jnp.asarray(temperature, jnp.float32)
     top_p = jnp.asarray(top_p, jnp.float32)
 
-    # Prefill the prompt into slots [0, P).
+    # Prefill each prompt once into slots [0, P), then give its G rows
+    # copies of the cache (as the engine does): the same numbers as
+    # prefilling every row, at 1/G of the prefill work.
     s = p + t_max
-    kv_valid = jnp.concatenate([pmask, jnp.zeros((rows, t_max), bool)], 1)
+    kv_valid = jnp.concatenate([pmask, jnp.zeros((b, t_max), bool)], 1)
     positions = kv_cache.positions_from_mask(pmask)
     mask = kv_cache.causal_mask(kv_valid, query_len=p, cache_index=0)
-    logits, cache = apply_fn(params, tok, positions, mask,
-                             init_cache_fn(rows, s), 0)
+    logits, cache = apply_fn(params, prompts, positions, mask,
+                             init_cache_fn(b, s), 0)
+    per_row = lambda x: jnp.repeat(x, g, axis=0)  # (b g) order.
+    cache, logits = jax.tree.map(per_row, cache), per_row(logits[:, -1:])
+    kv_valid, positions = per_row(kv_valid), per_row(positions)
     state = _LoopState(
         step=jnp.zeros((), jnp.int32),
         tokens=jnp.full((rows, t_max), cfg.pad_id, jnp.int32),

@@ -211,3 +211,23 @@ def test_learner_reproduces_behaviour_logprobs():
   m = np.asarray(out.loss_mask).reshape(6, 8)
   np.testing.assert_allclose(np.where(m, logp, 0),
                              np.asarray(out.logp).reshape(6, 8), atol=1e-4)
+
+
+def test_shared_prefill_equals_prefilling_every_row():
+  # Each prompt is prefilled once and its cache copied to its G rows: the
+  # same rollout, token for token, as G prefilled copies of the prompt
+  # (left padding of different lengths included).
+  model, params = _tiny_model()
+  sample = sampler_lib.transformer_sampler(
+      model, sampler_lib.SamplerConfig(max_new_tokens=8, stop_tokens=(EOS,)))
+  prompts, mask = _prompts(3, 5)
+  mask = mask.at[0, :2].set(False)
+  prompts = jnp.where(mask, prompts, 0)
+  key = jax.random.key(4)
+  shared = sample(params, prompts, mask, key, 1.0, 1.0, num_samples=4)
+  each = sample(params, jnp.repeat(prompts, 4, 0), jnp.repeat(mask, 4, 0),
+                key, 1.0, 1.0, num_samples=1)
+  flat = lambda x: np.asarray(x).reshape((12,) + x.shape[2:])
+  np.testing.assert_array_equal(flat(shared.tokens), flat(each.tokens))
+  np.testing.assert_array_equal(flat(shared.lengths), flat(each.lengths))
+  np.testing.assert_allclose(flat(shared.logp), flat(each.logp), atol=1e-6)
