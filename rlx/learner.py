@@ -100,18 +100,22 @@ def minibatches(batch: Batch, cfg: Config) -> list[Batch]:
   """
   obj, n = cfg.objective, cfg.rl.num_minibatches
   if n > 1 and obj.advantage in objectives.BATCH_WHITENED:
+    # Whitened estimators do not read the step (only D3S's schedule does).
     batch = batch._replace(advantages=np.asarray(_whole_batch_advantages(
-        obj, jax.tree.map(jnp.asarray, batch))))
+        obj, batch, 0)))
   size = batch.rewards.shape[0] // n
   return [jax.tree.map(lambda x, m=m: x[m * size:(m + 1) * size], batch)
           for m in range(n)]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _whole_batch_advantages(obj: ObjectiveConfig, batch: Batch) -> Array:
+def _advantages(obj: ObjectiveConfig, batch: Batch, step) -> Array:
+  """The configured estimator's advantages of `batch`."""
   return objectives.compute_advantages(
       obj.advantage, batch.rewards, batch.group_mask,
-      **_advantage_kwargs(obj, batch, 0))
+      **_advantage_kwargs(obj, batch, step))
+
+
+_whole_batch_advantages = jax.jit(_advantages, static_argnums=0)
 
 
 def pack_batch(batch: Batch, *, chunks: int = 1) -> Batch:
@@ -362,9 +366,7 @@ def make_train_step(logits_fn: LogitsFn,
       batch = batch._replace(rewards=rewards)
     advantages = batch.advantages
     if advantages is None:
-      advantages = objectives.compute_advantages(
-          obj.advantage, batch.rewards, batch.group_mask,
-          **_advantage_kwargs(obj, batch, state.step))
+      advantages = _advantages(obj, batch, state.step)
     if obj.advantage == 'mc_grpo':  # The median pivot carries no gradient.
       batch = batch._replace(group_mask=batch.group_mask & ~(
           objectives.mc_grpo_pivot(batch.rewards, batch.group_mask)))

@@ -287,10 +287,10 @@ class Curriculum:
       drawn = np.concatenate([i for i, _, _ in evidence])
       succ = np.concatenate([s for _, s, _ in evidence])
       cnt = np.concatenate([np.asarray(n) for _, _, n in evidence])
-      seen = cnt > 0
-      fail = 1.0 - succ[seen] / cnt[seen]
+      rolled = cnt > 0
+      fail = 1.0 - succ[rolled] / cnt[rolled]
       state = state._replace(gdro=sel.gdro_update(
-          state.gdro, stats_before, jnp.asarray(drawn[seen]),
+          state.gdro, stats_before, jnp.asarray(drawn[rolled]),
           jnp.asarray(fail),
           eta=cfg.gdro_eta, decay=cfg.gdro_ema, explore=cfg.gdro_explore))
     out = self._assemble(ids, groups, keep,

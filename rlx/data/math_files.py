@@ -49,15 +49,16 @@ class MathData:
 def _expand(paths: Union[str, Sequence[str]]) -> list[str]:
   """Files named by paths / glob patterns, in the order given (sorted per
   pattern)."""
-  out = []
+  out, resolved = [], set()
   for pattern in [paths] if isinstance(paths, str) else paths:
     matches = sorted(glob.glob(pattern))
     if not matches:
       raise FileNotFoundError(f'{pattern}: no such file (or no file matches '
                               'the pattern)')
-    # A file named twice (a path and a pattern) is read once.
-    out.extend(m for m in matches if os.path.realpath(m) not in
-               {os.path.realpath(o) for o in out})
+    for match in matches:  # A file named twice (path, pattern): read once.
+      if os.path.realpath(match) not in resolved:
+        resolved.add(os.path.realpath(match))
+        out.append(match)
   return out
 
 

@@ -100,9 +100,12 @@ def is_correct(response: str, answer: str) -> bool:
     Whether they agree.
   """
   starts = [m.end() for m in _BOX.finditer(response)]
-  if starts and _box_close(response, starts[-1]) is None:
-    return False  # Cut off inside its final answer.
-  boxed = last_boxed(response)
+  boxed = None
+  if starts:
+    close = _box_close(response, starts[-1])
+    if close is None:
+      return False  # Cut off inside its final answer.
+    boxed = response[starts[-1]:close]
   pred = _parse(f'\\boxed{{{boxed}}}' if boxed is not None else response)
   gold_box = last_boxed(answer)
   gold_text = gold_box if gold_box is not None else answer

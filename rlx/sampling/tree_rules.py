@@ -263,8 +263,9 @@ def treepo(cfg, st, *, b: int, w: int, advance: Callable, edit: Callable,
   while True:
     st = advance(st, cfg.segment_len)
     info['segments'] += 1
-    h = fetch(st, 'length', 'live', 'used', 'finish', *(
+    h = fetch(st, 'length', 'live', 'used', *(
         ('tokens',) if need_tokens else ()), *(
+            ('finish',) if stop_fn else ()), *(
             ('logp',) if cfg.allocation == 'logp' else ()))
     live, length, ed = h['live'].copy(), h['length'].copy(), Edits(b * w)
     # Paths that ended inside this segment get the answer rule too: cut
