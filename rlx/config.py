@@ -247,11 +247,14 @@ class RolloutConfig:
   # between refills; 0: 16.
   insert_rows: int = 0  # continuous/april: rows prefilled per insert call;
   # 0: max(1, R / 8).
-  insert_prompts: int = 0  # continuous/april: distinct prompts per fresh
-  # insert, each prefilled once for its group's rows; 0: enough for the
-  # groups an insert spans.
-  resume_bucket: int = 0  # april: resumed prefixes are re-prefilled in
-  # windows of a multiple of this; 0: 16.
+  insert_prompts: int = 0  # continuous/april: distinct prompts per insert
+  # call, each prefilled once for its group's rows (fresh or resumed); 0:
+  # enough for the groups an insert spans.
+  prefill_bucket: int = 0  # continuous/april: prefills compute a multiple
+  # of this many columns: a fresh insert its longest prompt's real tokens
+  # (not the left padding of the window), a resume its longest partial
+  # response (over a copy of the prompt's cache); each width compiles once
+  # (all of them before the first rollout); 0: 16.
   inflight_groups: int = 0  # april: groups in flight N' (> B); 0: 2 B.
   resume: str = 'prefill'  # april: how unfinished responses continue at
   # the next step. prefill: prompt + partial response re-prefilled under the
@@ -697,7 +700,7 @@ def _validate_rollout(cfg: Config) -> None:
   _require(ro.mode in ROLLOUT_MODES, 'rollout.mode',
            f'{ro.mode!r} is not one of {list(ROLLOUT_MODES)}')
   for key in ('num_slots', 'chunk_steps', 'insert_rows', 'insert_prompts',
-              'resume_bucket', 'inflight_groups'):
+              'prefill_bucket', 'inflight_groups'):
     _require(getattr(ro, key) >= 0, f'rollout.{key}', 'must be >= 0')
   slots, rows, _ = rollout_engine_sizes(cfg)
   _require(rows <= slots, 'rollout.insert_rows',

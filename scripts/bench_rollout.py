@@ -21,7 +21,8 @@ most short). All three modes get the same KV memory (--slots rows) and want
 Weights are fixed (no learning), so every step samples the same
 distribution; the policy version still advances so staleness is reported.
 Prints useful tokens/s (response tokens of returned groups), seconds per
-step and slot utilisation, with ratios to static measured in this process;
+step and slot utilisation, with ratios to static measured in this process
+(the modes' steps interleaved, so a drift in machine speed reaches all);
 then decode tokens/s of the chunked engine against a naive Python loop over
 a jitted single step, and against the roofline from the measured matmul
 rate and memory bandwidth.
@@ -59,7 +60,7 @@ _CHUNK = flags.DEFINE_integer('chunk_steps', 16, 'Engine decode chunk k.')
 _INSERT_ROWS = flags.DEFINE_integer('insert_rows', 0, 'Engine insert width '
                                     'M; 0: slots // 8.')
 _INSERT_PROMPTS = flags.DEFINE_integer(
-    'insert_prompts', 2, 'Engine U: distinct prompts per fresh insert, each '
+    'insert_prompts', 2, 'Engine U: distinct prompts per insert, each '
     'prefilled once for its group\'s rows; 0: M (no sharing).')
 _DECODE_STEPS = flags.DEFINE_integer('decode_steps', 64, 'Steps timed in the '
                                      'decode-speed comparison; 0 skips it.')
@@ -145,17 +146,30 @@ def _bench_april(engine, params, task, *, keep_kv=False):
   return step
 
 
-def _time_steps(step_fn):
-  step_fn(0)  # Warm-up: compilation (and APRIL's first, N' step).
-  useful, util, extra = 0, [], {}
-  start = time.perf_counter()
+def _time_interleaved(modes: dict) -> dict:
+  """Times every mode's steps 1..--steps, interleaved (step i of each mode,
+  the order rotating per step), so that a drift in the machine's speed
+  reaches every mode alike; step 0 of each is a warm-up (compilation, and
+  APRIL's first, N' step)."""
+  for step_fn in modes.values():
+    step_fn(0)
+  names = list(modes)
+  useful = dict.fromkeys(names, 0)
+  seconds = dict.fromkeys(names, 0.0)
+  util = {name: [] for name in names}
+  extra = dict.fromkeys(names)
   for i in range(1, _STEPS.value + 1):
-    u, ut, extra = step_fn(i)
-    useful += u
-    util.append(ut)
-  seconds = time.perf_counter() - start
-  return {'tok_s': useful / seconds, 's_step': seconds / _STEPS.value,
-          'util': float(np.mean(util)), **extra}
+    k = i % len(names)
+    for name in names[k:] + names[:k]:
+      start = time.perf_counter()
+      u, ut, extra[name] = modes[name](i)
+      seconds[name] += time.perf_counter() - start
+      useful[name] += u
+      util[name].append(ut)
+  return {name: {'tok_s': useful[name] / seconds[name],
+                 's_step': seconds[name] / _STEPS.value,
+                 'util': float(np.mean(util[name])), **extra[name]}
+          for name in names}
 
 
 def _fill(engine, params, state, task):
@@ -172,7 +186,7 @@ def _fill(engine, params, state, task):
         prefix=en.empty_tracks((m,), ecfg.max_new_tokens))
     state = engine.insert(params, state, req, jnp.float32(1.0),
                           jnp.float32(1.0), jnp.int32(0),
-                          window=ecfg.prompt_len)
+                          width=ecfg.prompt_len, resume=False)
   return state
 
 
@@ -253,7 +267,7 @@ def main(argv):
            'continuous': _bench_continuous(engine, params, task),
            'april': _bench_april(engine, params, task),
            'april_kv': _bench_april(engine, params, task, keep_kv=True)}
-  rows = {name: _time_steps(fn) for name, fn in modes.items()}
+  rows = _time_interleaved(modes)
   base = rows['static']['tok_s']
   print('\n| mode | useful tok/s | x static | s/step | slot util |')
   print('|---|---|---|---|---|')

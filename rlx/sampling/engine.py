@@ -6,12 +6,15 @@ response follows from column P. Every slot has its own response length,
 RoPE position and `kv_valid` row, so slots advance independently and the
 cache is written at a per-row index.
 
-Two jitted functions move the state, both with fixed shapes (one
-compilation each, whatever is inserted):
+Two jitted functions move the state, both with fixed shapes (decode
+compiles once, insert once per prefill width, whatever is inserted):
 
   insert(params, state, requests, ...)  prefills M new rows (fresh prompts,
       or prompt + a partial response to resume) into the slots they name
-      and samples each row's next token;
+      and samples each row's next token; each distinct prompt is
+      prefilled once for the rows that share it (its real tokens only,
+      not the left padding of the window, when fresh), then resumed rows
+      prefill their own partial responses over a copy of its cache;
   decode(params, state, ...)  runs up to `chunk_steps` decode steps in a
       `lax.while_loop`, leaving early once enough slots have finished to
       make a full insert worthwhile.
@@ -51,14 +54,18 @@ class EngineConfig:
   top_k: int = 0  # 0 disables top-k filtering.
   chunk_steps: int = 16  # k: most decode steps per jitted call.
   insert_rows: int = 0  # M: rows prefilled per insert; 0: max(1, R // 8).
-  insert_prompts: int = 0  # U: distinct prompts per fresh insert, each
+  insert_prompts: int = 0  # U: distinct prompts per insert, each
   # prefilled once for all its rows (a group's samples share it); 0: M.
-  resume_bucket: int = 16  # Resumed prefixes are prefilled in windows of
-  # P + a multiple of this (at most T / resume_bucket + 1 compilations).
+  prefill_bucket: int = 16  # Prefills compute a multiple of this many
+  # columns: a fresh insert the longest prompt's real tokens (not the left
+  # padding of the window), a resume the longest partial response (its
+  # prompt is prefilled once per group, over the whole window): at most
+  # P / prefill_bucket + 1 fresh and T / prefill_bucket + 1 resume widths,
+  # one compilation each.
 
   def __post_init__(self):
     for name in ('num_slots', 'prompt_len', 'max_new_tokens', 'chunk_steps',
-                 'resume_bucket'):
+                 'prefill_bucket'):
       if getattr(self, name) < 1:
         raise ValueError(f'EngineConfig.{name}={getattr(self, name)} must '
                          'be >= 1')
@@ -82,10 +89,19 @@ class EngineConfig:
   def cache_len(self) -> int:
     return self.prompt_len + self.max_new_tokens
 
-  def window(self, prefix_len: int) -> int:
-    """Prefill width for prefixes of at most `prefix_len` tokens."""
-    b = self.resume_bucket
-    return self.prompt_len + min(-(-prefix_len // b) * b, self.max_new_tokens)
+  def width(self, span: int, *, resume: bool) -> int:
+    """Columns a prefill computes for real spans of at most `span` tokens
+    (fresh: a prompt's, from its first real token to the end of the
+    window; resume: a partial response's tokens): the next multiple of
+    `prefill_bucket`, at most P (fresh) or T (resume)."""
+    b = self.prefill_bucket
+    cap = self.max_new_tokens if resume else self.prompt_len
+    return min(-(-max(span, 1) // b) * b, cap)
+
+  def widths(self, *, resume: bool) -> list[int]:
+    """Every width `width` can return (what `precompile` compiles)."""
+    top = self.max_new_tokens if resume else self.prompt_len
+    return sorted({self.width(n, resume=resume) for n in range(1, top + 1)})
 
 
 class Tracks(NamedTuple):
@@ -117,7 +133,7 @@ class Requests(NamedTuple):
   """M rows to insert; padding rows name slot R and are dropped."""
   slot: Array  # [M] int32 target slot.
   source: Array  # [M] int32 row of `prompt` that each row continues.
-  prompt: Array  # [U, P] int32, left-padded (U = M when resuming).
+  prompt: Array  # [U, P] int32, left-padded, each prefilled once.
   prompt_mask: Array  # [U, P] bool.
   prefix: Tracks  # [M, ...] response so far (length 0: a fresh prompt).
 
@@ -206,47 +222,61 @@ def make_engine(apply_fn: sampler_lib.ApplyFn,
         kv_version=jnp.zeros((r,), jnp.int32))
 
   def insert(params: Params, state: SlotState, req: Requests, temperature,
-             top_p, version, *, window: int) -> SlotState:
+             top_p, version, *, width: int, resume: bool) -> SlotState:
     """Prefills `req` rows into their slots and samples one token each.
 
-    `window` (static) is the prefill width: P for fresh prompts (the prefix
-    is ignored; each of the U prompts is prefilled once and shared by the
-    rows naming it), `cfg.window(longest prefix)` to resume partial
-    responses (one prefill per row).
+    Each of the U prompts is prefilled once and its cache copied to the
+    rows naming it (a group's rows share their prompt). Fresh rows
+    (`resume` False; the prefix is ignored) compute only the last `width`
+    (static) columns of the prompt window, the longest prompt's real
+    tokens rounded up (`cfg.width`), not its left padding. Resumed rows
+    (`resume` True) then prefill their own partial responses, `width`
+    columns from column P (the longest prefix rounded up), over the copy
+    of their prompt's cache. Columns a prefill skipped stay invalid.
     """
     m = req.slot.shape[0]
-    if window > p:
-      prefix, src = req.prefix, jnp.arange(m)
-      tokens = jnp.concatenate([req.prompt[req.source],
-                                prefix.tokens[:, :window - p]], 1)
-      valid = jnp.concatenate(
-          [req.prompt_mask[req.source].astype(bool),
-           jnp.arange(window - p)[None] < prefix.length[:, None]], 1)
+    n = req.prompt.shape[0]
+    lead = 0 if resume else p - width  # Prompt columns skipped.
+    cols = p + width if resume else p  # Cache columns the prefills reach.
+    prompt_valid = req.prompt_mask.astype(bool)
+    positions = kv_cache.positions_from_mask(prompt_valid)
+    kv_valid = jnp.concatenate(
+        [prompt_valid, jnp.zeros((n, cols - p), bool)], 1)
+    logits, cache = apply_fn(
+        params, req.prompt[:, lead:], positions[:, lead:],
+        kv_cache.causal_mask(kv_valid, query_len=p - lead, cache_index=lead),
+        init_cache_fn(n, cols), lead)
+    # Rows [M] of the prompt prefills [U].
+    cache = jax.tree.map(lambda x: x[req.source], cache)
+    positions = positions[req.source]
+    if resume:
+      prefix = req.prefix
+      kv_valid = jnp.concatenate(
+          [prompt_valid[req.source],
+           jnp.arange(width)[None] < prefix.length[:, None]], 1)
+      # Response token j sits at column P + j, position (prompt length) + j.
+      prefix_pos = positions[:, -1:] + 1 + jnp.arange(width)[None]
+      logits, cache = apply_fn(
+          params, prefix.tokens[:, :width], prefix_pos,
+          kv_cache.causal_mask(kv_valid, query_len=width, cache_index=p),
+          cache, p)
+      rows = jnp.arange(m)
+      last_logits = logits[rows, prefix.length - 1]
+      next_pos = prefix_pos[rows, prefix.length - 1] + 1
     else:
       prefix = empty_tracks((m,), t_max, pad_id=cfg.pad_id, xp=jnp)
-      src, tokens, valid = req.source, req.prompt, req.prompt_mask.astype(
-          bool)
-    n = tokens.shape[0]
-    positions = kv_cache.positions_from_mask(valid)
-    mask = kv_cache.causal_mask(valid, query_len=window, cache_index=0)
-    logits, cache = apply_fn(params, tokens, positions, mask,
-                             init_cache_fn(n, window), 0)
-    # Rows [M] of the prefill outputs [n] (a gather when prompts are shared).
-    cache = jax.tree.map(lambda x: x[src], cache)
-    valid, positions = valid[src], positions[src]
-    last = p - 1 + prefix.length  # Column of the last real token.
-    rows = jnp.arange(m)
-    key, token, lp, ent = pick(state.key, logits[src, last], temperature,
-                               top_p)
+      kv_valid = kv_valid[req.source]
+      last_logits = logits[req.source, -1]
+      next_pos = positions[:, -1] + 1
+    key, token, lp, ent = pick(state.key, last_logits, temperature, top_p)
     tracks, live = record(prefix._replace(finish=jnp.full(
         (m,), _RUNNING, jnp.int32)), jnp.ones((m,), bool), token, lp, ent,
                           version)
-    kv_valid = jnp.concatenate([valid, jnp.zeros((m, s - window), bool)], 1)
+    kv_valid = jnp.concatenate([kv_valid, jnp.zeros((m, s - cols), bool)], 1)
     put = lambda dst, x: _scatter_rows(dst, req.slot, x)
     return state._replace(
         tracks=jax.tree.map(put, state.tracks, tracks),
-        live=put(state.live, live),
-        next_pos=put(state.next_pos, positions[rows, last] + 1),
+        live=put(state.live, live), next_pos=put(state.next_pos, next_pos),
         kv_valid=put(state.kv_valid, kv_valid),
         cache=jax.tree.map(put, state.cache, cache), key=key,
         kv_version=put(state.kv_version,
@@ -298,26 +328,29 @@ def make_engine(apply_fn: sampler_lib.ApplyFn,
 
   return Engine(
       cfg=cfg, init=init_committed,
-      insert=jax.jit(insert, static_argnames=('window',), donate_argnums=1),
+      insert=jax.jit(insert, static_argnames=('width', 'resume'),
+                     donate_argnums=1),
       decode=jax.jit(decode, donate_argnums=1))
 
 
 def precompile(engine: Engine, params: Params) -> None:
-  """Compiles every insert window and the decode chunk up front (on a
+  """Compiles every insert width and the decode chunk up front (on a
   scratch state whose inserts are all padding rows), so that no compilation
   lands inside a timed or latency-sensitive rollout."""
   cfg = engine.cfg
   m, t_max = cfg.rows_per_insert, cfg.max_new_tokens
   state = engine.init(jax.random.key(0))
   sampling = (jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0))
-  for window in sorted({cfg.window(n) for n in range(t_max + 1)}):
-    u = cfg.prompts_per_insert if window == cfg.prompt_len else m
+  for resume in (False, True):
+    u = cfg.prompts_per_insert
     req = Requests(slot=np.full((m,), cfg.num_slots, np.int32),
                    source=np.zeros((m,), np.int32),
                    prompt=np.zeros((u, cfg.prompt_len), np.int32),
                    prompt_mask=np.ones((u, cfg.prompt_len), bool),
                    prefix=empty_tracks((m,), t_max, pad_id=cfg.pad_id))
-    state = engine.insert(params, state, req, *sampling, window=window)
+    for width in cfg.widths(resume=resume):
+      state = engine.insert(params, state, req, *sampling, width=width,
+                            resume=resume)
   jax.block_until_ready(engine.decode(params, state, *sampling, jnp.int32(1)))
 
 
@@ -356,48 +389,65 @@ def _chunks(jobs: np.ndarray, job_prompt: np.ndarray, *, rows: int,
 
 
 def _request(cfg: EngineConfig, slots, part, *, job_prompt, prompts,
-             prompt_mask, out: Tracks, fresh: bool) -> Requests:
+             prompt_mask, out: Tracks) -> Requests:
   """Requests for jobs `part` into `slots`, padded to M rows (padding rows
-  repeat the first job and target slot R, so they are dropped)."""
+  repeat the first job and target slot R, so they are dropped), with their
+  U distinct prompts (each prefilled once)."""
   m = cfg.rows_per_insert
   pad = m - len(part)
   idx = np.concatenate([part, np.full(pad, part[0])])
   slot = np.concatenate([slots, np.full(pad, cfg.num_slots)])
-  if fresh:  # U distinct prompts, each prefilled once.
-    uniq, source = np.unique(job_prompt[idx], return_inverse=True)
-    rows = np.concatenate([uniq, np.full(cfg.prompts_per_insert - len(uniq),
-                                         uniq[0])])
-  else:
-    rows, source = job_prompt[idx], np.arange(m)
+  uniq, source = np.unique(job_prompt[idx], return_inverse=True)
+  rows = np.concatenate([uniq, np.full(cfg.prompts_per_insert - len(uniq),
+                                       uniq[0])])
   return Requests(slot=slot.astype(np.int32), source=source.astype(np.int32),
                   prompt=prompts[rows], prompt_mask=prompt_mask[rows],
                   prefix=_take(out, idx))
 
 
+def _prompt_spans(prompt_mask) -> np.ndarray:
+  """[U] columns from each prompt's first real token to the window's end."""
+  mask = np.asarray(prompt_mask, bool)
+  return np.where(mask.any(1), mask.shape[1] - np.argmax(mask, 1), 0)
+
+
 def _insert_jobs(engine: Engine, params, state: SlotState, slots, jobs, *,
                  job_prompt, prompts, prompt_mask, out: Tracks, sampling
                  ) -> tuple[SlotState, int]:
-  """Inserts `jobs` (rows of `out`) into `slots`: fresh jobs through the
-  prompt-only prefill, partial ones resumed in windows fitted to their
-  prefixes (sorted by length, so windows are tight).
+  """Inserts `jobs` (rows of `out`) into `slots`, `jobs[i]` into
+  `slots[i]`: fresh jobs, then partial ones resumed. Calls take up to U
+  distinct prompts (each prefilled once) and M rows; a call's width fits
+  its longest prompt (fresh) or partial response (resume), so jobs go in
+  by that length, a group's resumed rows together.
 
   Returns the new state and the number of insert calls.
   """
   cfg = engine.cfg
+  slot_of = dict(zip(jobs.tolist(), slots.tolist()))
   lengths = out.length[jobs]
-  order = np.argsort(lengths, kind='stable')
-  slot_of = dict(zip(jobs[order].tolist(), slots[order].tolist()))
+  prompt_of = job_prompt[jobs]
+  fresh = lengths == 0
+  # Fresh: by prompt span. Resumed: groups by their longest partial
+  # response, then each group's rows by length.
+  span = np.where(fresh, _prompt_spans(prompt_mask)[prompt_of], lengths)
+  group_len = np.zeros(prompt_of.max() + 1, span.dtype)
+  np.maximum.at(group_len, prompt_of[~fresh], span[~fresh])
   calls = 0
-  for fresh in (True, False):
-    sel = jobs[order][(lengths[order] == 0) == fresh]
-    for part in _chunks(sel, job_prompt, rows=cfg.rows_per_insert,
-                        prompts=cfg.prompts_per_insert if fresh else
-                        cfg.rows_per_insert):
+  for is_fresh in (True, False):
+    sel = np.flatnonzero(fresh == is_fresh)
+    keys = ((prompt_of[sel], span[sel]) if is_fresh else
+            (span[sel], prompt_of[sel], group_len[prompt_of[sel]]))
+    sel = sel[np.lexsort(keys)]  # Stable; the last key sorts first.
+    for part in _chunks(jobs[sel], job_prompt, rows=cfg.rows_per_insert,
+                        prompts=cfg.prompts_per_insert):
       req = _request(cfg, np.array([slot_of[j] for j in part]), part,
                      job_prompt=job_prompt, prompts=prompts,
-                     prompt_mask=prompt_mask, out=out, fresh=fresh)
-      window = cfg.window(int(out.length[part].max()))
-      state = engine.insert(params, state, req, *sampling, window=window)
+                     prompt_mask=prompt_mask, out=out)
+      longest = (_prompt_spans(req.prompt_mask).max() if is_fresh else
+                 out.length[part].max())
+      width = cfg.width(int(longest), resume=not is_fresh)
+      state = engine.insert(params, state, req, *sampling, width=width,
+                            resume=not is_fresh)
       calls += 1
   return state, calls
 

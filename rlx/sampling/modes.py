@@ -42,7 +42,7 @@ from rlx.sampling import tree as tree_lib
 from rlx.sampling import tree_rules
 
 _CHUNK_STEPS = 16  # rollout.chunk_steps = 0.
-_RESUME_BUCKET = 16  # rollout.resume_bucket = 0.
+_PREFILL_BUCKET = 16  # rollout.prefill_bucket = 0.
 
 
 @dataclasses.dataclass
@@ -144,7 +144,7 @@ class Rollouts:
           pad_id=tok.pad_id, top_k=s.top_k,
           chunk_steps=cfg.rollout.chunk_steps or _CHUNK_STEPS,
           insert_rows=rows, insert_prompts=prompts,
-          resume_bucket=cfg.rollout.resume_bucket or _RESUME_BUCKET))
+          prefill_bucket=cfg.rollout.prefill_bucket or _PREFILL_BUCKET))
     if self.mode == 'continuous':
       self._sampler = en.ContinuousSampler(self.engine)
       self.actor = Actor(model, task, s.max_new_tokens, top_k=s.top_k,
@@ -270,7 +270,7 @@ class Rollouts:
   def _collect_april(self, cur_state, partial_state, params, key, step):
     cfg, task = self.cfg, self.task
     b, g = cfg.rl.batch_prompts, cfg.rl.group_size
-    if not self._precompiled:  # Every resume window, before any timing.
+    if not self._precompiled:  # Every prefill width, before any timing.
       en.precompile(self.engine, params)
       self._precompiled = True
     buf, cursor = partial_state['buffer'], int(partial_state['cursor'])

@@ -43,7 +43,7 @@ def _fake_model():
 
   def apply_fn(params, tokens, positions, mask, cache, index):
     del params, mask
-    if not isinstance(index, jax.Array):  # Prefill (fresh or resume).
+    if not isinstance(index, jax.Array) and index == 0:  # Prompt prefill.
       cache = (tokens[:, :1],)
     return _fake_logits(cache[0], positions), cache
 
@@ -167,7 +167,7 @@ def test_resume_under_new_weights_keeps_old_logprobs():
   engine = en.transformer_engine(model, en.EngineConfig(
       num_slots=4, prompt_len=P, max_new_tokens=T, stop_tokens=(EOS, 5, 7),
       chunk_steps=2, insert_rows=3, insert_prompts=2,
-      resume_bucket=4))  # Resume windows P + 4, 8, 10.
+      prefill_bucket=4))  # Several prefill widths.
   sampler = partial.AprilSampler(engine, partial.AprilConfig(2),
                                  group_size=G)
   rng = np.random.default_rng(0)
@@ -301,7 +301,7 @@ def _real_sampler(model, *, keep_kv, top_k=0, target=2):
   engine = en.transformer_engine(model, en.EngineConfig(
       num_slots=4, prompt_len=P, max_new_tokens=T, stop_tokens=(EOS, 5, 7),
       top_k=top_k, chunk_steps=2, insert_rows=3, insert_prompts=2,
-      resume_bucket=4))
+      prefill_bucket=4))
   return partial.AprilSampler(
       engine, partial.AprilConfig(target, keep_kv=keep_kv), group_size=G)
 

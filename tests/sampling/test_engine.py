@@ -66,7 +66,8 @@ def test_greedy_continuous_equals_static():
   # prompt window (7 > 5) exercises the left-padding of `pad_prompts`.
   engine = en.transformer_engine(model, en.EngineConfig(
       num_slots=4, prompt_len=7, max_new_tokens=t, stop_tokens=STOP,
-      top_k=1, chunk_steps=3, insert_rows=2, insert_prompts=1))
+      top_k=1, chunk_steps=3, insert_rows=2, insert_prompts=1,
+      prefill_bucket=2))  # Prefills narrower than the window.
   cont = en.ContinuousSampler(engine)
   out = cont(params, prompts, mask, jax.random.key(1), 1.0, 1.0,
              num_samples=g)
@@ -87,13 +88,118 @@ def test_greedy_continuous_equals_static():
       (lengths.sum() - b * g) / (4 * stats['decode_steps']))
 
 
+@pytest.mark.parametrize('resume', [False, True])
+def test_insert_equals_prefilling_each_row_whole(resume):
+  """An insert (two prompts shared by four rows, prefilled over their real
+  tokens only; resumed rows' partial responses of 1 to 6 tokens prefilled
+  over a copy of their prompt's cache) leaves each slot as prefilling that
+  row's whole window at once would: the same keys and values at every
+  valid column, validity, next position, and greedy token with its
+  log-prob."""
+  model, params = _model()
+  p, t, m = 7, 10, 4
+  cfg = en.EngineConfig(num_slots=5, prompt_len=p, max_new_tokens=t,
+                        stop_tokens=(), insert_rows=m, insert_prompts=2,
+                        top_k=1, prefill_bucket=2)
+  engine = en.transformer_engine(model, cfg)
+  rng = np.random.default_rng(1)
+  prompts = rng.integers(3, V, (2, p)).astype(np.int32)
+  mask = np.arange(p)[None] >= np.array([[4], [3]])  # 3 and 4 real tokens.
+  prompts[~mask] = 0
+  source = np.array([0, 1, 1, 0], np.int32)
+  length = np.array([6, 1, 3, 2] if resume else [0] * m, np.int32)
+  tokens = rng.integers(3, V, (m, t)).astype(np.int32)
+  tokens[np.arange(t)[None] >= length[:, None]] = 0
+  prefix = en.empty_tracks((m,), t)._replace(tokens=tokens, length=length)
+  slot = np.array([4, 0, 2, 1], np.int32)
+  width = cfg.width(int(length.max()) if resume else 4, resume=resume)
+  assert width < (t if resume else p)  # Narrower than the whole window.
+  got = jax.device_get(engine.insert(
+      params, engine.init(jax.random.key(3)),
+      en.Requests(slot=slot, source=source, prompt=prompts, prompt_mask=mask,
+                  prefix=prefix), jnp.float32(1.0), jnp.float32(1.0),
+      jnp.int32(0), width=width, resume=resume))
+  # Reference: every row's prompt and prefix in one prefill of P + T.
+  full = np.concatenate([prompts[source], tokens], 1)
+  valid = np.concatenate([mask[source],
+                          np.arange(t)[None] < length[:, None]], 1)
+  positions = kv_cache.positions_from_mask(jnp.asarray(valid))
+  logits, _, _ = model.apply(
+      {'params': params}, jnp.asarray(full), positions,
+      kv_cache.causal_mask(jnp.asarray(valid), query_len=p + t,
+                           cache_index=0),
+      kv_cache.init_cache(num_layers=2, batch=m, length=p + t,
+                          num_kv_heads=1, head_dim=16), 0)
+  last = p - 1 + length
+  ref_logp = np.asarray(jax.nn.log_softmax(logits[np.arange(m), last]))
+  ref_cache = model.apply({'params': params}, jnp.asarray(full), positions,
+                          kv_cache.causal_mask(jnp.asarray(valid),
+                                               query_len=p + t,
+                                               cache_index=0),
+                          kv_cache.init_cache(num_layers=2, batch=m,
+                                              length=p + t, num_kv_heads=1,
+                                              head_dim=16), 0)[1]
+  np.testing.assert_array_equal(got.kv_valid[slot], valid)
+  np.testing.assert_array_equal(got.next_pos[slot],
+                                np.asarray(positions)[np.arange(m), last] + 1)
+  tr_got = jax.tree.map(lambda x: x[slot], got.tracks)
+  np.testing.assert_array_equal(tr_got.length, length + 1)
+  token = tr_got.tokens[np.arange(m), length]
+  np.testing.assert_array_equal(token, ref_logp.argmax(-1))
+  np.testing.assert_allclose(tr_got.logp[np.arange(m), length],
+                             ref_logp[np.arange(m), token], atol=1e-5)
+  kept = np.arange(t)[None] < length[:, None]  # The partial responses.
+  np.testing.assert_array_equal(tr_got.tokens[kept], tokens[kept])
+  v = valid[:, None, :, None]  # Over [M, K, S, H].
+  for lg, lr in zip(got.cache, ref_cache):
+    for x, y in ((lg.k[slot], lr.k), (lg.v[slot], lr.v)):
+      np.testing.assert_allclose(np.where(v, x, 0), np.where(v, y, 0),
+                                 atol=1e-5)
+
+
+def test_resumed_padded_prompts_continue_as_static_greedy():
+  """Responses stopped after two chunks and resumed by re-prefill (blocks
+  narrower than window plus prefix: prompts have 0 to 2 padding columns
+  in a window of 7) end exactly as the static sampler's greedy ones."""
+  model, params = _model()
+  b, g, p, t = 6, 3, 5, 10
+  prompts, mask = _prompts(b, p)
+  static = sampler_lib.transformer_sampler(model, sampler_lib.SamplerConfig(
+      max_new_tokens=t, stop_tokens=STOP, top_k=1))
+  ref = jax.device_get(static(params, prompts, mask, jax.random.key(0), 1.0,
+                              1.0, num_samples=g))
+  engine = en.transformer_engine(model, en.EngineConfig(
+      num_slots=4, prompt_len=7, max_new_tokens=t, stop_tokens=STOP,
+      top_k=1, chunk_steps=3, insert_rows=2, insert_prompts=1,
+      prefill_bucket=2))
+  wide, wide_mask = en.pad_prompts(prompts, mask, 7)
+  state = engine.init(jax.random.key(1))
+  job_prompt = np.repeat(np.arange(b), g)
+  out = en.empty_tracks((b * g,), t)
+  calls = iter(range(1000))
+  state, out, _ = en.run(engine, params, state, wide, wide_mask, out,
+                         temperature=1.0, top_p=1.0, version=0,
+                         job_prompt=job_prompt,
+                         stop=lambda done: next(calls) >= 2)
+  resumed = (out.finish == int(FinishReason.RUNNING)) & (out.length > 0)
+  assert resumed.sum() >= 2
+  state, out, stats = en.run(engine, params, state, wide, wide_mask, out,
+                             temperature=1.0, top_p=1.0, version=1,
+                             job_prompt=job_prompt)
+  np.testing.assert_array_equal(out.tokens, ref.tokens.reshape(b * g, t))
+  np.testing.assert_array_equal(out.length, ref.lengths.reshape(-1))
+  np.testing.assert_allclose(out.logp, ref.logp.reshape(b * g, t),
+                             atol=1e-5)
+
+
 def test_no_recompilation_across_refills_and_resumes():
   model, params = _model()
-  # One compilation each of fresh insert, resume insert (T=6 < the resume
-  # bucket: one window) and decode traces the model three times; any
+  # One compilation each of fresh insert (one prefill), resume insert (two:
+  # the prompt, then the partial responses; P and T are below the prefill
+  # bucket, so one width each) and decode traces the model four times; any
   # recompilation would trace it again.
   apply = chex.assert_max_traces(
-      lambda prm, *a: model.apply({'params': prm}, *a)[:2], n=3)
+      lambda prm, *a: model.apply({'params': prm}, *a)[:2], n=4)
   init = lambda b, s: kv_cache.init_cache(num_layers=2, batch=b, length=s,
                                           num_kv_heads=1, head_dim=16)
   cfg = en.EngineConfig(num_slots=3, prompt_len=5, max_new_tokens=6,
