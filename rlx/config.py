@@ -245,13 +245,13 @@ class RolloutConfig:
   # long tail).
   chunk_steps: int = 0  # continuous/april: decode steps per jitted call
   # between refills; 0: 16.
-  insert_rows: int = 0  # continuous/april: rows prefilled per insert call;
-  # 0: max(1, R / 8).
-  insert_prompts: int = 0  # continuous/april: distinct prompts per insert
-  # call, each prefilled once for its group's rows (fresh or resumed); 0:
-  # enough for the groups an insert spans.
+  insert_rows: int = 0  # continuous/april: rows put into free slots per
+  # insert call; 0: max(1, R / 8).
+  prefill_prompts: int = 0  # continuous/april: prompts prefilled together
+  # in one call, ahead of the inserts that copy each one's cache to its
+  # group's rows (fresh or resumed); 0: max(1, R / 4).
   prefill_bucket: int = 0  # continuous/april: prefills compute a multiple
-  # of this many columns: a fresh insert its longest prompt's real tokens
+  # of this many columns: a prompt prefill its longest prompt's real tokens
   # (not the left padding of the window), a resume its longest partial
   # response (over a copy of the prompt's cache); each width compiles once
   # (all of them before the first rollout); 0: 16.
@@ -684,13 +684,12 @@ TREE_ADVANTAGES = ('tree', 'treerl')
 
 
 def rollout_engine_sizes(cfg: Config) -> tuple[int, int, int]:
-  """(slots R, rows per insert M, prompts per insert U) of the continuous
-  engine, with the rollout section's 0 defaults resolved."""
+  """(slots R, rows per insert M, prompts per prompt prefill U) of the
+  continuous engine, with the rollout section's 0 defaults resolved."""
   ro, g = cfg.rollout, cfg.rl.group_size
   slots = ro.num_slots or max(cfg.rl.batch_prompts * g // 2, g)
   rows = ro.insert_rows or max(1, slots // 8)
-  # M consecutive group-major jobs span at most ceil(M / G) + 1 prompts.
-  prompts = ro.insert_prompts or min(rows, -(-rows // g) + 1)
+  prompts = ro.prefill_prompts or max(1, slots // 4)
   return slots, rows, prompts
 
 
@@ -699,15 +698,12 @@ def _validate_rollout(cfg: Config) -> None:
   ro, cur, obj = cfg.rollout, cfg.curriculum, cfg.objective
   _require(ro.mode in ROLLOUT_MODES, 'rollout.mode',
            f'{ro.mode!r} is not one of {list(ROLLOUT_MODES)}')
-  for key in ('num_slots', 'chunk_steps', 'insert_rows', 'insert_prompts',
+  for key in ('num_slots', 'chunk_steps', 'insert_rows', 'prefill_prompts',
               'prefill_bucket', 'inflight_groups'):
     _require(getattr(ro, key) >= 0, f'rollout.{key}', 'must be >= 0')
   slots, rows, _ = rollout_engine_sizes(cfg)
   _require(rows <= slots, 'rollout.insert_rows',
            f'{rows} must be <= rollout.num_slots ({slots})')
-  _require(ro.insert_prompts <= rows, 'rollout.insert_prompts',
-           f'{ro.insert_prompts} must be <= the rows per insert ({rows}, '
-           'rollout.insert_rows)')
   _require(ro.resume in ROLLOUT_RESUME, 'rollout.resume',
            f'{ro.resume!r} not in {list(ROLLOUT_RESUME)}')
   _require(ro.resume == 'prefill' or ro.mode == 'april', 'rollout.resume',

@@ -59,9 +59,9 @@ _GROUP_SIZE = flags.DEFINE_integer('group_size', 8, 'G: responses per group.')
 _CHUNK = flags.DEFINE_integer('chunk_steps', 16, 'Engine decode chunk k.')
 _INSERT_ROWS = flags.DEFINE_integer('insert_rows', 0, 'Engine insert width '
                                     'M; 0: slots // 8.')
-_INSERT_PROMPTS = flags.DEFINE_integer(
-    'insert_prompts', 2, 'Engine U: distinct prompts per insert, each '
-    'prefilled once for its group\'s rows; 0: M (no sharing).')
+_PREFILL_PROMPTS = flags.DEFINE_integer(
+    'prefill_prompts', 0, 'Engine U: prompts prefilled together, each once '
+    'for its group\'s rows; 0: slots // 4.')
 _DECODE_STEPS = flags.DEFINE_integer('decode_steps', 64, 'Steps timed in the '
                                      'decode-speed comparison; 0 skips it.')
 _RL_STEPS = flags.DEFINE_integer('rl_steps', 0, 'RL steps per mode and seed '
@@ -82,7 +82,7 @@ def _engine_cfg(cfg, task, *, chunk, stop=True) -> en.EngineConfig:
       max_new_tokens=cfg.sampling.max_new_tokens,
       stop_tokens=(tok.eos_id,) if stop else (), pad_id=tok.pad_id,
       chunk_steps=chunk, insert_rows=_INSERT_ROWS.value,
-      insert_prompts=_INSERT_PROMPTS.value)
+      prefill_prompts=_PREFILL_PROMPTS.value)
 
 
 def _prompt_ids(task, start: int, n: int) -> np.ndarray:
@@ -175,18 +175,17 @@ def _time_interleaved(modes: dict) -> dict:
 def _fill(engine, params, state, task):
   """Inserts a prompt into every slot (M rows per insert call)."""
   ecfg = engine.cfg
-  m = ecfg.rows_per_insert
+  m, u = ecfg.rows_per_insert, ecfg.prompts_per_prefill
+  idx = _prompt_ids(task, 0, u)
+  pool = engine.prefill(params, task.train_prompts[idx],
+                        task.train_prompt_mask[idx], width=ecfg.prompt_len)
   for start in range(0, ecfg.num_slots, m):
-    u = ecfg.prompts_per_insert
-    idx = _prompt_ids(task, start, u)
     req = en.Requests(
         slot=np.arange(start, start + m, dtype=np.int32),
-        source=np.arange(m, dtype=np.int32) % u,
-        prompt=task.train_prompts[idx], prompt_mask=task.train_prompt_mask[idx],
+        source=np.arange(start, start + m, dtype=np.int32) % u,
         prefix=en.empty_tracks((m,), ecfg.max_new_tokens))
-    state = engine.insert(params, state, req, jnp.float32(1.0),
-                          jnp.float32(1.0), jnp.int32(0),
-                          width=ecfg.prompt_len, resume=False)
+    state = engine.insert(params, state, pool, req, jnp.float32(1.0),
+                          jnp.float32(1.0), jnp.int32(0), width=0)
   return state
 
 

@@ -6,20 +6,20 @@ response follows from column P. Every slot has its own response length,
 RoPE position and `kv_valid` row, so slots advance independently and the
 cache is written at a per-row index.
 
-Two jitted functions move the state, both with fixed shapes (decode
-compiles once, insert once per prefill width, whatever is inserted):
+Three jitted functions do the work, with fixed shapes (decode compiles
+once, prefill and insert once per width, whatever is inserted):
 
-  insert(params, state, requests, ...)  prefills M new rows (fresh prompts,
-      or prompt + a partial response to resume) into the slots they name
-      and samples each row's next token; each distinct prompt is
-      prefilled once for the rows that share it (its real tokens only,
-      not the left padding of the window, when fresh), then resumed rows
-      prefill their own partial responses over a copy of its cache;
+  prefill(params, prompts, ...)  prefills U prompts together over their
+      real tokens (not the left padding of the window): a `PromptCache`;
+  insert(params, state, pool, requests, ...)  puts M rows into the slots
+      they name, each from a copy of its prompt's cache (a group's rows
+      share one prompt prefill), resumed rows prefilling their partial
+      responses over it, and samples each row's next token;
   decode(params, state, ...)  runs up to `chunk_steps` decode steps in a
       `lax.while_loop`, leaving early once enough slots have finished to
       make a full insert worthwhile.
 
-`run` is the host loop between them: it refills free slots from a queue of
+`run` is the host loop around them: it refills free slots from a queue of
 jobs, harvests finished rows, and stops when the queue is drained or a
 caller's predicate says so (APRIL, `rlx/sampling/partial.py`). Every
 sampled token carries its behaviour log-prob and the policy version that
@@ -29,6 +29,7 @@ signature, so it can replace `sampler.make_sampler` in the actor.
 
 import collections
 import dataclasses
+import itertools
 import time
 from typing import Callable, NamedTuple, Optional
 
@@ -53,15 +54,15 @@ class EngineConfig:
   pad_id: int = 0  # Written after a response ends.
   top_k: int = 0  # 0 disables top-k filtering.
   chunk_steps: int = 16  # k: most decode steps per jitted call.
-  insert_rows: int = 0  # M: rows prefilled per insert; 0: max(1, R // 8).
-  insert_prompts: int = 0  # U: distinct prompts per insert, each
-  # prefilled once for all its rows (a group's samples share it); 0: M.
+  insert_rows: int = 0  # M: rows inserted per insert; 0: max(1, R // 8).
+  prefill_prompts: int = 0  # U: prompts prefilled together in one prompt
+  # prefill; inserts then copy each prompt's cache to its group's rows (a
+  # group's samples share it); 0: max(1, R // 4).
   prefill_bucket: int = 16  # Prefills compute a multiple of this many
-  # columns: a fresh insert the longest prompt's real tokens (not the left
-  # padding of the window), a resume the longest partial response (its
-  # prompt is prefilled once per group, over the whole window): at most
-  # P / prefill_bucket + 1 fresh and T / prefill_bucket + 1 resume widths,
-  # one compilation each.
+  # columns: a prompt prefill its longest prompt's real tokens (not the
+  # left padding of the window), a resume its longest partial response
+  # (over a copy of the prompt's cache): at most P / prefill_bucket + 1
+  # prompt and T / prefill_bucket + 1 resume widths, one compilation each.
 
   def __post_init__(self):
     for name in ('num_slots', 'prompt_len', 'max_new_tokens', 'chunk_steps',
@@ -72,18 +73,17 @@ class EngineConfig:
     if not 0 <= self.insert_rows <= self.num_slots:
       raise ValueError(f'EngineConfig.insert_rows={self.insert_rows} must be '
                        f'in [0, num_slots={self.num_slots}]')
-    if not 0 <= self.insert_prompts <= self.rows_per_insert:
-      raise ValueError(
-          f'EngineConfig.insert_prompts={self.insert_prompts} must be in '
-          f'[0, rows per insert={self.rows_per_insert}]')
+    if self.prefill_prompts < 0:
+      raise ValueError(f'EngineConfig.prefill_prompts={self.prefill_prompts} '
+                       'must be >= 0')
 
   @property
   def rows_per_insert(self) -> int:
     return self.insert_rows or max(1, self.num_slots // 8)
 
   @property
-  def prompts_per_insert(self) -> int:
-    return self.insert_prompts or self.rows_per_insert
+  def prompts_per_prefill(self) -> int:
+    return self.prefill_prompts or max(1, self.num_slots // 4)
 
   @property
   def cache_len(self) -> int:
@@ -91,9 +91,9 @@ class EngineConfig:
 
   def width(self, span: int, *, resume: bool) -> int:
     """Columns a prefill computes for real spans of at most `span` tokens
-    (fresh: a prompt's, from its first real token to the end of the
-    window; resume: a partial response's tokens): the next multiple of
-    `prefill_bucket`, at most P (fresh) or T (resume)."""
+    (a prompt's, from its first real token to the end of the window; or,
+    resuming, a partial response's): the next multiple of
+    `prefill_bucket`, at most P (prompts) or T (resume)."""
     b = self.prefill_bucket
     cap = self.max_new_tokens if resume else self.prompt_len
     return min(-(-max(span, 1) // b) * b, cap)
@@ -129,12 +129,19 @@ class SlotState(NamedTuple):
   # older of this and the current version.
 
 
+class PromptCache(NamedTuple):
+  """U prompts prefilled together (`Engine.prefill`); `Engine.insert`
+  copies each one's cache to the rows that continue it."""
+  cache: kv_cache.Cache  # U rows of P columns.
+  valid: Array  # [U, P] bool, real prompt tokens.
+  last_pos: Array  # [U] int32 RoPE position of the last prompt token.
+  logits: Array  # [U, V] float32, predicting the first response token.
+
+
 class Requests(NamedTuple):
   """M rows to insert; padding rows name slot R and are dropped."""
   slot: Array  # [M] int32 target slot.
-  source: Array  # [M] int32 row of `prompt` that each row continues.
-  prompt: Array  # [U, P] int32, left-padded, each prefilled once.
-  prompt_mask: Array  # [U, P] bool.
+  source: Array  # [M] int32 row of the `PromptCache` each row continues.
   prefix: Tracks  # [M, ...] response so far (length 0: a fresh prompt).
 
 
@@ -142,6 +149,7 @@ class Engine(NamedTuple):
   """The jitted engine functions (see the module docstring)."""
   cfg: EngineConfig
   init: Callable[[PRNGKey], SlotState]
+  prefill: Callable[..., PromptCache]
   insert: Callable[..., SlotState]
   decode: Callable[..., SlotState]
 
@@ -221,62 +229,63 @@ def make_engine(apply_fn: sampler_lib.ApplyFn,
         busy=jnp.zeros((), jnp.int32), steps=jnp.zeros((), jnp.int32),
         kv_version=jnp.zeros((r,), jnp.int32))
 
-  def insert(params: Params, state: SlotState, req: Requests, temperature,
-             top_p, version, *, width: int, resume: bool) -> SlotState:
-    """Prefills `req` rows into their slots and samples one token each.
+  def prefill(params: Params, prompts: Array, prompt_mask: Array, *,
+              width: int) -> PromptCache:
+    """Prefills U left-padded prompts [U, P] over their last `width`
+    (static) columns: the longest prompt's real tokens rounded up
+    (`cfg.width`), not the window's left padding, which stays invalid."""
+    n, lead = prompts.shape[0], p - width
+    valid = prompt_mask.astype(bool)
+    positions = kv_cache.positions_from_mask(valid)
+    logits, cache = apply_fn(
+        params, prompts[:, lead:], positions[:, lead:],
+        kv_cache.causal_mask(valid, query_len=width, cache_index=lead),
+        init_cache_fn(n, p), lead)
+    return PromptCache(cache=cache, valid=valid, last_pos=positions[:, -1],
+                       logits=logits[:, -1])
 
-    Each of the U prompts is prefilled once and its cache copied to the
-    rows naming it (a group's rows share their prompt). Fresh rows
-    (`resume` False; the prefix is ignored) compute only the last `width`
-    (static) columns of the prompt window, the longest prompt's real
-    tokens rounded up (`cfg.width`), not its left padding. Resumed rows
-    (`resume` True) then prefill their own partial responses, `width`
-    columns from column P (the longest prefix rounded up), over the copy
-    of their prompt's cache. Columns a prefill skipped stay invalid.
+  def insert(params: Params, state: SlotState, pool: PromptCache,
+             req: Requests, temperature, top_p, version, *,
+             width: int) -> SlotState:
+    """Inserts `req` rows into their slots and samples one token each.
+
+    Every row starts from a copy of its prompt's cache in `pool`. Fresh
+    rows (`width` 0, static; the prefix is ignored) need no model call.
+    Resumed rows prefill their partial responses, `width` columns from
+    column P (the longest rounded up: `cfg.width`), over that copy.
     """
     m = req.slot.shape[0]
-    n = req.prompt.shape[0]
-    lead = 0 if resume else p - width  # Prompt columns skipped.
-    cols = p + width if resume else p  # Cache columns the prefills reach.
-    prompt_valid = req.prompt_mask.astype(bool)
-    positions = kv_cache.positions_from_mask(prompt_valid)
-    kv_valid = jnp.concatenate(
-        [prompt_valid, jnp.zeros((n, cols - p), bool)], 1)
-    logits, cache = apply_fn(
-        params, req.prompt[:, lead:], positions[:, lead:],
-        kv_cache.causal_mask(kv_valid, query_len=p - lead, cache_index=lead),
-        init_cache_fn(n, cols), lead)
-    # Rows [M] of the prompt prefills [U].
-    cache = jax.tree.map(lambda x: x[req.source], cache)
-    positions = positions[req.source]
-    if resume:
+    cache = jax.tree.map(lambda x: x[req.source], pool.cache)
+    kv_valid, last_pos = pool.valid[req.source], pool.last_pos[req.source]
+    if width:
       prefix = req.prefix
       kv_valid = jnp.concatenate(
-          [prompt_valid[req.source],
-           jnp.arange(width)[None] < prefix.length[:, None]], 1)
+          [kv_valid, jnp.arange(width)[None] < prefix.length[:, None]], 1)
       # Response token j sits at column P + j, position (prompt length) + j.
-      prefix_pos = positions[:, -1:] + 1 + jnp.arange(width)[None]
+      positions = last_pos[:, None] + 1 + jnp.arange(width)[None]
+      # Into a cache of P + width columns (`init_cache_fn`'s layout).
+      cache = jax.tree.map(
+          lambda dst, x: dst.at[tuple(slice(0, d) for d in x.shape)].set(x),
+          init_cache_fn(m, p + width), cache)
       logits, cache = apply_fn(
-          params, prefix.tokens[:, :width], prefix_pos,
+          params, prefix.tokens[:, :width], positions,
           kv_cache.causal_mask(kv_valid, query_len=width, cache_index=p),
           cache, p)
-      rows = jnp.arange(m)
-      last_logits = logits[rows, prefix.length - 1]
-      next_pos = prefix_pos[rows, prefix.length - 1] + 1
+      first = logits[jnp.arange(m), prefix.length - 1]
     else:
       prefix = empty_tracks((m,), t_max, pad_id=cfg.pad_id, xp=jnp)
-      kv_valid = kv_valid[req.source]
-      last_logits = logits[req.source, -1]
-      next_pos = positions[:, -1] + 1
-    key, token, lp, ent = pick(state.key, last_logits, temperature, top_p)
+      first = pool.logits[req.source]
+    key, token, lp, ent = pick(state.key, first, temperature, top_p)
     tracks, live = record(prefix._replace(finish=jnp.full(
         (m,), _RUNNING, jnp.int32)), jnp.ones((m,), bool), token, lp, ent,
                           version)
-    kv_valid = jnp.concatenate([kv_valid, jnp.zeros((m, s - cols), bool)], 1)
+    kv_valid = jnp.concatenate(
+        [kv_valid, jnp.zeros((m, s - kv_valid.shape[1]), bool)], 1)
     put = lambda dst, x: _scatter_rows(dst, req.slot, x)
     return state._replace(
         tracks=jax.tree.map(put, state.tracks, tracks),
-        live=put(state.live, live), next_pos=put(state.next_pos, next_pos),
+        live=put(state.live, live),
+        next_pos=put(state.next_pos, last_pos + 1 + prefix.length),
         kv_valid=put(state.kv_valid, kv_valid),
         cache=jax.tree.map(put, state.cache, cache), key=key,
         kv_version=put(state.kv_version,
@@ -328,29 +337,28 @@ def make_engine(apply_fn: sampler_lib.ApplyFn,
 
   return Engine(
       cfg=cfg, init=init_committed,
-      insert=jax.jit(insert, static_argnames=('width', 'resume'),
-                     donate_argnums=1),
+      prefill=jax.jit(prefill, static_argnames=('width',)),
+      insert=jax.jit(insert, static_argnames=('width',), donate_argnums=1),
       decode=jax.jit(decode, donate_argnums=1))
 
 
 def precompile(engine: Engine, params: Params) -> None:
-  """Compiles every insert width and the decode chunk up front (on a
-  scratch state whose inserts are all padding rows), so that no compilation
-  lands inside a timed or latency-sensitive rollout."""
+  """Compiles every prefill and insert width and the decode chunk up front
+  (on a scratch state whose inserts are all padding rows), so that no
+  compilation lands inside a timed or latency-sensitive rollout."""
   cfg = engine.cfg
-  m, t_max = cfg.rows_per_insert, cfg.max_new_tokens
+  m, u, p = cfg.rows_per_insert, cfg.prompts_per_prefill, cfg.prompt_len
   state = engine.init(jax.random.key(0))
   sampling = (jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0))
-  for resume in (False, True):
-    u = cfg.prompts_per_insert
-    req = Requests(slot=np.full((m,), cfg.num_slots, np.int32),
-                   source=np.zeros((m,), np.int32),
-                   prompt=np.zeros((u, cfg.prompt_len), np.int32),
-                   prompt_mask=np.ones((u, cfg.prompt_len), bool),
-                   prefix=empty_tracks((m,), t_max, pad_id=cfg.pad_id))
-    for width in cfg.widths(resume=resume):
-      state = engine.insert(params, state, req, *sampling, width=width,
-                            resume=resume)
+  prompts, mask = np.zeros((u, p), np.int32), np.ones((u, p), bool)
+  for width in cfg.widths(resume=False):
+    pool = engine.prefill(params, prompts, mask, width=width)
+  req = Requests(slot=np.full((m,), cfg.num_slots, np.int32),
+                 source=np.zeros((m,), np.int32),
+                 prefix=empty_tracks((m,), cfg.max_new_tokens,
+                                     pad_id=cfg.pad_id))
+  for width in [0] + cfg.widths(resume=True):
+    state = engine.insert(params, state, pool, req, *sampling, width=width)
   jax.block_until_ready(engine.decode(params, state, *sampling, jnp.int32(1)))
 
 
@@ -388,68 +396,96 @@ def _chunks(jobs: np.ndarray, job_prompt: np.ndarray, *, rows: int,
   return out + ([np.array(cur)] if cur else [])
 
 
-def _request(cfg: EngineConfig, slots, part, *, job_prompt, prompts,
-             prompt_mask, out: Tracks) -> Requests:
-  """Requests for jobs `part` into `slots`, padded to M rows (padding rows
-  repeat the first job and target slot R, so they are dropped), with their
-  U distinct prompts (each prefilled once)."""
-  m = cfg.rows_per_insert
-  pad = m - len(part)
-  idx = np.concatenate([part, np.full(pad, part[0])])
-  slot = np.concatenate([slots, np.full(pad, cfg.num_slots)])
-  uniq, source = np.unique(job_prompt[idx], return_inverse=True)
-  rows = np.concatenate([uniq, np.full(cfg.prompts_per_insert - len(uniq),
-                                       uniq[0])])
-  return Requests(slot=slot.astype(np.int32), source=source.astype(np.int32),
-                  prompt=prompts[rows], prompt_mask=prompt_mask[rows],
-                  prefix=_take(out, idx))
-
-
 def _prompt_spans(prompt_mask) -> np.ndarray:
   """[U] columns from each prompt's first real token to the window's end."""
   mask = np.asarray(prompt_mask, bool)
   return np.where(mask.any(1), mask.shape[1] - np.argmax(mask, 1), 0)
 
 
+def _distinct(values, limit: int) -> list:
+  """The first `limit` distinct items of an iterable, in order."""
+  seen = {}
+  for v in values:
+    seen.setdefault(v)
+    if len(seen) == limit:
+      break
+  return list(seen)
+
+
+class _PromptPool:
+  """The prompt caches of one `run` call (so of its weights): up to U
+  prompts at a time, prefilled together whenever an insert needs a prompt
+  that is not there (that prompt first, then the next ones in queue
+  order, so a group's rows and the groups after it find theirs)."""
+
+  def __init__(self, engine: Engine, params, prompts, prompt_mask):
+    self.engine, self.params = engine, params
+    self.prompts, self.prompt_mask = prompts, prompt_mask
+    self.spans = _prompt_spans(prompt_mask)
+    self.ids = np.full(engine.cfg.prompts_per_prefill, -1)
+    self.cache: Optional[PromptCache] = None
+    self.calls = 0
+
+  def rows(self, need: list, upcoming) -> np.ndarray:
+    """Pool rows holding the prompts `need` (distinct; at most U), after
+    a prefill of `need` + `upcoming` (an iterable of prompt rows) when one
+    of them is missing."""
+    if not np.all(np.isin(need, self.ids)):
+      u = len(self.ids)
+      ids = _distinct(itertools.chain(need, upcoming), u)
+      ids = np.array(ids + ids[:1] * (u - len(ids)))  # Pad with a repeat.
+      width = self.engine.cfg.width(int(self.spans[ids].max()),
+                                    resume=False)
+      self.cache = self.engine.prefill(self.params, self.prompts[ids],
+                                       self.prompt_mask[ids], width=width)
+      self.ids = ids
+      self.calls += 1
+    return np.array([np.flatnonzero(self.ids == j)[0] for j in need])
+
+
 def _insert_jobs(engine: Engine, params, state: SlotState, slots, jobs, *,
-                 job_prompt, prompts, prompt_mask, out: Tracks, sampling
-                 ) -> tuple[SlotState, int]:
+                 job_prompt, pool: _PromptPool, pending, out: Tracks,
+                 sampling) -> tuple[SlotState, int]:
   """Inserts `jobs` (rows of `out`) into `slots`, `jobs[i]` into
-  `slots[i]`: fresh jobs, then partial ones resumed. Calls take up to U
-  distinct prompts (each prefilled once) and M rows; a call's width fits
-  its longest prompt (fresh) or partial response (resume), so jobs go in
-  by that length, a group's resumed rows together.
+  `slots[i]`, M rows per call, each from its prompt's cache in `pool`:
+  fresh jobs in queue order, then partial ones resumed, by length (a
+  resume's width fits its longest partial response). `pending` (the jobs
+  queued after these) tells the pool which prompts come next.
 
   Returns the new state and the number of insert calls.
   """
   cfg = engine.cfg
   slot_of = dict(zip(jobs.tolist(), slots.tolist()))
   lengths = out.length[jobs]
-  prompt_of = job_prompt[jobs]
-  fresh = lengths == 0
-  # Fresh: by prompt span. Resumed: groups by their longest partial
-  # response, then each group's rows by length.
-  span = np.where(fresh, _prompt_spans(prompt_mask)[prompt_of], lengths)
-  group_len = np.zeros(prompt_of.max() + 1, span.dtype)
-  np.maximum.at(group_len, prompt_of[~fresh], span[~fresh])
-  calls = 0
-  for is_fresh in (True, False):
-    sel = np.flatnonzero(fresh == is_fresh)
-    keys = ((prompt_of[sel], span[sel]) if is_fresh else
-            (span[sel], prompt_of[sel], group_len[prompt_of[sel]]))
-    sel = sel[np.lexsort(keys)]  # Stable; the last key sorts first.
-    for part in _chunks(jobs[sel], job_prompt, rows=cfg.rows_per_insert,
-                        prompts=cfg.prompts_per_insert):
-      req = _request(cfg, np.array([slot_of[j] for j in part]), part,
-                     job_prompt=job_prompt, prompts=prompts,
-                     prompt_mask=prompt_mask, out=out)
-      longest = (_prompt_spans(req.prompt_mask).max() if is_fresh else
-                 out.length[part].max())
-      width = cfg.width(int(longest), resume=not is_fresh)
-      state = engine.insert(params, state, req, *sampling, width=width,
-                            resume=not is_fresh)
-      calls += 1
-  return state, calls
+  resumed = np.flatnonzero(lengths > 0)
+  parts = []
+  for is_fresh, sel in ((True, np.flatnonzero(lengths == 0)),
+                        (False, resumed[np.argsort(lengths[resumed],
+                                                   kind='stable')])):
+    parts += [(part, is_fresh) for part in _chunks(
+        jobs[sel], job_prompt, rows=cfg.rows_per_insert,
+        prompts=cfg.prompts_per_prefill)]
+  for i, (part, is_fresh) in enumerate(parts):
+    pad = cfg.rows_per_insert - len(part)
+    need = _distinct(job_prompt[part].tolist(), len(part))
+    later = itertools.chain(
+        (int(job_prompt[j]) for q, _ in parts[i + 1:] for j in q),
+        (int(job_prompt[j]) for j in pending))
+    rows = pool.rows(need, later)
+    source = rows[[need.index(x) for x in job_prompt[part].tolist()]]
+    # Padding rows repeat the first job and target slot R: dropped.
+    idx = np.concatenate([part, np.full(pad, part[0])])
+    req = Requests(
+        slot=np.concatenate([[slot_of[j] for j in part],
+                             np.full(pad, cfg.num_slots)]).astype(np.int32),
+        source=np.concatenate([source, np.full(pad, source[0])]).astype(
+            np.int32),
+        prefix=_take(out, idx))
+    width = 0 if is_fresh else cfg.width(int(out.length[part].max()),
+                                         resume=True)
+    state = engine.insert(params, state, pool.cache, req, *sampling,
+                          width=width)
+  return state, len(parts)
 
 
 def run(engine: Engine, params: Params, state: SlotState, prompts: np.ndarray,
@@ -479,7 +515,8 @@ def run(engine: Engine, params: Params, state: SlotState, prompts: np.ndarray,
     temperature, top_p: sampling settings (no recompilation).
     version: policy version recorded on every token sampled now.
     job_prompt: [J] int, the prompt row of each job (jobs sharing a prompt
-      share its prefill); None: job j uses prompt row j (U = J).
+      share its prefill, made under `params`); None: job j uses prompt row
+      j (U = J).
     stop: optional predicate on `done [J]` bool, checked between chunks;
       True ends the call with the unfinished jobs handed back.
     resident: optional [R] int, the job each slot already holds (-1: free),
@@ -494,7 +531,8 @@ def run(engine: Engine, params: Params, state: SlotState, prompts: np.ndarray,
     (state, tracks [J, ...] on the host: finished jobs with their finish
     reason, the others RUNNING with their partial response, stats) where
     stats has `decode_steps`, `busy_slot_steps`, `slot_utilisation`
-    (busy / (R * steps)), `decode_calls`, `insert_calls`, `resident_jobs`
+    (busy / (R * steps)), `decode_calls`, `insert_calls`, `prefill_calls`
+    (prompt prefills), `resident_jobs`
     (jobs continued from `resident`), `seconds`, and `slot_job` ([R] job
     per slot still live: -1 everywhere unless `hold` kept some).
   """
@@ -514,6 +552,7 @@ def run(engine: Engine, params: Params, state: SlotState, prompts: np.ndarray,
   calls = collections.Counter(resident_jobs=int(np.sum(slot_job >= 0)),
                               insert_calls=0, decode_calls=0)
   pending = collections.deque(np.flatnonzero(queued).tolist())
+  pool = _PromptPool(engine, params, prompts, prompt_mask)
   sampling = (jnp.float32(temperature), jnp.float32(top_p),
               jnp.int32(version))
   base = np.asarray(jax.device_get((state.busy, state.steps)))
@@ -523,9 +562,8 @@ def run(engine: Engine, params: Params, state: SlotState, prompts: np.ndarray,
     if len(jobs):
       slot_job[free] = jobs
       state, n = _insert_jobs(engine, params, state, free, jobs,
-                              job_prompt=job_prompt, prompts=prompts,
-                              prompt_mask=prompt_mask, out=out,
-                              sampling=sampling)
+                              job_prompt=job_prompt, pool=pool,
+                              pending=pending, out=out, sampling=sampling)
       calls['insert_calls'] += n
     if np.all(slot_job < 0):
       break
@@ -548,7 +586,7 @@ def run(engine: Engine, params: Params, state: SlotState, prompts: np.ndarray,
   stats = {'decode_steps': int(steps), 'busy_slot_steps': int(busy),
            'slot_utilisation': float(busy / max(r * steps, 1)),
            'seconds': time.perf_counter() - start, 'slot_job': slot_job,
-           **calls}
+           'prefill_calls': pool.calls, **calls}
   return state, out, stats
 
 

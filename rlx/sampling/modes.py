@@ -100,7 +100,7 @@ class _Tally:
 
   def __init__(self):
     self.busy = self.capacity = self.decoded = 0
-    self.calls = {'decode_calls': 0, 'insert_calls': 0}
+    self.calls = {'decode_calls': 0, 'insert_calls': 0, 'prefill_calls': 0}
     self.tree: list[dict] = []
 
 
@@ -143,7 +143,7 @@ class Rollouts:
           max_new_tokens=s.max_new_tokens, stop_tokens=actor.stop_tokens,
           pad_id=tok.pad_id, top_k=s.top_k,
           chunk_steps=cfg.rollout.chunk_steps or _CHUNK_STEPS,
-          insert_rows=rows, insert_prompts=prompts,
+          insert_rows=rows, prefill_prompts=prompts,
           prefill_bucket=cfg.rollout.prefill_bucket or _PREFILL_BUCKET))
     if self.mode == 'continuous':
       self._sampler = en.ContinuousSampler(self.engine)

@@ -168,6 +168,7 @@ class AprilSampler:
         'rollout/sampled_tokens': float(np.sum(groups.tracks.length) -
                                         np.sum(held.tracks.length)),
         'rollout/insert_calls': float(stats['insert_calls']),
+        'rollout/prefill_calls': float(stats['prefill_calls']),
     })
     if self.cfg.keep_kv:  # Responses continued on their kept cache.
       metrics['rollout/kept_kv_rows'] = float(stats['resident_jobs'])

@@ -54,7 +54,7 @@ def _sampler(num_slots=5, target=3, inflight=0, chunk=3, keep_kv=False):
   engine = en.make_engine(*_fake_model(), en.EngineConfig(
       num_slots=num_slots, prompt_len=P, max_new_tokens=T,
       stop_tokens=(EOS,), chunk_steps=chunk, insert_rows=2,
-      insert_prompts=1))
+      prefill_prompts=1))
   return partial.AprilSampler(
       engine, partial.AprilConfig(target, inflight, keep_kv=keep_kv),
       group_size=G)
@@ -166,7 +166,7 @@ def test_resume_under_new_weights_keeps_old_logprobs():
   params = [p0, jax.tree.map(lambda x: x * 1.5, p0)]  # New weights.
   engine = en.transformer_engine(model, en.EngineConfig(
       num_slots=4, prompt_len=P, max_new_tokens=T, stop_tokens=(EOS, 5, 7),
-      chunk_steps=2, insert_rows=3, insert_prompts=2,
+      chunk_steps=2, insert_rows=3, prefill_prompts=2,
       prefill_bucket=4))  # Several prefill widths.
   sampler = partial.AprilSampler(engine, partial.AprilConfig(2),
                                  group_size=G)
@@ -300,7 +300,7 @@ def test_errors():
 def _real_sampler(model, *, keep_kv, top_k=0, target=2):
   engine = en.transformer_engine(model, en.EngineConfig(
       num_slots=4, prompt_len=P, max_new_tokens=T, stop_tokens=(EOS, 5, 7),
-      top_k=top_k, chunk_steps=2, insert_rows=3, insert_prompts=2,
+      top_k=top_k, chunk_steps=2, insert_rows=3, prefill_prompts=2,
       prefill_bucket=4))
   return partial.AprilSampler(
       engine, partial.AprilConfig(target, keep_kv=keep_kv), group_size=G)

@@ -66,7 +66,7 @@ def test_greedy_continuous_equals_static():
   # prompt window (7 > 5) exercises the left-padding of `pad_prompts`.
   engine = en.transformer_engine(model, en.EngineConfig(
       num_slots=4, prompt_len=7, max_new_tokens=t, stop_tokens=STOP,
-      top_k=1, chunk_steps=3, insert_rows=2, insert_prompts=1,
+      top_k=1, chunk_steps=3, insert_rows=2, prefill_prompts=1,
       prefill_bucket=2))  # Prefills narrower than the window.
   cont = en.ContinuousSampler(engine)
   out = cont(params, prompts, mask, jax.random.key(1), 1.0, 1.0,
@@ -90,16 +90,16 @@ def test_greedy_continuous_equals_static():
 
 @pytest.mark.parametrize('resume', [False, True])
 def test_insert_equals_prefilling_each_row_whole(resume):
-  """An insert (two prompts shared by four rows, prefilled over their real
-  tokens only; resumed rows' partial responses of 1 to 6 tokens prefilled
-  over a copy of their prompt's cache) leaves each slot as prefilling that
-  row's whole window at once would: the same keys and values at every
-  valid column, validity, next position, and greedy token with its
-  log-prob."""
+  """A prompt prefill (two prompts over their real tokens only) and an
+  insert of four rows from it (resumed rows prefilling partial responses
+  of 1 to 6 tokens over a copy of their prompt's cache) leave each slot as
+  prefilling that row's whole window at once would: the same keys and
+  values at every valid column, validity, next position, and greedy token
+  with its log-prob."""
   model, params = _model()
   p, t, m = 7, 10, 4
   cfg = en.EngineConfig(num_slots=5, prompt_len=p, max_new_tokens=t,
-                        stop_tokens=(), insert_rows=m, insert_prompts=2,
+                        stop_tokens=(), insert_rows=m, prefill_prompts=2,
                         top_k=1, prefill_bucket=2)
   engine = en.transformer_engine(model, cfg)
   rng = np.random.default_rng(1)
@@ -112,13 +112,14 @@ def test_insert_equals_prefilling_each_row_whole(resume):
   tokens[np.arange(t)[None] >= length[:, None]] = 0
   prefix = en.empty_tracks((m,), t)._replace(tokens=tokens, length=length)
   slot = np.array([4, 0, 2, 1], np.int32)
-  width = cfg.width(int(length.max()) if resume else 4, resume=resume)
-  assert width < (t if resume else p)  # Narrower than the whole window.
+  prompt_width = cfg.width(4, resume=False)
+  width = cfg.width(int(length.max()), resume=True) if resume else 0
+  assert prompt_width < p and width < t  # Narrower than the whole window.
+  pool = engine.prefill(params, prompts, mask, width=prompt_width)
   got = jax.device_get(engine.insert(
-      params, engine.init(jax.random.key(3)),
-      en.Requests(slot=slot, source=source, prompt=prompts, prompt_mask=mask,
-                  prefix=prefix), jnp.float32(1.0), jnp.float32(1.0),
-      jnp.int32(0), width=width, resume=resume))
+      params, engine.init(jax.random.key(3)), pool,
+      en.Requests(slot=slot, source=source, prefix=prefix),
+      jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0), width=width))
   # Reference: every row's prompt and prefix in one prefill of P + T.
   full = np.concatenate([prompts[source], tokens], 1)
   valid = np.concatenate([mask[source],
@@ -170,7 +171,7 @@ def test_resumed_padded_prompts_continue_as_static_greedy():
                               1.0, num_samples=g))
   engine = en.transformer_engine(model, en.EngineConfig(
       num_slots=4, prompt_len=7, max_new_tokens=t, stop_tokens=STOP,
-      top_k=1, chunk_steps=3, insert_rows=2, insert_prompts=1,
+      top_k=1, chunk_steps=3, insert_rows=2, prefill_prompts=1,
       prefill_bucket=2))
   wide, wide_mask = en.pad_prompts(prompts, mask, 7)
   state = engine.init(jax.random.key(1))
@@ -194,12 +195,12 @@ def test_resumed_padded_prompts_continue_as_static_greedy():
 
 def test_no_recompilation_across_refills_and_resumes():
   model, params = _model()
-  # One compilation each of fresh insert (one prefill), resume insert (two:
-  # the prompt, then the partial responses; P and T are below the prefill
-  # bucket, so one width each) and decode traces the model four times; any
+  # One compilation each of the prompt prefill, the resume insert (P and T
+  # are below the prefill bucket: one width each) and decode traces the
+  # model three times (a fresh insert only copies caches); any
   # recompilation would trace it again.
   apply = chex.assert_max_traces(
-      lambda prm, *a: model.apply({'params': prm}, *a)[:2], n=4)
+      lambda prm, *a: model.apply({'params': prm}, *a)[:2], n=3)
   init = lambda b, s: kv_cache.init_cache(num_layers=2, batch=b, length=s,
                                           num_kv_heads=1, head_dim=16)
   cfg = en.EngineConfig(num_slots=3, prompt_len=5, max_new_tokens=6,
@@ -222,6 +223,7 @@ def test_no_recompilation_across_refills_and_resumes():
   # Same executables too (jit also keys on device placement).
   assert engine.decode._cache_size() == 1  # pylint: disable=protected-access
   assert engine.insert._cache_size() == 2  # pylint: disable=protected-access
+  assert engine.prefill._cache_size() == 1  # pylint: disable=protected-access
 
 
 def test_config_errors_name_the_field():
