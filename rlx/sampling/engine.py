@@ -342,10 +342,12 @@ def make_engine(apply_fn: sampler_lib.ApplyFn,
       decode=jax.jit(decode, donate_argnums=1))
 
 
-def precompile(engine: Engine, params: Params) -> None:
+def precompile(engine: Engine, params: Params, *, resume: bool = True
+               ) -> None:
   """Compiles every prefill and insert width and the decode chunk up front
   (on a scratch state whose inserts are all padding rows), so that no
-  compilation lands inside a timed or latency-sensitive rollout."""
+  compilation lands inside a timed or latency-sensitive rollout. `resume`
+  False skips the resume widths (callers that never resume)."""
   cfg = engine.cfg
   m, u, p = cfg.rows_per_insert, cfg.prompts_per_prefill, cfg.prompt_len
   state = engine.init(jax.random.key(0))
@@ -357,7 +359,7 @@ def precompile(engine: Engine, params: Params) -> None:
                  source=np.zeros((m,), np.int32),
                  prefix=empty_tracks((m,), cfg.max_new_tokens,
                                      pad_id=cfg.pad_id))
-  for width in [0] + cfg.widths(resume=True):
+  for width in [0] + (cfg.widths(resume=True) if resume else []):
     state = engine.insert(params, state, pool, req, *sampling, width=width)
   jax.block_until_ready(engine.decode(params, state, *sampling, jnp.int32(1)))
 
@@ -510,13 +512,13 @@ def run(engine: Engine, params: Params, state: SlotState, prompts: np.ndarray,
     engine: from `make_engine`.
     params: model parameters.
     state: slot state (from `engine.init`; no slot live). Donated.
-    prompts: [U, P] int32 left-padded; prompt_mask: [U, P] bool.
+    prompts: [Q, P] int32 left-padded; prompt_mask: [Q, P] bool.
     prefix: host `Tracks [J, ...]`, e.g. `empty_tracks((J,), T)`.
     temperature, top_p: sampling settings (no recompilation).
     version: policy version recorded on every token sampled now.
     job_prompt: [J] int, the prompt row of each job (jobs sharing a prompt
       share its prefill, made under `params`); None: job j uses prompt row
-      j (U = J).
+      j (Q = J).
     stop: optional predicate on `done [J]` bool, checked between chunks;
       True ends the call with the unfinished jobs handed back.
     resident: optional [R] int, the job each slot already holds (-1: free),

@@ -185,8 +185,14 @@ class Rollouts:
 
   # Samplers behind the actor (they tally the step's statistics) ----------
 
+  def _precompile(self, params, *, resume: bool) -> None:
+    if not self._precompiled:  # Every prefill width, before any timing.
+      en.precompile(self.engine, params, resume=resume)
+      self._precompiled = True
+
   def _continuous(self, params, prompts, prompt_mask, key, temperature,
                   top_p=1.0, *, num_samples):
+    self._precompile(params, resume=False)
     out = self._sampler(params, prompts, prompt_mask, key, temperature,
                         top_p, num_samples=num_samples,
                         version=self._version)
@@ -270,9 +276,7 @@ class Rollouts:
   def _collect_april(self, cur_state, partial_state, params, key, step):
     cfg, task = self.cfg, self.task
     b, g = cfg.rl.batch_prompts, cfg.rl.group_size
-    if not self._precompiled:  # Every prefill width, before any timing.
-      en.precompile(self.engine, params)
-      self._precompiled = True
+    self._precompile(params, resume=True)
     buf, cursor = partial_state['buffer'], int(partial_state['cursor'])
     n = self.april.prompts_needed(buf)
     ids = data_order(self.curriculum.seed, cursor, n, self.curriculum.pool)

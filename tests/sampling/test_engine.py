@@ -226,6 +226,27 @@ def test_no_recompilation_across_refills_and_resumes():
   assert engine.prefill._cache_size() == 1  # pylint: disable=protected-access
 
 
+def test_precompile_without_resume_covers_every_fresh_rollout():
+  """What continuous mode compiles up front (prompt widths 2, 4 and 5 and
+  the fresh insert) serves rollouts of prompts of any length."""
+  model, params = _model()
+  cfg = en.EngineConfig(num_slots=3, prompt_len=5, max_new_tokens=6,
+                        stop_tokens=STOP, chunk_steps=2, insert_rows=2,
+                        prefill_prompts=1, prefill_bucket=2)
+  engine = en.transformer_engine(model, cfg)
+  en.precompile(engine, params, resume=False)
+  sizes = lambda: (engine.prefill._cache_size(), engine.insert._cache_size())  # pylint: disable=protected-access
+  assert sizes() == (3, 1)
+  state = engine.init(jax.random.key(0))
+  for i in range(3):
+    prompts, mask = _prompts(4 + i, 5, seed=i)
+    state, out, _ = en.run(engine, params, state, prompts, mask,
+                           en.empty_tracks((len(prompts),), 6),
+                           temperature=1.0, top_p=1.0, version=i)
+    assert np.all(out.finish != int(FinishReason.RUNNING))
+  assert sizes() == (3, 1)
+
+
 def test_config_errors_name_the_field():
   with pytest.raises(ValueError, match='num_slots'):
     en.EngineConfig(num_slots=0, prompt_len=4, max_new_tokens=4,
