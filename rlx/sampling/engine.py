@@ -428,10 +428,11 @@ class _PromptPool:
     self.cache: Optional[PromptCache] = None
     self.calls = 0
 
-  def rows(self, need: list, upcoming) -> np.ndarray:
-    """Pool rows holding the prompts `need` (distinct; at most U), after
-    a prefill of `need` + `upcoming` (an iterable of prompt rows) when one
-    of them is missing."""
+  def rows(self, prompts: np.ndarray, upcoming) -> np.ndarray:
+    """The pool row of each of `prompts` (prompt rows; at most U distinct),
+    after a prefill of them and then `upcoming` (an iterable of prompt
+    rows) when one of them is missing."""
+    need = _distinct(prompts.tolist(), len(prompts))
     if not np.all(np.isin(need, self.ids)):
       u = len(self.ids)
       ids = _distinct(itertools.chain(need, upcoming), u)
@@ -442,7 +443,10 @@ class _PromptPool:
                                        self.prompt_mask[ids], width=width)
       self.ids = ids
       self.calls += 1
-    return np.array([np.flatnonzero(self.ids == j)[0] for j in need])
+    row_of = {}
+    for row, j in enumerate(self.ids.tolist()):
+      row_of.setdefault(j, row)
+    return np.array([row_of[j] for j in prompts.tolist()])
 
 
 def _insert_jobs(engine: Engine, params, state: SlotState, slots, jobs, *,
@@ -459,22 +463,17 @@ def _insert_jobs(engine: Engine, params, state: SlotState, slots, jobs, *,
   cfg = engine.cfg
   slot_of = dict(zip(jobs.tolist(), slots.tolist()))
   lengths = out.length[jobs]
-  resumed = np.flatnonzero(lengths > 0)
-  parts = []
-  for is_fresh, sel in ((True, np.flatnonzero(lengths == 0)),
-                        (False, resumed[np.argsort(lengths[resumed],
-                                                   kind='stable')])):
-    parts += [(part, is_fresh) for part in _chunks(
-        jobs[sel], job_prompt, rows=cfg.rows_per_insert,
-        prompts=cfg.prompts_per_prefill)]
-  for i, (part, is_fresh) in enumerate(parts):
+  fresh, resumed = np.flatnonzero(lengths == 0), np.flatnonzero(lengths)
+  resumed = resumed[np.argsort(lengths[resumed], kind='stable')]
+  parts = [part for sel in (fresh, resumed)
+           for part in _chunks(jobs[sel], job_prompt,
+                               rows=cfg.rows_per_insert,
+                               prompts=cfg.prompts_per_prefill)]
+  for i, part in enumerate(parts):
     pad = cfg.rows_per_insert - len(part)
-    need = _distinct(job_prompt[part].tolist(), len(part))
-    later = itertools.chain(
-        (int(job_prompt[j]) for q, _ in parts[i + 1:] for j in q),
-        (int(job_prompt[j]) for j in pending))
-    rows = pool.rows(need, later)
-    source = rows[[need.index(x) for x in job_prompt[part].tolist()]]
+    later = itertools.chain((job_prompt[j] for q in parts[i + 1:] for j in q),
+                            (job_prompt[j] for j in pending))
+    source = pool.rows(job_prompt[part], later)
     # Padding rows repeat the first job and target slot R: dropped.
     idx = np.concatenate([part, np.full(pad, part[0])])
     req = Requests(
@@ -483,8 +482,8 @@ def _insert_jobs(engine: Engine, params, state: SlotState, slots, jobs, *,
         source=np.concatenate([source, np.full(pad, source[0])]).astype(
             np.int32),
         prefix=_take(out, idx))
-    width = 0 if is_fresh else cfg.width(int(out.length[part].max()),
-                                         resume=True)
+    longest = int(out.length[part].max())  # 0: fresh jobs.
+    width = longest and cfg.width(longest, resume=True)
     state = engine.insert(params, state, pool.cache, req, *sampling,
                           width=width)
   return state, len(parts)
