@@ -22,6 +22,25 @@ class CheckpointError(RuntimeError):
   """A checkpoint is missing, unreadable or does not match the run."""
 
 
+def json_safe(value: Any, what: str) -> Any:
+  """`value` with numpy scalars and arrays as Python numbers and lists.
+
+  Raises:
+    CheckpointError naming `what` and the offending key when something
+    else is not JSON data.
+  """
+  if isinstance(value, dict):
+    return {k: json_safe(v, f'{what}, key {k!r}') for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v, what) for v in value]
+  if isinstance(value, (np.generic, np.ndarray, jax.Array)):
+    return np.asarray(value).tolist()
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  raise CheckpointError(f'cannot save {what}: {type(value).__name__} '
+                        f'{value!r} is not JSON data')
+
+
 class Checkpointer:
   """Saves and restores (state pytree, metadata dict) by step."""
 
@@ -40,6 +59,10 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
+    """Writes step `step`; `meta` must be JSON data (numpy scalars and
+    arrays are turned into numbers and lists). Anything else raises
+    CheckpointError before anything is written."""
+    meta = json_safe(meta, f'the metadata of checkpoint {step}')
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                        force=True)

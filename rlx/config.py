@@ -186,6 +186,14 @@ class CurriculumConfig:
   # curriculum/uncharged_rollouts). The filter then knows for free which
   # groups come back all-equal: an upper bound on what choosing prompts
   # can save at equal rollouts, to compare selectors against.
+  oracle_screen: int = 0  # ANALYSIS ONLY (not a method): K > 1 draws
+  # (K - 1) * B more candidate prompts after the first round (the selector's
+  # draws, G rollouts each) and trains on the B groups, of all K * B, with
+  # the largest reward variance (ties at random); only those B groups'
+  # rollouts are charged (the rest in curriculum/uncharged_rollouts). The
+  # bound of a selector that knows each group's outcome in advance and
+  # prefers the most mixed (p near 0.5), beyond avoiding all-equal ones.
+  # Needs allocator 'fixed' and filter 'none'. 0 or 1: off.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -637,6 +645,13 @@ def _validate_curriculum(cfg: Config) -> None:
   _require(not cur.dapo_free_refills or 'dapo' in parts,
            'curriculum.dapo_free_refills', 'needs curriculum.filter to '
            f'include dapo (it is {cur.filter!r})')
+  _require(cur.oracle_screen >= 0, 'curriculum.oracle_screen',
+           f'{cur.oracle_screen} must be >= 0')
+  _require(cur.oracle_screen <= 1 or (
+      cur.allocator == 'fixed' and cur.filter == 'none'),
+           'curriculum.oracle_screen', f'{cur.oracle_screen} needs '
+           "allocator 'fixed' and filter 'none' (it chooses the groups "
+           f'itself); got {cur.allocator!r} and {cur.filter!r}')
   max_group = cur.max_group or 2 * g
   _require(1 <= cur.min_group <= g <= max_group, 'curriculum.min_group',
            f'need 1 <= min_group ({cur.min_group}) <= rl.group_size ({g}) '

@@ -88,6 +88,10 @@ BOUNDS = {
     # groups could at best save at equal rollouts (at this G).
     'dapo_oracle': {'filter': 'dapo', 'dapo_free_refills': True,
                     'dapo_max_retries': 8},
+    # The B most mixed (largest reward variance) of 4 * B uniformly drawn
+    # groups, only those charged (curriculum.oracle_screen): what a selector
+    # that also prefers p near 0.5 could at best save.
+    'screen_oracle': {'oracle_screen': 4},
 }
 
 RUNNABLE = {**METHODS, **BOUNDS}

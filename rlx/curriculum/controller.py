@@ -274,7 +274,16 @@ class Curriculum:
                 if cfg.dapo_free_refills else sample)
       ids, groups, keep = self._refill(state, ids, groups, zero, eligible,
                                        k_dapo, refill, evidence, metrics)
-    if cfg.dapo_free_refills:
+    if cfg.oracle_screen > 1:
+      ids, groups = self._screen(state, ids, groups, k_dapo,
+                                 functools.partial(sample, tally=free),
+                                 evidence, metrics)
+      # Only the trained groups are charged; the rest moves to `free`.
+      trained = [int(groups.counts().sum()),
+                 sum(int(r.lengths) for rows in groups.rows for r in rows)]
+      free[:] = [f + s - t for f, s, t in zip(free, spent, trained)]
+      spent[:] = trained
+    if cfg.dapo_free_refills or cfg.oracle_screen > 1:
       metrics['curriculum/uncharged_rollouts'] = free[0]
     stats_before = state.stats
     state = state._replace(stats=self._observe(state.stats, evidence))
@@ -373,6 +382,42 @@ class Curriculum:
     metrics['curriculum/dapo_retries'] = done
     metrics['curriculum/dapo_bound_hit'] = float(retries > 0 and zero.any())
     return ids, groups, ~zero
+
+  def _screen(self, state, ids, groups, key, sample, evidence, metrics):
+    """The oracle screen (analysis): the B most mixed of K * B groups.
+
+    (K - 1) * B more prompts, never one already drawn this step, get G
+    rollouts each; of all K * B groups the B with the largest reward
+    variance are kept, ties broken at random. Every group is evidence.
+    """
+    b, g, k = len(ids), self.rl.group_size, self.cfg.oracle_screen
+    used = np.zeros(self.pool, bool)
+    used[ids] = True
+    cand_ids, cand = [np.asarray(ids)], [groups]
+    for r in range(k - 1):
+      if used.all():
+        break
+      tiers = jnp.asarray(np.where(used, 2, 0).astype(np.int32))
+      new = np.asarray(self._select(state, jax.random.fold_in(key, r),
+                                    min(b, int(np.sum(~used))), tiers))
+      used[new] = True
+      fresh = _Groups.empty(len(new))
+      self._extend(fresh, new, np.full(len(new), g),
+                   jax.random.fold_in(key, 1000 + r), sample)
+      evidence.append((new, fresh.successes(), fresh.counts()))
+      cand_ids.append(new)
+      cand.append(fresh)
+    all_ids = np.concatenate(cand_ids)
+    rows = [x for c in cand for x in c.rows]
+    rewards = [x for c in cand for x in c.rewards]
+    var = np.array([np.var(r) if r else -1.0 for r in rewards])
+    tie = np.asarray(jax.random.uniform(jax.random.fold_in(key, 2000),
+                                        (len(var),)))
+    best = np.lexsort((tie, -var))[:b]  # Largest variance first.
+    metrics['curriculum/screen_candidates'] = len(var)
+    metrics['curriculum/screen_var_mean'] = float(np.mean(var[best]))
+    return all_ids[best], _Groups([rows[i] for i in best],
+                                  [rewards[i] for i in best])
 
   def observe(self, state, ids, successes, counts):
     """The state after observing groups sampled outside `collect` (e.g.

@@ -149,6 +149,54 @@ def test_free_dapo_refills_are_the_same_groups_uncharged():
   np.testing.assert_array_equal(got_state.stats.alpha, want_state.stats.alpha)
 
 
+def test_oracle_screen_trains_the_most_mixed_groups_and_charges_them_only():
+  calls = []
+
+  def recording(params, ids, key, num_samples):
+    ro, rewards = fake_rollout(params, ids, key, num_samples)
+    calls.append((np.asarray(ids), np.asarray(rewards)))
+    return ro, rewards
+
+  cur = _curriculum(oracle_screen=3, estimator='beta', discount=1.0)
+  state = cur.init()
+  for step in range(4):
+    calls.clear()
+    got, new, m = cur.collect(state, None, jax.random.key(step), recording,
+                              step)
+    cand_ids = np.concatenate([i for i, _ in calls])
+    cand_rewards = np.concatenate([r for _, r in calls])  # [3B, G]
+    assert len(cand_ids) == 3 * B == len(set(cand_ids.tolist()))
+    var = cand_rewards.var(-1)
+    # The B trained groups are B of the candidates, with their rewards, and
+    # no candidate left out is more mixed than one kept.
+    picked = [int(np.flatnonzero(cand_ids == i)[0]) for i in got.ids]
+    np.testing.assert_array_equal(got.rewards, cand_rewards[picked])
+    left = np.setdiff1d(np.arange(3 * B), picked)
+    assert var[picked].min() >= var[left].max()
+    np.testing.assert_allclose(m['curriculum/screen_var_mean'],
+                               var[picked].mean())
+    assert got.group_mask.all()
+    # Charged: the trained groups only (tokens: fake lengths id % T + 1).
+    assert got.rollouts == m['curriculum/rollouts'] == B * G
+    assert m['curriculum/uncharged_rollouts'] == 2 * B * G
+    # Plain ints: they go into the checkpoint's JSON metadata.
+    assert type(got.rollouts) is type(got.decoded_tokens) is int
+    assert got.decoded_tokens == G * np.sum(got.ids % T + 1)
+    # Every candidate is evidence for the estimator.
+    np.testing.assert_allclose(
+        np.sum(new.stats.alpha - state.stats.alpha), cand_rewards.sum(),
+        rtol=1e-5)
+    state = new
+
+
+def test_oracle_screen_needs_fixed_allocation_and_no_filter():
+  with pytest.raises(config_lib.ConfigError,
+                     match="oracle_screen: 3 needs allocator 'fixed'"):
+    _curriculum(oracle_screen=3, filter='dapo')
+  with pytest.raises(config_lib.ConfigError, match='oracle_screen'):
+    _curriculum(oracle_screen=2, allocator='dars')
+
+
 def test_free_refills_need_the_dapo_filter():
   with pytest.raises(config_lib.ConfigError,
                      match='dapo_free_refills: needs curriculum.filter'):
