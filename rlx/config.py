@@ -194,6 +194,12 @@ class CurriculumConfig:
   # bound of a selector that knows each group's outcome in advance and
   # prefers the most mixed (p near 0.5), beyond avoiding all-equal ones.
   # Needs allocator 'fixed' and filter 'none'. 0 or 1: off.
+  oracle_probe: int = 0  # oracle_screen, ANALYSIS ONLY: 0: the outcome
+  # oracle above. n >= 2: the difficulty oracle: every candidate gets n
+  # uncharged probe rollouts instead, the B with the largest probe variance
+  # p(1-p) are chosen, and their G training rollouts are sampled afresh
+  # (charged): what a perfect per-prompt difficulty estimate could save,
+  # without knowing the training groups' outcomes.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -652,6 +658,11 @@ def _validate_curriculum(cfg: Config) -> None:
            'curriculum.oracle_screen', f'{cur.oracle_screen} needs '
            "allocator 'fixed' and filter 'none' (it chooses the groups "
            f'itself); got {cur.allocator!r} and {cur.filter!r}')
+  _require(cur.oracle_probe == 0 or (
+      cur.oracle_probe >= 2 and cur.oracle_screen > 1),
+           'curriculum.oracle_probe', f'{cur.oracle_probe} must be 0 or, '
+           'with curriculum.oracle_screen > 1, at least 2 (one probe has no '
+           'variance)')
   max_group = cur.max_group or 2 * g
   _require(1 <= cur.min_group <= g <= max_group, 'curriculum.min_group',
            f'need 1 <= min_group ({cur.min_group}) <= rl.group_size ({g}) '

@@ -92,6 +92,10 @@ BOUNDS = {
     # groups, only those charged (curriculum.oracle_screen): what a selector
     # that also prefers p near 0.5 could at best save.
     'screen_oracle': {'oracle_screen': 4},
+    # The same 4 * B candidates, but chosen by 16 free probe rollouts each
+    # (their p(1-p)) and trained on G fresh rollouts (curriculum.
+    # oracle_probe): a perfect difficulty estimate, without the outcomes.
+    'probe_oracle': {'oracle_screen': 4, 'oracle_probe': 16},
 }
 
 RUNNABLE = {**METHODS, **BOUNDS}

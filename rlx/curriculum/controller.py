@@ -257,6 +257,13 @@ class Curriculum:
     if cfg.selector == 'dots':  # What DOTS predicted for its picks.
       metrics['curriculum/dots_pred_mean'] = float(
           np.mean(np.asarray(self._dots_predict(state))[ids]))
+    screen = functools.partial(self._screen, state, key=k_dapo, sample=(
+        functools.partial(sample, tally=free)), evidence=evidence,
+                               metrics=metrics)
+    if cfg.oracle_screen > 1 and cfg.oracle_probe:
+      # Difficulty oracle: choose by free probes, then roll out afresh.
+      ids, _ = screen(ids, None)
+      p_sel = np.asarray(est.mean(state.stats))[ids]
     groups = _Groups.empty(b)
     counts, m = self.allocator.first(p_sel)
     metrics.update({f'curriculum/{k}': v for k, v in m.items()})
@@ -274,10 +281,11 @@ class Curriculum:
                 if cfg.dapo_free_refills else sample)
       ids, groups, keep = self._refill(state, ids, groups, zero, eligible,
                                        k_dapo, refill, evidence, metrics)
-    if cfg.oracle_screen > 1:
-      ids, groups = self._screen(state, ids, groups, k_dapo,
-                                 functools.partial(sample, tally=free),
-                                 evidence, metrics)
+    if cfg.oracle_screen > 1 and not cfg.oracle_probe:
+      # Outcome oracle: train on the most mixed of the groups themselves.
+      ids, groups = screen(ids, groups)
+      metrics['curriculum/screen_zero_frac'] = float(np.mean(
+          [zero_variance(r) for r in groups.rewards]))
       # Only the trained groups are charged; the rest moves to `free`.
       trained = [int(groups.counts().sum()),
                  sum(int(r.lengths) for rows in groups.rows for r in rows)]
@@ -383,17 +391,25 @@ class Curriculum:
     metrics['curriculum/dapo_bound_hit'] = float(retries > 0 and zero.any())
     return ids, groups, ~zero
 
-  def _screen(self, state, ids, groups, key, sample, evidence, metrics):
+  def _screen(self, state, ids, first, *, key, sample, evidence, metrics):
     """The oracle screen (analysis): the B most mixed of K * B groups.
 
     (K - 1) * B more prompts, never one already drawn this step, get G
-    rollouts each; of all K * B groups the B with the largest reward
-    variance are kept, ties broken at random. Every group is evidence.
+    rollouts each (curriculum.oracle_probe > 0: that many; and so do `ids`
+    when `first`, their groups, is None); of all K * B groups the B with
+    the largest reward variance are kept, ties broken at random. Every
+    group is evidence. Returns their ids and groups.
     """
-    b, g, k = len(ids), self.rl.group_size, self.cfg.oracle_screen
+    b, k = len(ids), self.cfg.oracle_screen
+    g = self.cfg.oracle_probe or self.rl.group_size
+    if first is None:
+      first = _Groups.empty(b)
+      self._extend(first, ids, np.full(b, g), jax.random.fold_in(key, 3000),
+                   sample)
+      evidence.append((np.asarray(ids), first.successes(), first.counts()))
     used = np.zeros(self.pool, bool)
     used[ids] = True
-    cand_ids, cand = [np.asarray(ids)], [groups]
+    cand_ids, cand = [np.asarray(ids)], [first]
     for r in range(k - 1):
       if used.all():
         break
@@ -410,7 +426,8 @@ class Curriculum:
     all_ids = np.concatenate(cand_ids)
     rows = [x for c in cand for x in c.rows]
     rewards = [x for c in cand for x in c.rewards]
-    var = np.array([np.var(r) if r else -1.0 for r in rewards])
+    # Sorted: groups with the same rewards get bit-equal variances (a tie).
+    var = np.array([np.var(np.sort(r)) if r else -1.0 for r in rewards])
     tie = np.asarray(jax.random.uniform(jax.random.fold_in(key, 2000),
                                         (len(var),)))
     best = np.lexsort((tie, -var))[:b]  # Largest variance first.

@@ -166,7 +166,7 @@ def test_oracle_screen_trains_the_most_mixed_groups_and_charges_them_only():
     cand_ids = np.concatenate([i for i, _ in calls])
     cand_rewards = np.concatenate([r for _, r in calls])  # [3B, G]
     assert len(cand_ids) == 3 * B == len(set(cand_ids.tolist()))
-    var = cand_rewards.var(-1)
+    var = np.sort(cand_rewards, -1).astype(np.float64).var(-1)
     # The B trained groups are B of the candidates, with their rewards, and
     # no candidate left out is more mixed than one kept.
     picked = [int(np.flatnonzero(cand_ids == i)[0]) for i in got.ids]
@@ -187,6 +187,45 @@ def test_oracle_screen_trains_the_most_mixed_groups_and_charges_them_only():
         np.sum(new.stats.alpha - state.stats.alpha), cand_rewards.sum(),
         rtol=1e-5)
     state = new
+
+
+def test_difficulty_oracle_chooses_by_free_probes_then_samples_afresh():
+  calls = []
+
+  def recording(params, ids, key, num_samples):
+    ro, rewards = fake_rollout(params, ids, key, num_samples)
+    calls.append((np.asarray(ids), np.asarray(rewards), num_samples))
+    return ro, rewards
+
+  cur = _curriculum(oracle_screen=3, oracle_probe=6, estimator='beta',
+                    discount=1.0)
+  state = cur.init()
+  for step in range(4):
+    calls.clear()
+    got, new, m = cur.collect(state, None, jax.random.key(step), recording,
+                              step)
+    *probes, train = calls
+    assert [n for _, _, n in probes] == [6] * 3 and train[2] == G
+    cand_ids = np.concatenate([i for i, _, _ in probes])
+    assert len(cand_ids) == 3 * B == len(set(cand_ids.tolist()))
+    var = np.sort(np.concatenate([r for _, r, _ in probes]), -1).astype(
+        np.float64).var(-1)  # p(1-p), bit-equal for equal groups
+    picked = [int(np.flatnonzero(cand_ids == i)[0]) for i in got.ids]
+    left = np.setdiff1d(np.arange(3 * B), picked)
+    assert var[picked].min() >= var[left].max()
+    # The trained groups are the fresh rollouts of the chosen prompts.
+    np.testing.assert_array_equal(train[0], got.ids)
+    np.testing.assert_array_equal(got.rewards, train[1])
+    assert got.rollouts == m['curriculum/rollouts'] == B * G
+    assert m['curriculum/uncharged_rollouts'] == 3 * B * 6
+    all_rewards = sum(r.sum() for _, r, _ in calls)
+    np.testing.assert_allclose(
+        np.sum(new.stats.alpha - state.stats.alpha), all_rewards, rtol=1e-5)
+    state = new
+  with pytest.raises(config_lib.ConfigError, match='oracle_probe: 1 must'):
+    _curriculum(oracle_screen=3, oracle_probe=1)
+  with pytest.raises(config_lib.ConfigError, match='oracle_probe: 4 must'):
+    _curriculum(oracle_probe=4)
 
 
 def test_oracle_screen_needs_fixed_allocation_and_no_filter():
