@@ -30,11 +30,20 @@ def json_safe(value: Any, what: str) -> Any:
     else is not JSON data.
   """
   if isinstance(value, dict):
+    for k in value:
+      if not isinstance(k, str):
+        raise CheckpointError(f'cannot save {what}: key {k!r} is not a '
+                              'string')
     return {k: json_safe(v, f'{what}, key {k!r}') for k, v in value.items()}
   if isinstance(value, (list, tuple)):
     return [json_safe(v, what) for v in value]
   if isinstance(value, (np.generic, np.ndarray, jax.Array)):
-    return np.asarray(value).tolist()
+    plain = np.asarray(value)
+    if plain.dtype.kind not in 'biuf':  # bool, int, float: not complex,
+      # bytes, dates or objects (which .tolist() would pass through).
+      raise CheckpointError(f'cannot save {what}: a numpy value of dtype '
+                            f'{plain.dtype} is not JSON data')
+    return plain.tolist()
   if value is None or isinstance(value, (bool, int, float, str)):
     return value
   raise CheckpointError(f'cannot save {what}: {type(value).__name__} '

@@ -187,13 +187,14 @@ class CurriculumConfig:
   # groups come back all-equal: an upper bound on what choosing prompts
   # can save at equal rollouts, to compare selectors against.
   oracle_screen: int = 0  # ANALYSIS ONLY (not a method): K > 1 draws
-  # (K - 1) * B more candidate prompts after the first round (the selector's
+  # (K - 1) * B more candidate prompts besides the first B (the selector's
   # draws, G rollouts each) and trains on the B groups, of all K * B, with
   # the largest reward variance (ties at random); only those B groups'
   # rollouts are charged (the rest in curriculum/uncharged_rollouts). The
   # bound of a selector that knows each group's outcome in advance and
   # prefers the most mixed (p near 0.5), beyond avoiding all-equal ones.
-  # Needs allocator 'fixed' and filter 'none'. 0 or 1: off.
+  # Needs allocator 'fixed', filter 'none' and rollout.mode static or
+  # continuous. 0 or 1: off.
   oracle_probe: int = 0  # oracle_screen, ANALYSIS ONLY: 0: the outcome
   # oracle above. n >= 2: the difficulty oracle: every candidate gets n
   # uncharged probe rollouts instead, the B with the largest probe variance
@@ -744,6 +745,17 @@ def _validate_rollout(cfg: Config) -> None:
   _require(obj.advantage not in TREE_ADVANTAGES or ro.mode == 'tree',
            'objective.advantage', f'{obj.advantage!r} needs the path_ids of '
            f'tree rollouts; set rollout.mode=tree (is {ro.mode!r})')
+  # The uncharged rollouts of the analysis bounds are split off in the
+  # curriculum's tallies; APRIL never asks the curriculum for its groups,
+  # and tree mode counts its decoded tokens itself (free ones included).
+  oracle = [k for k, on in (('oracle_screen', cur.oracle_screen > 1),
+                            ('dapo_free_refills', cur.dapo_free_refills))
+            if on]
+  _require(not oracle or ro.mode in ('static', 'continuous'),
+           f'curriculum.{oracle[0] if oracle else ""}',
+           f'is an analysis bound for rollout.mode static or continuous '
+           f'(is {ro.mode!r}): its uncharged rollouts would be ignored or '
+           'charged')
   if ro.mode == 'april':
     _require(not ro.inflight_groups or
              ro.inflight_groups > cfg.rl.batch_prompts,

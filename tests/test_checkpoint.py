@@ -33,3 +33,17 @@ def test_metadata_that_is_not_json_is_refused_before_writing(tmp_path):
     ckpt.save(5, {'w': jnp.zeros(2)}, {'counters': {'bad': object()}})
   assert ckpt.all_steps() == []
   assert not list(tmp_path.iterdir())  # Not even a temporary directory.
+
+
+@pytest.mark.parametrize('bad, match', [
+    ({'x': np.array([1 + 2j])}, "key 'x': a numpy value of dtype complex"),
+    ({'x': np.array([object()])}, 'dtype object'),
+    ({'x': np.datetime64('2026-01-01')}, 'dtype datetime64'),
+    ({(1, 2): 3}, r'key \(1, 2\) is not a string'),
+    ({'c': {np.int64(1): 3}}, r"key 'c': key np.int64\(1\) is not a string"),
+])
+def test_numpy_values_json_cannot_hold_are_refused(tmp_path, bad, match):
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  with pytest.raises(checkpoint.CheckpointError, match=match):
+    ckpt.save(1, {'w': jnp.zeros(2)}, bad)
+  assert not list(tmp_path.iterdir())

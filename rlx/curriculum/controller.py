@@ -284,6 +284,7 @@ class Curriculum:
     if cfg.oracle_screen > 1 and not cfg.oracle_probe:
       # Outcome oracle: train on the most mixed of the groups themselves.
       ids, groups = screen(ids, groups)
+      p_sel = np.asarray(est.mean(state.stats))[ids]  # Of the trained ids.
       metrics['curriculum/screen_zero_frac'] = float(np.mean(
           [zero_variance(r) for r in groups.rewards]))
       # Only the trained groups are charged; the rest moves to `free`.

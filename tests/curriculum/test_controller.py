@@ -228,6 +228,21 @@ def test_difficulty_oracle_chooses_by_free_probes_then_samples_afresh():
     _curriculum(oracle_probe=4)
 
 
+@pytest.mark.parametrize('mode', ['april', 'tree'])
+@pytest.mark.parametrize('knob', [{'oracle_screen': 4},
+                                  {'dapo_free_refills': True,
+                                   'filter': 'dapo'}])
+def test_oracle_bounds_are_refused_where_their_free_rollouts_would_count(
+    mode, knob):
+  c = config_lib.default_config_dict()
+  c.rollout.mode = mode
+  for k, v in knob.items():
+    c.curriculum[k] = v
+  with pytest.raises(config_lib.ConfigError,
+                     match=f'curriculum.{next(iter(knob))}: is an analysis'):
+    config_lib.build(c)
+
+
 def test_oracle_screen_needs_fixed_allocation_and_no_filter():
   with pytest.raises(config_lib.ConfigError,
                      match="oracle_screen: 3 needs allocator 'fixed'"):
