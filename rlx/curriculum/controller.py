@@ -372,16 +372,8 @@ class Curriculum:
       if not len(holes):
         break
       done = attempt + 1
-      # Tiers: eligible and unused first, then unused, used ones last.
-      tiers = np.where(used, 2, 0 if eligible is None else
-                       np.where(np.asarray(eligible), 0, 1)).astype(np.int32)
-      new = np.asarray(self._select(state, jax.random.fold_in(key, attempt),
-                                    len(holes), jnp.asarray(tiers)))
-      used[new] = True
-      fresh = _Groups.empty(len(new))
-      self._extend(fresh, new, np.full(len(new), g),
-                   jax.random.fold_in(key, 1000 + attempt), sample)
-      evidence.append((new, fresh.successes(), fresh.counts()))
+      new, fresh = self._draw_unused(state, used, len(holes), key, attempt,
+                                     g, sample, evidence, eligible)
       for hole, j in zip(holes, range(len(new))):
         if not zero_variance(fresh.rewards[j]):
           ids[hole] = new[j]
@@ -391,6 +383,24 @@ class Curriculum:
     metrics['curriculum/dapo_retries'] = done
     metrics['curriculum/dapo_bound_hit'] = float(retries > 0 and zero.any())
     return ids, groups, ~zero
+
+  def _draw_unused(self, state, used, n, key, attempt, per_id, sample,
+                   evidence, eligible=None):
+    """n more prompts by the selector, none of them `used` (updated), with
+    `per_id` rollouts each (keys folded from `attempt`), as evidence.
+
+    Tiers: eligible and unused first, then unused, used ones last.
+    """
+    tiers = np.where(used, 2, 0 if eligible is None else
+                     np.where(np.asarray(eligible), 0, 1)).astype(np.int32)
+    new = np.asarray(self._select(state, jax.random.fold_in(key, attempt),
+                                  n, jnp.asarray(tiers)))
+    used[new] = True
+    fresh = _Groups.empty(len(new))
+    self._extend(fresh, new, np.full(len(new), per_id),
+                 jax.random.fold_in(key, 1000 + attempt), sample)
+    evidence.append((new, fresh.successes(), fresh.counts()))
+    return new, fresh
 
   def _screen(self, state, ids, first, *, key, sample, evidence, metrics):
     """The oracle screen (analysis): the B most mixed of K * B groups.
@@ -414,14 +424,8 @@ class Curriculum:
     for r in range(k - 1):
       if used.all():
         break
-      tiers = jnp.asarray(np.where(used, 2, 0).astype(np.int32))
-      new = np.asarray(self._select(state, jax.random.fold_in(key, r),
-                                    min(b, int(np.sum(~used))), tiers))
-      used[new] = True
-      fresh = _Groups.empty(len(new))
-      self._extend(fresh, new, np.full(len(new), g),
-                   jax.random.fold_in(key, 1000 + r), sample)
-      evidence.append((new, fresh.successes(), fresh.counts()))
+      new, fresh = self._draw_unused(state, used, min(b, int(np.sum(~used))),
+                                     key, r, g, sample, evidence)
       cand_ids.append(new)
       cand.append(fresh)
     all_ids = np.concatenate(cand_ids)
