@@ -117,7 +117,8 @@ class RLConfig:
 class CurriculumConfig:
   """Which prompts get rollouts and how many (ALGORITHMS.md section C)."""
   selector: str = 'uniform'  # uniform | vade | insight | cures | mmr1_vas
-  # | prompt_gdro | spo | dots: how the B prompts of a step are chosen.
+  # | prompt_gdro | spo | dots | likelihood: how the B prompts of a step are
+  # chosen.
   allocator: str = 'fixed'  # fixed | cures | rollout_gdro | xrpo | dars:
   # rollouts per prompt; all spend exactly B * G per step.
   filter: str = 'none'  # none | dapo | skip | dapo+skip: dapo replaces
@@ -176,6 +177,14 @@ class CurriculumConfig:
   # every difficulty; 0: none.
   dots_embed_every: int = 0  # dots: recompute prompt embeddings every this
   # many steps; 0: once, from the warm start.
+  likelihood_candidates: int = 16  # likelihood: K; each step draws K * B
+  # candidates uniformly, scores each by one forward pass of the policy over
+  # its reference solution (task.train solutions; no rollouts), and keeps the
+  # B whose estimate p_hat is nearest 0.5 (DAPO refills likewise).
+  likelihood_prior: float = 8.0  # likelihood: pseudo-rollouts that
+  # q = exp(log-prob of the reference solution at sampling.temperature)
+  # counts for against the prompt's own evidence: p_hat = (s + prior q) /
+  # (s + f + prior). q ignores sampling.top_k (the full softmax).
   skip_threshold: float = 0.5  # skip: drop prompts whose posterior
   # P(group all-equal) is at least this.
   dapo_max_retries: int = 3  # dapo: refill rounds before giving up (then
@@ -693,10 +702,10 @@ def _validate_curriculum(cfg: Config) -> None:
            "the ridge probe: it needs dots_refs='history' and "
            "dots_readout='ridge'")
   for key in ('prior_alpha', 'prior_beta', 'dots_tau', 'dots_prior',
-              'dots_cosine_scale', 'dots_ridge'):
+              'dots_cosine_scale', 'dots_ridge', 'likelihood_prior'):
     _require(getattr(cur, key) > 0, f'curriculum.{key}', 'must be > 0')
   for key in ('gdro_bins', 'dots_ref_prompts', 'dots_ref_samples',
-              'dots_history_refs'):
+              'dots_history_refs', 'likelihood_candidates'):
     _require(getattr(cur, key) >= 1, f'curriculum.{key}', 'must be >= 1')
   _require(cur.dapo_max_retries >= 0, 'curriculum.dapo_max_retries',
            'must be >= 0')

@@ -163,9 +163,12 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   init_params = lambda: policy_lib.initial_params(cfg, model.cfg, seed_key,
                                                   param_sh)
   pool = cfg.curriculum.pool_size or len(task.train)
+  score_fn = (reference_logprob_fn(cfg, logits_fn, split, task, pool)
+              if cfg.curriculum.selector == 'likelihood' else None)
   curriculum = Curriculum(cfg.curriculum, cfg.rl, pool,
                           advantage=cfg.objective.advantage,
-                          embed_fn=_embed_fn(model, task), seed=cfg.seed)
+                          embed_fn=_embed_fn(model, task), score_fn=score_fn,
+                          seed=cfg.seed)
   abstract_state = jax.eval_shape(functools.partial(
       learner.init_state, optimizer=optimizer), policy.abstract_trainable)
   state_sh = sharding.train_state_shardings(plan, optimizer, abstract_state,
@@ -512,6 +515,66 @@ def _log_memory(log, train_step, train_state, ref_params, cfg: Config,
         f'train step [B={b}, G={g}, T={t}] memory per device: arguments '
         f'{fmt(stats["argument"])}, temporaries {fmt(stats["temp"])}, '
         f'outputs {fmt(stats["output"])} (donated {fmt(stats["alias"])})')
+
+
+def reference_logprob_fn(cfg: Config, logits_fn, split: lm_head.SplitLM,
+                         task, pool: int):
+  """(params, prompt ids [n]) -> [n] float32 log-probability of each
+  prompt's reference solution and its eos under the policy, at
+  sampling.temperature (the likelihood selector); -inf where the solution
+  does not fit in sampling.max_new_tokens (no sample can be it).
+
+  One forward pass per prompt, in chunks of the learner's micro-batch rows
+  (B G / (rl.num_minibatches optim.num_microbatches): what a train step
+  already holds), the last padded; responses are cut to the chunk's longest
+  solution rounded up to 16 tokens, so a few shapes compile.
+
+  Raises:
+    ConfigError: when a selectable prompt has no reference solution
+      (task.name=math_files keeps final answers only), before any work.
+  """
+  solutions = task.train.solutions[:pool]
+  empty = sum(not s for s in solutions)
+  if empty:
+    raise config_lib.ConfigError(
+        "curriculum.selector: 'likelihood' scores the policy's "
+        f'log-probability of each prompt\'s reference solution, but {empty} '
+        f'of the {pool} selectable train prompts have none (task.name='
+        f'{cfg.task.name!r} keeps final answers only); choose another '
+        'selector')
+  tok, t = task.tokenizer, cfg.sampling.max_new_tokens
+  rows = [tok.encode(sol, add_eos=True) for sol in solutions]
+  lengths = np.array([len(r) for r in rows])
+  response = np.full((pool, t), tok.pad_id, np.int32)
+  mask = np.zeros((pool, t), bool)
+  for i, r in enumerate(rows):
+    response[i, :min(len(r), t)] = r[:t]
+    mask[i, :min(len(r), t)] = True
+  fits = lengths <= t
+  chunk = max(1, _minibatch(cfg) * cfg.rl.group_size //
+              cfg.optim.num_microbatches)
+
+  @jax.jit
+  def score(params, prompt, prompt_mask, resp, resp_mask):
+    logp, _ = learner.response_logprobs(
+        logits_fn, params, prompt, prompt_mask, resp,
+        temperature=cfg.sampling.temperature, split=split,
+        logits_chunk=cfg.optim.logits_chunk)
+    return jnp.sum(jnp.where(resp_mask, logp, 0.0), -1)
+
+  def fn(params, ids):
+    ids = np.asarray(ids, int)
+    out = np.empty(len(ids), np.float32)
+    for s in range(0, len(ids), chunk):
+      part = ids[s:s + chunk]
+      rows = np.concatenate([part, np.full(chunk - len(part), part[0])])
+      width = learner.round_up(int(lengths[part].max()), 16, t)
+      out[s:s + len(part)] = np.asarray(score(
+          params, task.train_prompts[rows], task.train_prompt_mask[rows],
+          response[rows, :width], mask[rows, :width]))[:len(part)]
+    return np.where(fits[ids], out, -np.inf).astype(np.float32)
+
+  return fn
 
 
 def _embed_fn(model, task):

@@ -69,6 +69,9 @@ METHODS = {
     'dots_explore': {'selector': 'dots', 'dots_refs': 'history',
                      'dots_similarity': 'cosine', 'dots_readout': 'ridge',
                      'dots_explore': 0.25},
+    # The B of 16 B uniform candidates whose reference solution the policy
+    # finds closest to even odds (one forward pass each, no rollouts).
+    'likelihood': {'selector': 'likelihood'},
     'alloc_cures': {'allocator': 'cures'},
     'rollout_gdro': {'allocator': 'rollout_gdro'},
     'xrpo': {'allocator': 'xrpo'},

@@ -4,7 +4,9 @@ The host loop of DESIGN.md section 3 up to the learner:
 
   skip (optional)  -> eligible prompts (posterior says: not all-equal)
   DOTS (optional)  -> reference rollouts, predicted pass rates
-  select           -> B prompt ids (jitted selector)
+  select           -> B prompt ids (jitted selector; likelihood: the B of
+                      K * B candidates whose reference solution the policy
+                      finds closest to even odds, one forward pass)
   allocate         -> rollouts per prompt, one or two rounds
   filter (dapo)    -> all-equal groups replaced by fresh prompts (bounded)
   update           -> estimator (every rollout is evidence), GDRO weights
@@ -17,6 +19,7 @@ rounded up to a multiple of 4.
 
 import dataclasses
 import functools
+import time
 from typing import Callable, Optional
 
 import jax
@@ -124,10 +127,14 @@ class Curriculum:
     rl: the RL config (batch_prompts B, group_size G).
     pool: N, the number of train prompts selectable.
     embed_fn: (params, prompt ids [n]) -> [n, D] prompt embeddings (DOTS).
+    score_fn: (params, prompt ids [n]) -> [n] log-probability of each
+      prompt's reference solution under the policy (the likelihood
+      selector).
   """
 
   def __init__(self, cfg, rl, pool: int, *, advantage: str = 'grpo',
-               embed_fn: Optional[Callable] = None, seed: int = 0):
+               embed_fn: Optional[Callable] = None,
+               score_fn: Optional[Callable] = None, seed: int = 0):
     self.cfg, self.rl, self.pool, self.seed = cfg, rl, pool, seed
     g = rl.group_size
     self.estimator_name = resolve_estimator(cfg.estimator, cfg.selector,
@@ -157,6 +164,12 @@ class Curriculum:
     self._update = jax.jit(self.estimator.update)
     self._prob_same = jax.jit(est.prob_all_same, static_argnums=2)
     self.embed_fn = embed_fn
+    if cfg.selector == 'likelihood' and score_fn is None:
+      raise ValueError('the likelihood selector needs score_fn (the '
+                       "policy's log-probability of reference solutions)")
+    self.score_fn = score_fn
+    self._likelihood_pick = jax.jit(sel.likelihood_pick, static_argnums=2)
+    self._scored = [0, 0.0]  # Candidates scored this step, seconds.
     self.filters = set(cfg.filter.split('+')) - {'none'}
 
   # State -----------------------------------------------------------------
@@ -241,6 +254,8 @@ class Curriculum:
 
     sample = lambda ids, key, per_id, tally=spent: self._sample_rows(
         params, ids, key, rollout_fn, tally, per_id)
+    pick = lambda key, n, tiers: self._pick(state, params, key, n, tiers)[0]
+    self._scored = [0, 0.0]
 
     eligible = self.eligible(state)
     if eligible is not None:
@@ -250,14 +265,16 @@ class Curriculum:
                                  evidence, step, metrics)
     if cfg.selector == 'uniform' and eligible is None:
       # Plain data order: a seeded permutation of the pool per epoch.
-      ids = epoch_order(self.seed, step, b, self.pool)
+      ids, p_sel = epoch_order(self.seed, step, b, self.pool), None
     else:
-      ids = np.asarray(self._select(state, k_sel, b, eligible))
-    p_sel = np.asarray(est.mean(state.stats))[ids]
+      ids, p_sel = self._pick(state, params, k_sel, b, eligible)
+    if p_sel is None:  # The likelihood selector's estimate, else the
+      # estimator's.
+      p_sel = np.asarray(est.mean(state.stats))[ids]
     if cfg.selector == 'dots':  # What DOTS predicted for its picks.
       metrics['curriculum/dots_pred_mean'] = float(
           np.mean(np.asarray(self._dots_predict(state))[ids]))
-    screen = functools.partial(self._screen, state, key=k_dapo, sample=(
+    screen = functools.partial(self._screen, pick, key=k_dapo, sample=(
         functools.partial(sample, tally=free)), evidence=evidence,
                                metrics=metrics)
     if cfg.oracle_screen > 1 and cfg.oracle_probe:
@@ -279,7 +296,7 @@ class Curriculum:
     if 'dapo' in self.filters or cfg.allocator == 'dars':
       refill = (functools.partial(sample, tally=free)
                 if cfg.dapo_free_refills else sample)
-      ids, groups, keep = self._refill(state, ids, groups, zero, eligible,
+      ids, groups, keep = self._refill(pick, ids, groups, zero, eligible,
                                        k_dapo, refill, evidence, metrics)
     if cfg.oracle_screen > 1 and not cfg.oracle_probe:
       # Outcome oracle: train on the most mixed of the groups themselves.
@@ -294,6 +311,9 @@ class Curriculum:
       spent[:] = trained
     if cfg.dapo_free_refills or cfg.oracle_screen > 1:
       metrics['curriculum/uncharged_rollouts'] = free[0]
+    if cfg.selector == 'likelihood':
+      metrics['curriculum/likelihood_scored'] = self._scored[0]
+      metrics['curriculum/likelihood_s'] = self._scored[1]
     stats_before = state.stats
     state = state._replace(stats=self._observe(state.stats, evidence))
     if self.dots_history:
@@ -315,6 +335,36 @@ class Curriculum:
                          np.asarray(est.mean(stats_before))[ids], spent)
     metrics.update(self._metrics(p_sel, out))
     return out, state, metrics
+
+  def _pick(self, state, params, key, n: int, tiers):
+    """n distinct prompt ids by the selector, tier by tier (`tiers`: the
+    skip filter's eligible mask, a refill's int tiers, or None), and for
+    the likelihood selector their estimated pass rates (else None).
+
+    likelihood: K * n candidates (K = curriculum.likelihood_candidates, at
+    most the pool) drawn uniformly within the tiers, scored by the policy's
+    log-probability of their reference solutions (`score_fn`, one forward
+    pass each, no rollout), combined with each candidate's own evidence
+    (`selectors.likelihood_estimate`); the n with p_hat nearest 0.5 are
+    kept, the tiers still first.
+    """
+    cfg = self.cfg
+    if cfg.selector != 'likelihood':
+      return np.asarray(self._select(state, key, n, tiers)), None
+    k_draw, k_pick = jax.random.split(key)
+    m = min(cfg.likelihood_candidates * n, self.pool)
+    cand = np.asarray(self._select(state, k_draw, m, tiers))
+    start = time.time()
+    loglik = np.asarray(self.score_fn(params, cand), np.float32)
+    self._scored[0] += m
+    self._scored[1] += time.time() - start
+    succ, fail = sel.evidence(state.stats, cfg.prior_alpha, cfg.prior_beta)
+    p_hat = np.asarray(sel.likelihood_estimate(
+        jnp.asarray(loglik), succ[cand], fail[cand], cfg.likelihood_prior))
+    cand_tiers = None if tiers is None else jnp.asarray(tiers)[cand]
+    pos = np.asarray(self._likelihood_pick(k_pick, jnp.asarray(p_hat), n,
+                                           cand_tiers))
+    return cand[pos], p_hat[pos]
 
   def _sample_rows(self, params, ids, key, rollout_fn, spent, per_id=1):
     """Rolls out `per_id` responses per id, flattened id-major.
@@ -349,7 +399,7 @@ class Curriculum:
         groups.rows[i].append(type(ro)(*(np.asarray(x)[j] for x in ro)))
         groups.rewards[i].append(float(rewards[j]))
 
-  def _refill(self, state, ids, groups, zero, eligible, key, sample,
+  def _refill(self, pick, ids, groups, zero, eligible, key, sample,
               evidence, metrics):
     """DAPO dynamic sampling: replace all-equal groups, bounded retries.
 
@@ -372,7 +422,7 @@ class Curriculum:
       if not len(holes):
         break
       done = attempt + 1
-      new, fresh = self._draw_unused(state, used, len(holes), key, attempt,
+      new, fresh = self._draw_unused(pick, used, len(holes), key, attempt,
                                      g, sample, evidence, eligible)
       for hole, j in zip(holes, range(len(new))):
         if not zero_variance(fresh.rewards[j]):
@@ -384,17 +434,17 @@ class Curriculum:
     metrics['curriculum/dapo_bound_hit'] = float(retries > 0 and zero.any())
     return ids, groups, ~zero
 
-  def _draw_unused(self, state, used, n, key, attempt, per_id, sample,
+  def _draw_unused(self, pick, used, n, key, attempt, per_id, sample,
                    evidence, eligible=None):
-    """n more prompts by the selector, none of them `used` (updated), with
-    `per_id` rollouts each (keys folded from `attempt`), as evidence.
+    """n more prompts by the selector (`pick`: (key, n, tiers) -> ids),
+    none of them `used` (updated), with `per_id` rollouts each (keys folded
+    from `attempt`), as evidence.
 
     Tiers: eligible and unused first, then unused, used ones last.
     """
     tiers = np.where(used, 2, 0 if eligible is None else
                      np.where(np.asarray(eligible), 0, 1)).astype(np.int32)
-    new = np.asarray(self._select(state, jax.random.fold_in(key, attempt),
-                                  n, jnp.asarray(tiers)))
+    new = pick(jax.random.fold_in(key, attempt), n, jnp.asarray(tiers))
     used[new] = True
     fresh = _Groups.empty(len(new))
     self._extend(fresh, new, np.full(len(new), per_id),
@@ -402,7 +452,7 @@ class Curriculum:
     evidence.append((new, fresh.successes(), fresh.counts()))
     return new, fresh
 
-  def _screen(self, state, ids, first, *, key, sample, evidence, metrics):
+  def _screen(self, pick, ids, first, *, key, sample, evidence, metrics):
     """The oracle screen (analysis): the B most mixed of K * B groups.
 
     (K - 1) * B more prompts, never one already drawn this step, get G
@@ -424,7 +474,7 @@ class Curriculum:
     for r in range(k - 1):
       if used.all():
         break
-      new, fresh = self._draw_unused(state, used, min(b, int(np.sum(~used))),
+      new, fresh = self._draw_unused(pick, used, min(b, int(np.sum(~used))),
                                      key, r, g, sample, evidence)
       cand_ids.append(new)
       cand.append(fresh)

@@ -22,7 +22,7 @@ from rlx.curriculum import estimators as est
 from rlx.types import Array
 
 SELECTORS = ('uniform', 'vade', 'insight', 'cures', 'mmr1_vas', 'prompt_gdro',
-             'spo', 'dots')
+             'spo', 'dots', 'likelihood')
 
 _TAKEN = 1 << 20  # Tier of ids already drawn: after every other tier.
 
@@ -275,6 +275,14 @@ def ridge_readout(embed: Array, refs: Array, rates: Array, valid: Array,
           jnp.where(valid, jnp.clip(0.5 + loo, 0.0, 1.0), 0.5))
 
 
+def evidence(stats: est.PromptStats, alpha0: float, beta0: float
+             ) -> tuple[Array, Array]:
+  """A prompt's own (discounted) successes and failures [N]: its Beta
+  posterior less the prior, floored at 0."""
+  return (jnp.maximum(stats.alpha - alpha0, 0.0),
+          jnp.maximum(stats.beta - beta0, 0.0))
+
+
 def dots_history_predict(state: CurriculumState, scale: float | None = None,
                          *, prior: float = 2.0, alpha0: float = 1.0,
                          beta0: float = 1.0, ridge: float | None = None,
@@ -303,8 +311,7 @@ def dots_history_predict(state: CurriculumState, scale: float | None = None,
   s, dots = state.stats, state.dots
   n = s.alpha.shape[0]
   refs = dots.ref_ids
-  succ = jnp.maximum(s.alpha - alpha0, 0.0)
-  fail = jnp.maximum(s.beta - beta0, 0.0)
+  succ, fail = evidence(s, alpha0, beta0)
   seen = succ + fail
   rate = jnp.where(seen > 0, succ / jnp.maximum(seen, 1e-9), 0.5)
   ref_rate = rate[jnp.maximum(refs, 0)]
@@ -366,12 +373,37 @@ def make_dots(tau: float, explore: float = 0.0, **predictor) -> Callable:
   return select
 
 
+def likelihood_estimate(loglik: Array, succ: Array, fail: Array,
+                        prior: float) -> Array:
+  """The likelihood selector's pass-rate estimate of each candidate.
+
+  q = exp(loglik) is the probability that the policy samples the prompt's
+  reference solution (and its eos) exactly, at the sampling temperature:
+  a lower bound on its pass rate that on a task with one canonical
+  solution path is most of it. q is the prior, worth `prior` rollouts,
+  of the prompt's own evidence (s successes, f failures):
+
+    p_hat = (s + prior q) / (s + f + prior).
+  """
+  q = jnp.exp(jnp.minimum(loglik, 0.0))
+  return (succ + prior * q) / (succ + fail + prior)
+
+
+def likelihood_pick(key, p_hat: Array, k: int, tiers=None) -> Array:
+  """Positions of the k candidates with the largest p_hat (1 - p_hat) (the
+  most mixed groups expected), tier by tier (`_tiers`), exact ties broken
+  by `key`."""
+  return top_scores(key, p_hat * (1.0 - p_hat), k, tiers)
+
+
 def make(name: str, *, mmr1_mix: float, spo_floor: float,
          dots_tau: float, dots_explore: float = 0.0,
          **dots_kwargs) -> Callable:
-  """The selector registered under `name` (see SELECTORS)."""
+  """The selector registered under `name` (see SELECTORS). For
+  'likelihood' it is the candidate draw (uniform; the controller scores the
+  candidates by the policy and keeps the best, `likelihood_pick`)."""
   fixed = {'uniform': uniform, 'vade': vade, 'insight': insight,
-           'cures': cures, 'prompt_gdro': prompt_gdro}
+           'cures': cures, 'prompt_gdro': prompt_gdro, 'likelihood': uniform}
   if name in fixed:
     return fixed[name]
   if name == 'mmr1_vas':
