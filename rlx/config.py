@@ -709,6 +709,10 @@ def _validate_curriculum(cfg: Config) -> None:
     _require(getattr(cur, key) >= 1, f'curriculum.{key}', 'must be >= 1')
   _require(cur.dapo_max_retries >= 0, 'curriculum.dapo_max_retries',
            'must be >= 0')
+  _require(cur.selector != 'likelihood' or cfg.task.name != 'math_files',
+           'curriculum.selector', "'likelihood' scores each prompt's "
+           "reference solution; task.name='math_files' keeps final answers "
+           'only')
   _require(cfg.rl.max_rollouts >= 0, 'rl.max_rollouts', 'must be >= 0')
 
 

@@ -123,8 +123,12 @@ def test_corrupt_checkpoint_is_reported(uninterrupted, tmp_path):
     # DOTS over the history: the reference buffer is in the checkpoint.
     {'curriculum.selector': 'dots', 'curriculum.dots_refs': 'history',
      'curriculum.dots_similarity': 'cosine',
-     'curriculum.dots_history_refs': 8, 'curriculum.filter': 'dapo'}],
-                         ids=['vade_dars_dapo_skip', 'dots_history'])
+     'curriculum.dots_history_refs': 8, 'curriculum.filter': 'dapo'},
+    # The likelihood selector scores candidates by the policy each step.
+    {'curriculum.selector': 'likelihood', 'curriculum.filter': 'dapo',
+     'curriculum.likelihood_candidates': 2}],
+                         ids=['vade_dars_dapo_skip', 'dots_history',
+                              'likelihood'])
 def test_curriculum_run_resumes_exactly(tmp_path, method):
   """Estimator state, variable groups and refills survive a kill/resume."""
   over = {'curriculum.pool_size': 24, 'task.num_train': 200, **method}
@@ -140,6 +144,8 @@ def test_curriculum_run_resumes_exactly(tmp_path, method):
   train_rows = [r for r in rows if 'reward/mean' in r]
   # Rollouts spent include DAPO refills; DARS varies the group sizes.
   assert all(r['curriculum/rollouts'] >= 16 for r in train_rows)
+  if method['curriculum.selector'] == 'likelihood':  # K * B = 8 and refills.
+    assert all(r['curriculum/likelihood_scored'] >= 8 for r in train_rows)
   assert train_rows[-1]['rollouts/total'] == sum(
       r['curriculum/rollouts'] for r in train_rows)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))

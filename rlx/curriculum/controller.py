@@ -313,7 +313,7 @@ class Curriculum:
       metrics['curriculum/uncharged_rollouts'] = free[0]
     if cfg.selector == 'likelihood':
       metrics['curriculum/likelihood_scored'] = self._scored[0]
-      metrics['curriculum/likelihood_s'] = self._scored[1]
+      metrics['time/likelihood_score_s'] = self._scored[1]
     stats_before = state.stats
     state = state._replace(stats=self._observe(state.stats, evidence))
     if self.dots_history:

@@ -40,6 +40,14 @@ def fake_rollout(params, ids, key, num_samples):
   return jax.tree.map(regroup, ro), regroup(rewards)
 
 
+def fake_score(params, ids):
+  """The policy's log-probability of the reference solution: log P_TRUE
+  (-inf for the never-solved prompts)."""
+  del params
+  with np.errstate(divide='ignore'):
+    return np.log(P_TRUE[np.asarray(ids)]).astype(np.float32)
+
+
 def _curriculum(pool=N, **kw):
   c = config_lib.default_config_dict()
   c.rl.batch_prompts, c.rl.group_size = B, G
@@ -48,7 +56,8 @@ def _curriculum(pool=N, **kw):
     c.curriculum[k] = v
   cfg = config_lib.build(c)
   embed = lambda params, ids: jax.nn.one_hot(np.asarray(ids) % 3, 3) * 5.0
-  return ctl.Curriculum(cfg.curriculum, cfg.rl, pool, embed_fn=embed)
+  return ctl.Curriculum(cfg.curriculum, cfg.rl, pool, embed_fn=embed,
+                        score_fn=fake_score)
 
 
 def _collect(cur, state, step=0):
@@ -127,6 +136,68 @@ def test_dapo_refills_never_repeat_a_prompt_in_a_step(case):
     if case == 'pool_is_batch':
       assert m['curriculum/dapo_retries'] == 0
       assert m['curriculum/rollouts'] == B * G
+
+
+def test_likelihood_selector_trains_the_candidates_nearest_even_odds():
+  # K * B = 64 > N: every prompt is a candidate; only the mixed third (q =
+  # 0.5) can be picked, the solved (q = 1) and unsolvable (q = 0) never.
+  cur = _curriculum(selector='likelihood')
+  state = cur.init()
+  for step in range(4):
+    got, state, m = _collect(cur, state, step)
+    assert np.all(P_TRUE[got.ids] == 0.5), got.ids
+    assert len(set(got.ids.tolist())) == B
+    assert m['curriculum/likelihood_scored'] == N
+    assert m['curriculum/rollouts'] == B * G  # Scoring is no rollout.
+  # The estimate of the picks, before their own evidence: q = 0.5.
+  got, _, m = _collect(cur, cur.init())
+  assert m['curriculum/selected_pass_mean'] == 0.5
+  # Same state and key, same picks; K * B candidates when the pool allows.
+  again, _, _ = _collect(cur, cur.init())
+  np.testing.assert_array_equal(got.ids, again.ids)
+  few = _curriculum(selector='likelihood', likelihood_candidates=2)
+  assert _collect(few, few.init())[2]['curriculum/likelihood_scored'] == 2 * B
+
+
+def test_likelihood_estimate_weighs_the_prompts_own_evidence():
+  # The mixed prompts have come back solved 40 times: p_hat = (40 + 8 *
+  # 0.5) / 48, p(1-p) = 0.076; the unsolvable ones (q = 0) were solved 4
+  # times in 8: p_hat = 4 / 16, p(1-p) = 0.19. The second now win.
+  cur = _curriculum(selector='likelihood', estimator='count')
+  state = cur.init()
+  mid, hard = np.flatnonzero(P_TRUE == 0.5), np.flatnonzero(P_TRUE == 0.0)
+  stats = cur.estimator.update(
+      state.stats, jnp.asarray(np.concatenate([mid, hard])),
+      jnp.asarray(np.r_[np.full(len(mid), 40.0), np.full(len(hard), 4.0)]),
+      jnp.asarray(np.r_[np.full(len(mid), 40.0), np.full(len(hard), 8.0)]))
+  got, _, m = _collect(cur, state._replace(stats=stats))
+  assert np.all(P_TRUE[got.ids] == 0.0), got.ids
+  np.testing.assert_allclose(m['curriculum/selected_pass_mean'], 0.25)
+
+
+def test_likelihood_dapo_refills_pick_by_likelihood_never_repeating():
+  cur = _curriculum(selector='likelihood', filter='dapo',
+                    dapo_max_retries=5)
+  state, refilled = cur.init(), 0
+  for step in range(8):
+    got, state, m = _collect(cur, state, step)
+    kept = got.group_mask.any(-1)
+    assert len(set(got.ids.tolist())) == B
+    assert np.all(P_TRUE[got.ids[kept]] == 0.5)
+    refilled += m['curriculum/dapo_retries'] > 0
+    # Each refill round scores K candidates per hole (capped by the pool).
+    assert m['curriculum/likelihood_scored'] >= N
+  assert refilled  # All-equal groups of p = 0.5 at G = 4: 1 in 8.
+
+
+def test_likelihood_selector_needs_a_score_function():
+  c = config_lib.default_config_dict()
+  c.rl.batch_prompts, c.rl.group_size = B, G
+  c.task.num_train = N
+  c.curriculum.selector = 'likelihood'
+  cfg = config_lib.build(c)
+  with pytest.raises(ValueError, match='score_fn'):
+    ctl.Curriculum(cfg.curriculum, cfg.rl, N)
 
 
 def test_free_dapo_refills_are_the_same_groups_uncharged():

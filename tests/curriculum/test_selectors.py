@@ -359,3 +359,33 @@ def test_dots_history_selector_prefers_the_middle_group(ridge):
   ids = np.concatenate([np.asarray(select(state, jax.random.key(i), 6))
                         for i in range(20)])
   assert np.mean(ids < MID) > 0.9
+
+
+def test_likelihood_estimate_by_hand():
+  # q = exp(loglik) is worth `prior` rollouts against the own evidence.
+  loglik = jnp.log(jnp.array([0.3, 0.3, 1.0, 0.5], jnp.float32))
+  loglik = loglik.at[3].set(-jnp.inf)  # Cannot be sampled: q = 0.
+  succ = jnp.array([2.0, 0.0, 0.0, 1.0])
+  fail = jnp.array([1.0, 0.0, 0.0, 3.0])
+  got = np.asarray(sel.likelihood_estimate(loglik, succ, fail, 4.0))
+  np.testing.assert_allclose(
+      got, [(2 + 4 * 0.3) / 7, 0.3, 1.0, 1 / 8], rtol=1e-6)
+  # Rounding above 0 in the log-probability is no more than certainty.
+  np.testing.assert_allclose(sel.likelihood_estimate(
+      jnp.array([1e-3]), jnp.zeros(1), jnp.zeros(1), 2.0), [1.0])
+
+
+def test_likelihood_pick_takes_the_most_mixed_tier_by_tier():
+  p_hat = jnp.array([0.05, 0.5, 0.9, 0.45, 0.99, 0.6, 0.0, 0.3])
+  key = jax.random.key(0)
+  pick = jax.jit(sel.likelihood_pick, static_argnums=2)
+  got = np.asarray(pick(key, p_hat, 3))
+  np.testing.assert_array_equal(got, [1, 3, 5])  # p(1-p) descending.
+  np.testing.assert_array_equal(got, np.asarray(pick(key, p_hat, 3)))
+  tiers = jnp.array([0, 1, 0, 1, 0, 0, 0, 0], jnp.int32)
+  np.testing.assert_array_equal(np.asarray(pick(key, p_hat, 3, tiers)),
+                                [5, 7, 2])
+  # Equal scores tie exactly and go at random.
+  flat = jnp.full((8,), 0.5)
+  firsts = {int(pick(jax.random.key(i), flat, 1)[0]) for i in range(40)}
+  assert len(firsts) > 4
