@@ -526,8 +526,10 @@ def reference_logprob_fn(cfg: Config, logits_fn, split: lm_head.SplitLM,
 
   One forward pass per prompt, in chunks of the learner's micro-batch rows
   (B G / (rl.num_minibatches optim.num_microbatches): what a train step
-  already holds), the last padded; responses are cut to the chunk's longest
-  solution rounded up to 16 tokens, so a few shapes compile.
+  already holds), the last padded; the ids go through sorted by solution
+  length, each chunk cut to its longest solution rounded up to 16 tokens
+  and its longest prompt rounded up to 8 (little padding, a few shapes to
+  compile).
 
   Raises:
     ConfigError: when a selectable prompt has no reference solution
@@ -551,6 +553,8 @@ def reference_logprob_fn(cfg: Config, logits_fn, split: lm_head.SplitLM,
     response[i, :min(len(r), t)] = r[:t]
     mask[i, :min(len(r), t)] = True
   fits = lengths <= t
+  p = task.train_prompts.shape[1]
+  prompt_lengths = task.train_prompt_mask[:pool].sum(-1)
   chunk = max(1, _minibatch(cfg) * cfg.rl.group_size //
               cfg.optim.num_microbatches)
 
@@ -564,14 +568,18 @@ def reference_logprob_fn(cfg: Config, logits_fn, split: lm_head.SplitLM,
 
   def fn(params, ids):
     ids = np.asarray(ids, int)
+    # Chunks of similar lengths pad less (the result is in `ids` order).
+    order = np.argsort(lengths[ids], kind='stable')
     out = np.empty(len(ids), np.float32)
     for s in range(0, len(ids), chunk):
-      part = ids[s:s + chunk]
+      part = ids[order[s:s + chunk]]
       rows = np.concatenate([part, np.full(chunk - len(part), part[0])])
       width = learner.round_up(int(lengths[part].max()), 16, t)
-      out[s:s + len(part)] = np.asarray(score(
-          params, task.train_prompts[rows], task.train_prompt_mask[rows],
-          response[rows, :width], mask[rows, :width]))[:len(part)]
+      left = p - learner.round_up(int(prompt_lengths[part].max()), 8, p)
+      out[order[s:s + chunk]] = np.asarray(score(
+          params, task.train_prompts[rows, left:],
+          task.train_prompt_mask[rows, left:], response[rows, :width],
+          mask[rows, :width]))[:len(part)]
     return np.where(fits[ids], out, -np.inf).astype(np.float32)
 
   return fn
