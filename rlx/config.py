@@ -180,7 +180,9 @@ class CurriculumConfig:
   likelihood_candidates: int = 16  # likelihood: K; each step draws K * B
   # candidates uniformly, scores each by one forward pass of the policy over
   # its reference solution (task.train solutions; no rollouts), and keeps the
-  # B whose estimate p_hat is nearest 0.5 (DAPO refills likewise).
+  # B whose estimate p_hat is nearest 0.5 (DAPO refills likewise). Made
+  # for large prompt sets; on a small pool it runs out of mixed prompts and
+  # trains nearly solved ones (docs/BENCHMARKS.md).
   likelihood_prior: float = 8.0  # likelihood: pseudo-rollouts that
   # q = exp(log-prob of the reference solution at sampling.temperature)
   # counts for against the prompt's own evidence: p_hat = (s + prior q) /
