@@ -186,7 +186,10 @@ class CurriculumConfig:
   likelihood_prior: float = 8.0  # likelihood: pseudo-rollouts that
   # q = exp(log-prob of the reference solution at sampling.temperature)
   # counts for against the prompt's own evidence: p_hat = (s + prior q) /
-  # (s + f + prior). q ignores sampling.top_k (the full softmax).
+  # (s + f + prior). q is under the full softmax (sampling.top_k and top_p
+  # ignored; with them q is no longer a lower bound on the pass rate).
+  # p_hat is also what the allocators and the curriculum/selected_pass_*
+  # metrics see for the picks (the estimator's posterior mean otherwise).
   skip_threshold: float = 0.5  # skip: drop prompts whose posterior
   # P(group all-equal) is at least this.
   dapo_max_retries: int = 3  # dapo: refill rounds before giving up (then

@@ -545,13 +545,9 @@ def reference_logprob_fn(cfg: Config, logits_fn, split: lm_head.SplitLM,
         f'{cfg.task.name!r} keeps final answers only); choose another '
         'selector')
   tok, t = task.tokenizer, cfg.sampling.max_new_tokens
-  rows = [tok.encode(sol, add_eos=True) for sol in solutions]
-  lengths = np.array([len(r) for r in rows])
-  response = np.full((pool, t), tok.pad_id, np.int32)
-  mask = np.zeros((pool, t), bool)
-  for i, r in enumerate(rows):
-    response[i, :min(len(r), t)] = r[:t]
-    mask[i, :min(len(r), t)] = True
+  # Token rows stay ragged; each chunk is padded when it is scored.
+  solution_rows = [tok.encode(sol, add_eos=True) for sol in solutions]
+  lengths = np.array([len(r) for r in solution_rows])
   fits = lengths <= t
   p = task.train_prompts.shape[1]
   prompt_lengths = task.train_prompt_mask[:pool].sum(-1)
@@ -576,10 +572,15 @@ def reference_logprob_fn(cfg: Config, logits_fn, split: lm_head.SplitLM,
       rows = np.concatenate([part, np.full(chunk - len(part), part[0])])
       width = learner.round_up(int(lengths[part].max()), 16, t)
       left = p - learner.round_up(int(prompt_lengths[part].max()), 8, p)
-      out[order[s:s + chunk]] = np.asarray(score(
+      response = np.full((chunk, width), tok.pad_id, np.int32)
+      mask = np.zeros((chunk, width), bool)
+      for j, i in enumerate(rows):
+        n = min(lengths[i], width)
+        response[j, :n] = solution_rows[i][:n]
+        mask[j, :n] = True
+      out[order[s:s + chunk]] = sharding.to_host(score(
           params, task.train_prompts[rows, left:],
-          task.train_prompt_mask[rows, left:], response[rows, :width],
-          mask[rows, :width]))[:len(part)]
+          task.train_prompt_mask[rows, left:], response, mask))[:len(part)]
     return np.where(fits[ids], out, -np.inf).astype(np.float32)
 
   return fn

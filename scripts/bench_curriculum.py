@@ -13,7 +13,10 @@ until the first evaluation at or above the target (mean over the seeds
 that reached it; '-' if none did), the ratio of those rollouts to
 uniform's, rollouts, ratio and seconds read off the seed-mean pass@1
 curve instead (linear interpolation between evaluations; robust to one
-seed's lucky evaluation), the final pass@1, its difference to uniform's
+seed's lucky evaluation), and there also the training seconds (rollout
+and learner time only, without the held-out evaluations, which cost
+differently with response lengths and across code versions), the final
+pass@1, its difference to uniform's
 on the same seed (mean and standard error over seeds: the paired
 comparison that says whether a gap is larger than the seed-to-seed
 noise), and the mean fraction of zero-variance groups among the groups
@@ -179,26 +182,33 @@ def finished(rows: list[dict], budget: int) -> bool:
       r['step'] == last and 'eval/pass@1' in r for r in rows)
 
 
-def evals(rows: list[dict]) -> list[tuple[int, float, float]]:
-  """(rollouts so far, seconds so far, pass@1) at every evaluation."""
-  spent = {0: 0}
+def evals(rows: list[dict]) -> list[tuple[int, float, float, float]]:
+  """(rollouts so far, seconds so far, pass@1, training seconds so far) at
+  every evaluation. Seconds are the run's wall time after its first
+  evaluation, held-out evaluations included; training seconds count only
+  the steps' rollout and learner time (time/rollout_s + time/train_s,
+  curriculum scoring included), so they compare runs whose evaluations
+  cost differently."""
+  spent, trained, total = {0: 0}, {0: 0.0}, 0.0
   for r in rows:
     if 'rollouts/total' in r:
       spent[r['step']] = r['rollouts/total']
+      total += r.get('time/rollout_s', 0.0) + r.get('time/train_s', 0.0)
+      trained[r['step']] = total
   t0 = next(r['time/elapsed_s'] for r in rows if 'eval/pass@1' in r)
-  return [(spent[r['step']], r['time/elapsed_s'] - t0, r['eval/pass@1'])
-          for r in rows if 'eval/pass@1' in r]
+  return [(spent[r['step']], r['time/elapsed_s'] - t0, r['eval/pass@1'],
+           trained[r['step']]) for r in rows if 'eval/pass@1' in r]
 
 
 def reach(rows, target):
-  for rollouts, seconds, p in evals(rows):
+  for rollouts, seconds, p, _ in evals(rows):
     if p >= target - 1e-9:
       return rollouts, seconds
   return None
 
 
 def mean_curve_reach(runs, target):
-  """(rollouts, seconds) at which the seed-mean pass@1 curve first reaches
+  """(rollouts, seconds, training seconds) at which the seed-mean pass@1 curve first reaches
   `target`, interpolated linearly between evaluations (None if never).
 
   Each seed's pass@1 and seconds are read, linearly interpolated, at every
@@ -212,18 +222,21 @@ def mean_curve_reach(runs, target):
 
 def curve_reach(curves, target):
   """`mean_curve_reach` over the runs' `evals` lists."""
-  curves = [np.asarray(c, float) for c in curves]  # [n_k, 3] each
+  curves = [np.asarray(c, float) for c in curves]  # [n_k, 4] each
   end = min(c[-1, 0] for c in curves)
   grid = np.unique(np.concatenate([c[c[:, 0] <= end, 0] for c in curves]))
   at = lambda c, col: np.interp(grid, c[:, 0], c[:, col])
-  mean = np.stack([grid, np.mean([at(c, 1) for c in curves], 0),
-                   np.mean([at(c, 2) for c in curves], 0)], -1)  # [n, 3]
+  # [n, 4]: rollouts, seconds, pass@1, training seconds (seed means).
+  mean = np.stack([grid] + [np.mean([at(c, col) for c in curves], 0)
+                            for col in (1, 2, 3)], -1)
+  cols = [0, 1, 3]  # What is returned.
   for i in range(len(grid)):
     if mean[i, 2] >= target - 1e-9:
       if i == 0:
-        return tuple(mean[0, :2])
+        return tuple(mean[0, cols])
       frac = (target - mean[i - 1, 2]) / (mean[i, 2] - mean[i - 1, 2])
-      return tuple(mean[i - 1, :2] + frac * (mean[i, :2] - mean[i - 1, :2]))
+      return tuple(mean[i - 1, cols] + frac * (mean[i, cols] -
+                                                mean[i - 1, cols]))
   return None
 
 
@@ -278,9 +291,9 @@ def main(argv):
           f'{len(seeds)} seeds); start {evals(base[0])[0][2]:.3f}')
     print('| method | seeds reaching | rollouts to target | vs uniform | '
           's to target | seed-mean curve: rollouts to target | vs uniform '
-          '| s to target | final pass@1 | final - uniform (same seed), '
-          'mean +- s.e. | zero-var groups |')
-    print('|---|---|---|---|---|---|---|---|---|---|---|')
+          '| s to target | training s to target | final pass@1 | final - '
+          'uniform (same seed), mean +- s.e. | zero-var groups |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|')
     for method, rs in runs.items():
       hits = [x for x in (reach(r, target) for r in rs) if x]
       roll = np.mean([h[0] for h in hits]) if hits else None
@@ -290,13 +303,15 @@ def main(argv):
       gap_se = gap.std(ddof=1) / np.sqrt(len(gap)) if len(gap) > 1 else 0
       zero = np.mean([r['curriculum/zero_var_frac'] for run in rs
                       for r in run if 'curriculum/zero_var_frac' in r])
-      curve, curve_s = mean_curve_reach(rs, target) or (None, None)
+      curve, curve_s, curve_train = (mean_curve_reach(rs, target) or
+                                     (None, None, None))
       cell = lambda v, f: '-' if v is None else f.format(v)
       print(f'| {method} | {len(hits)}/{len(rs)} | {cell(roll, "{:.0f}")} | '
             f'{cell(roll and roll / base_rollouts, "{:.2f}")} | '
             f'{cell(secs, "{:.0f}")} | {cell(curve, "{:.0f}")} | '
             f'{cell(curve and base_curve and curve / base_curve, "{:.2f}")} | '
-            f'{cell(curve_s, "{:.0f}")} | {final:.3f} | '
+            f'{cell(curve_s, "{:.0f}")} | {cell(curve_train, "{:.0f}")} | '
+            f'{final:.3f} | '
             f'{gap.mean():+.3f} +- {gap_se:.3f} | {zero:.2f} |',
             flush=True)
     if _BOOTSTRAP.value:

@@ -11,22 +11,30 @@ def bench():
   return testing.load_script('bench_curriculum')
 
 
-def _run(curve, per_step=100):
-  """metrics.jsonl rows of a run evaluated after every step."""
+def _run(curve, per_step=100, train_s=3.0):
+  """metrics.jsonl rows of a run evaluated after every step; each step's
+  rollout and learner take train_s seconds (one third sampling), each
+  step and its evaluation 10 s."""
   rows = []
   for step, p in enumerate(curve):
     if step:
-      rows.append({'step': step, 'rollouts/total': per_step * step})
+      rows.append({'step': step, 'rollouts/total': per_step * step,
+                   'time/rollout_s': train_s / 3,
+                   'time/train_s': 2 * train_s / 3})
     rows.append({'step': step, 'eval/pass@1': p, 'time/elapsed_s': 10.0 * step})
   return rows
 
 
 def test_mean_curve_reach_interpolates_the_seed_mean(bench):
-  runs = [_run([0.1, 0.2, 0.3]), _run([0.1, 0.4, 0.5])]
-  # Seed mean 0.1, 0.3, 0.4: 0.35 is half way from evaluation 1 to 2.
-  np.testing.assert_allclose(bench.mean_curve_reach(runs, 0.35), (150, 15))
-  assert bench.mean_curve_reach(runs, 0.1) == (0, 0)
+  runs = [_run([0.1, 0.2, 0.3]), _run([0.1, 0.4, 0.5], train_s=5.0)]
+  # Seed mean 0.1, 0.3, 0.4: 0.35 is half way from evaluation 1 to 2, where
+  # the training seconds are (3 + 5) / 2 and then (6 + 10) / 2.
+  np.testing.assert_allclose(bench.mean_curve_reach(runs, 0.35),
+                             (150, 15, 6))
+  assert bench.mean_curve_reach(runs, 0.1) == (0, 0, 0)
   assert bench.mean_curve_reach(runs, 0.5) is None
+  np.testing.assert_allclose([e[3] for e in bench.evals(runs[1])],
+                             [0, 5, 10])
 
 
 def test_mean_curve_reach_on_seeds_evaluated_at_different_rollouts(bench):

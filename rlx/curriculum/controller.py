@@ -254,6 +254,7 @@ class Curriculum:
 
     sample = lambda ids, key, per_id, tally=spent: self._sample_rows(
         params, ids, key, rollout_fn, tally, per_id)
+    # Reads `state` when called: after the DOTS refresh below, as before.
     pick = lambda key, n, tiers: self._pick(state, params, key, n, tiers)[0]
     self._scored = [0, 0.0]
 
@@ -358,7 +359,7 @@ class Curriculum:
     loglik = np.asarray(self.score_fn(params, cand), np.float32)
     self._scored[0] += m
     self._scored[1] += time.time() - start
-    succ, fail = sel.evidence(state.stats, cfg.prior_alpha, cfg.prior_beta)
+    succ, fail = self.estimator.evidence(state.stats)
     p_hat = np.asarray(sel.likelihood_estimate(
         jnp.asarray(loglik), succ[cand], fail[cand], cfg.likelihood_prior))
     cand_tiers = None if tiers is None else jnp.asarray(tiers)[cand]

@@ -45,6 +45,17 @@ class PromptStats(NamedTuple):
 class Estimator(NamedTuple):
   init: Callable[[int], PromptStats]
   update: Callable[..., PromptStats]
+  # stats -> (successes [N], failures [N]): a prompt's own discounted
+  # evidence, its posterior less what of the prior is left in it.
+  evidence: Callable[[PromptStats], tuple[Array, Array]]
+
+
+def _less_prior(alpha0: float, beta0: float):
+  """Evidence of a posterior that keeps the prior (beta, vade, count)."""
+  def evidence(stats: PromptStats):
+    return (jnp.maximum(stats.alpha - alpha0, 0.0),
+            jnp.maximum(stats.beta - beta0, 0.0))
+  return evidence
 
 
 ESTIMATORS = ('beta', 'vade', 'count', 'spo')
@@ -99,7 +110,8 @@ def beta_bernoulli(*, lam: float = 0.9, alpha0: float = 1.0,
     b = lam * state.beta[ids] + (1 - lam) * beta0 + (n - s)
     return _observe(state, ids, a, b, n)
 
-  return Estimator(_init_fn(alpha0, beta0), update)
+  return Estimator(_init_fn(alpha0, beta0), update,
+                   _less_prior(alpha0, beta0))
 
 
 def vade(*, lam: float = 0.9, gamma: float = 0.99, alpha0: float = 1.0,
@@ -118,7 +130,8 @@ def vade(*, lam: float = 0.9, gamma: float = 0.99, alpha0: float = 1.0,
         beta=beta0 + (state.beta - beta0) * gamma)
     return inner.update(state, ids, successes, counts)
 
-  return Estimator(_init_fn(alpha0, beta0), update)
+  return Estimator(_init_fn(alpha0, beta0), update,
+                   _less_prior(alpha0, beta0))
 
 
 def count() -> Estimator:
@@ -144,7 +157,13 @@ def spo_tracker(*, rho: float = 0.9, alpha0: float = 1.0,
     b = jnp.maximum(rho * state.beta[ids] + (n - s), SPO_MIN_COUNT)
     return _observe(state, ids, a, b, n)
 
-  return Estimator(_init_fn(alpha0, beta0), update)
+  def evidence(stats):
+    # The initial pseudo-counts decay by rho per visit, never pulled back.
+    left = rho ** stats.visits.astype(jnp.float32)
+    return (jnp.maximum(stats.alpha - alpha0 * left, 0.0),
+            jnp.maximum(stats.beta - beta0 * left, 0.0))
+
+  return Estimator(_init_fn(alpha0, beta0), update, evidence)
 
 
 def make(name: str, *, lam: float, gamma: float, rho: float,

@@ -379,8 +379,9 @@ def likelihood_estimate(loglik: Array, succ: Array, fail: Array,
 
   q = exp(loglik) is the probability that the policy samples the prompt's
   reference solution (and its eos) exactly, at the sampling temperature:
-  a lower bound on its pass rate that on a task with one canonical
-  solution path is most of it. q is the prior, worth `prior` rollouts,
+  under the full softmax a lower bound on its pass rate (not with top-k or
+  top-p sampling), which on a task with one canonical solution path is
+  most of it. q is the prior, worth `prior` rollouts,
   of the prompt's own evidence (s successes, f failures):
 
     p_hat = (s + prior q) / (s + f + prior).

@@ -122,3 +122,27 @@ def test_insight_prefers_uncertain_half_and_ranks_evidence():
   # Same evidence: near 0.5 beats near 0.
   mid, low = est.insight_score(jnp.array([5.0, 1.0]), jnp.array([5.0, 9.0]))
   assert mid > low
+
+
+def test_evidence_is_the_posterior_less_what_is_left_of_the_prior():
+  ids = jnp.array([0, 1])
+  # beta (prior 2, 3; lam 0.5): two updates of prompt 0 with 3/4, then 1/4.
+  b = est.beta_bernoulli(lam=0.5, alpha0=2.0, beta0=3.0)
+  s = b.update(b.init(3), ids[:1], jnp.array([3.0]), jnp.array([4.0]))
+  s = b.update(s, ids[:1], jnp.array([1.0]), jnp.array([4.0]))
+  succ, fail = b.evidence(s)
+  # alpha - alpha0 = 0.5 (0.5 * 3) + 1 and likewise for failures.
+  np.testing.assert_allclose(succ, [2.5, 0, 0], rtol=1e-6)
+  np.testing.assert_allclose(fail, [3.5, 0, 0], rtol=1e-6)
+  # count keeps its own Beta(1, 1) whatever the config's prior.
+  c = est.make('count', lam=0.9, gamma=0.99, rho=0.9, alpha0=5.0, beta0=5.0)
+  s = c.update(c.init(2), ids, jnp.array([2.0, 0.0]), jnp.array([3.0, 1.0]))
+  np.testing.assert_allclose(np.stack(c.evidence(s)), [[2, 0], [1, 1]])
+  # spo: the initial pseudo-counts decay by rho per visit (no prior pull).
+  t = est.spo_tracker(rho=0.5, alpha0=1.0, beta0=1.0)
+  s = t.update(t.init(2), ids[:1], jnp.array([2.0]), jnp.array([2.0]))
+  s = t.update(s, ids[:1], jnp.array([0.0]), jnp.array([2.0]))
+  # alpha = 0.25 * 1 + 0.5 * 2 + 0; beta = 0.25 * 1 + 0 + 2.
+  np.testing.assert_allclose(s.alpha[0], 1.25)
+  np.testing.assert_allclose(np.stack(t.evidence(s))[:, 0], [1.0, 2.0])
+  np.testing.assert_allclose(np.stack(t.evidence(s))[:, 1], [0.0, 0.0])
