@@ -38,6 +38,13 @@ unless `dots_embed_every` is set (--embed_policy: that policy's instead).
 
 Both readouts are rlx's own (`rlx.curriculum.selectors.dots_predict` for
 attention, `ridge_readout` for the probe).
+
+Last, the likelihood selector's estimate (`curriculum.selector=likelihood`):
+q = the policy's probability of sampling each prompt's reference solution
+(`trainer.reference_logprob_fn`, under the same policy as the rates), its
+correlation with the measured rates, the all-equal fraction of draws
+weighted as above, and of the B = --sim_batch most mixed by q(1 - q) among
+16 B uniform candidates (the selector's default K), mean over 2000 draws.
 """
 
 import hashlib
@@ -90,15 +97,15 @@ _EMBED_POLICY = flags.DEFINE_bool(
 
 
 def measure(cfg, path: str, saved: tuple[str, int] | None):
-  """(pass rate [n], embedding [n, D], chain steps [n]) of random train
-  prompts: rates under the warm start or the policy `saved` (checkpoints
-  folder, step) by a run (cached in `path`), embeddings by the warm start
-  or, with --embed_policy, by that policy."""
+  """(pass rate [n], embedding [n, D], chain steps [n], reference-solution
+  log-probability [n]) of random train prompts: rates and log-probabilities
+  under the warm start or the policy `saved` (checkpoints folder, step) by
+  a run (rates cached in `path`), embeddings by the warm start or, with
+  --embed_policy, by that policy."""
   task, model, params = trainer.warm_started_policy(cfg)
   cached = os.path.exists(path)
-  # The saved policy is read only where it is used (the checks run first).
   policy = params
-  if saved is not None and (not cached or _EMBED_POLICY.value):
+  if saved is not None:
     policy = checkpoint.run_params(*saved, params)
   if cached:
     d = np.load(path)
@@ -119,7 +126,12 @@ def measure(cfg, path: str, saved: tuple[str, int] | None):
     np.savez(path, ids=ids, rates=rates)
   embed = trainer._embed_fn(model, task)(  # pylint: disable=protected-access
       policy if _EMBED_POLICY.value else params, ids)
-  return rates, np.asarray(embed), np.asarray(task.train.num_steps)[ids]
+  _, logits_fn = trainer.build_model(cfg, task.tokenizer.vocab_size)
+  loglik = trainer.reference_logprob_fn(
+      cfg, logits_fn, trainer.split_model(model), task, len(task.train))(
+          policy, ids)
+  return (rates, np.asarray(embed), np.asarray(task.train.num_steps)[ids],
+          loglik)
 
 
 def predict(embed, refs, rates, readout: str, lam: float,
@@ -159,7 +171,7 @@ def main(argv):
     saved = checkpoint.run_step(_CHECKPOINT.value, _CHECKPOINT_STEP.value)
     folder, step = saved
     name += f'_ck{step}_' + hashlib.sha1(folder.encode()).hexdigest()[:10]
-  rates, embed, steps = measure(
+  rates, embed, steps, loglik = measure(
       cfg, os.path.join(_WORKDIR.value, name + '.npz'), saved)
   embed = np.asarray(sel.centre_and_normalise(jnp.asarray(embed,
                                                         jnp.float32)))
@@ -236,6 +248,21 @@ def main(argv):
       name += f', half-life {halflife:g} references'
     print(f'| {name} | ' + ' | '.join(f'{x.mean():.3f}' for x in parts) +
           f' | {f.mean():.3f} |')
+
+  q = np.exp(loglik)
+  b = _SIM_BATCH.value
+  key = np.random.default_rng(2)
+  top = []
+  for _ in range(2000):
+    cand = key.choice(n, min(16 * b, n), replace=False)
+    pick = cand[np.argsort(-(q[cand] * (1 - q[cand])), kind='stable')[:b]]
+    top.append(same[pick].mean())
+  print('\nReference-solution likelihood q (the likelihood selector): '
+        f'correlation with the rates {np.corrcoef(q, rates)[0, 1]:.2f}; '
+        f'mean q {q.mean():.3f} against mean rate {rates.mean():.3f}; '
+        f'all-equal of draws weighted by q {weights(q) @ same:.3f}; of the '
+        f'{b} most mixed by q of {16 * b} uniform candidates '
+        f'{np.mean(top):.3f} (uniform {same.mean():.3f})')
 
 
 if __name__ == '__main__':
