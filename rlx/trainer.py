@@ -34,6 +34,7 @@ from rlx import sharding
 from rlx import warmstart
 from rlx.actor import Actor
 from rlx.config import Config
+from rlx.data import loader
 from rlx.data.task import load_task
 from rlx.logbook import Logbook
 from rlx.rewards import shaping
@@ -572,12 +573,9 @@ def reference_logprob_fn(cfg: Config, logits_fn, split: lm_head.SplitLM,
       rows = np.concatenate([part, np.full(chunk - len(part), part[0])])
       width = learner.round_up(int(lengths[part].max()), 16, t)
       left = p - learner.round_up(int(prompt_lengths[part].max()), 8, p)
-      response = np.full((chunk, width), tok.pad_id, np.int32)
-      mask = np.zeros((chunk, width), bool)
-      for j, i in enumerate(rows):
-        n = min(lengths[i], width)
-        response[j, :n] = solution_rows[i][:n]
-        mask[j, :n] = True
+      response, mask = loader.pad_rows(
+          [solution_rows[i][:width] for i in rows], length=width,
+          pad_id=tok.pad_id, left=False)
       out[order[s:s + chunk]] = sharding.to_host(score(
           params, task.train_prompts[rows, left:],
           task.train_prompt_mask[rows, left:], response, mask))[:len(part)]

@@ -24,6 +24,7 @@ Rewards in [0, 1] count as fractional successes. All functions are pure and
 jit-able; the state is a NamedTuple of arrays (saved in the checkpoint).
 """
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -50,12 +51,17 @@ class Estimator(NamedTuple):
   evidence: Callable[[PromptStats], tuple[Array, Array]]
 
 
+def evidence_less_prior(stats: PromptStats, alpha0: float, beta0: float
+                        ) -> tuple[Array, Array]:
+  """A prompt's own (discounted) successes and failures [N] under a
+  posterior that keeps its prior (beta, vade, count): alpha - alpha0 and
+  beta - beta0, floored at 0."""
+  return (jnp.maximum(stats.alpha - alpha0, 0.0),
+          jnp.maximum(stats.beta - beta0, 0.0))
+
+
 def _less_prior(alpha0: float, beta0: float):
-  """Evidence of a posterior that keeps the prior (beta, vade, count)."""
-  def evidence(stats: PromptStats):
-    return (jnp.maximum(stats.alpha - alpha0, 0.0),
-            jnp.maximum(stats.beta - beta0, 0.0))
-  return evidence
+  return functools.partial(evidence_less_prior, alpha0=alpha0, beta0=beta0)
 
 
 ESTIMATORS = ('beta', 'vade', 'count', 'spo')

@@ -275,14 +275,6 @@ def ridge_readout(embed: Array, refs: Array, rates: Array, valid: Array,
           jnp.where(valid, jnp.clip(0.5 + loo, 0.0, 1.0), 0.5))
 
 
-def evidence(stats: est.PromptStats, alpha0: float, beta0: float
-             ) -> tuple[Array, Array]:
-  """A prompt's own (discounted) successes and failures [N]: its Beta
-  posterior less the prior, floored at 0."""
-  return (jnp.maximum(stats.alpha - alpha0, 0.0),
-          jnp.maximum(stats.beta - beta0, 0.0))
-
-
 def dots_history_predict(state: CurriculumState, scale: float | None = None,
                          *, prior: float = 2.0, alpha0: float = 1.0,
                          beta0: float = 1.0, ridge: float | None = None,
@@ -311,7 +303,7 @@ def dots_history_predict(state: CurriculumState, scale: float | None = None,
   s, dots = state.stats, state.dots
   n = s.alpha.shape[0]
   refs = dots.ref_ids
-  succ, fail = evidence(s, alpha0, beta0)
+  succ, fail = est.evidence_less_prior(s, alpha0, beta0)
   seen = succ + fail
   rate = jnp.where(seen > 0, succ / jnp.maximum(seen, 1e-9), 0.5)
   ref_rate = rate[jnp.maximum(refs, 0)]

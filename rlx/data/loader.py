@@ -80,7 +80,7 @@ def load_chain_arith(
   )
 
 
-def _pad_rows(
+def pad_rows(
     rows: Sequence[list[int]], *, length: int, pad_id: int, left: bool
 ) -> tuple[np.ndarray, np.ndarray]:
   """Packs rows of ids into a padded [N, length] array and its mask."""
@@ -128,7 +128,7 @@ def _encode_prompts(
       limit_name=name,
       limit=length,
   )
-  return _pad_rows(rows, length=length, pad_id=tokenizer.pad_id, left=True)
+  return pad_rows(rows, length=length, pad_id=tokenizer.pad_id, left=True)
 
 
 def encode_prompts(
@@ -203,7 +203,7 @@ def encode_demonstrations(
       limit_name='response_len',
       limit=response_len,
   )
-  response, response_mask = _pad_rows(
+  response, response_mask = pad_rows(
       rows, length=response_len, pad_id=tokenizer.pad_id, left=False
   )
   return {
