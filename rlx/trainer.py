@@ -62,7 +62,8 @@ def build_model(cfg: Config, vocab_size: int):
       cfg.backend.attention, backend.platform(), mcfg,
       capability=backend.compute_capability())
   mcfg = dataclasses.replace(mcfg, attention=attention,
-                             attention_chunk=cfg.backend.attention_chunk)
+                             attention_chunk=cfg.backend.attention_chunk,
+                             causal_blocks=cfg.backend.causal_blocks)
   model = transformer.Transformer(mcfg)
 
   def logits_fn(params, tokens, positions, mask):

@@ -3,8 +3,11 @@
 Times, on the default model's sizes (configs/grpo.py), a full-sequence
 forward, its gradient (the learner's pass) and a sampler call (prefill +
 KV-cached decode) for each `backend.attention` implementation that runs on
-this platform, in one process, and prints seconds and ratios to `einsum`
-(rlx's reference). `auto` picks from what this measures (rlx/backend.py).
+this platform, each with every `backend.causal_blocks` value of
+--causal_blocks (full-sequence calls only; the sampler's cached calls
+ignore it), in one process, and prints seconds and ratios to `einsum`
+without blocks (rlx's reference). `auto` picks from what this measures
+(rlx/backend.py).
 """
 
 import os
@@ -30,6 +33,10 @@ _LEN = flags.DEFINE_integer('length', 120, 'Tokens per sequence (P + T).')
 _PROMPTS = flags.DEFINE_integer('prompts', 32, 'Sampler prompts (x G=8).')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls (median).')
 _DTYPE = flags.DEFINE_string('dtype', 'float32', 'Activation dtype.')
+_CAUSAL_BLOCKS = flags.DEFINE_list(
+    'causal_blocks', ['0', '4'], 'backend.causal_blocks values to time per '
+    'implementation (0: every query over every key; the first is the '
+    'reference with einsum).')
 
 
 def _median_time(fn, repeats):
@@ -42,8 +49,8 @@ def _median_time(fn, repeats):
   return sorted(times)[len(times) // 2]
 
 
-def _time_impl(impl, mcfg, repeats):
-  cfg = dataclasses.replace(mcfg, attention=impl)
+def _time_impl(impl, blocks, mcfg, repeats):
+  cfg = dataclasses.replace(mcfg, attention=impl, causal_blocks=blocks)
   model = transformer.Transformer(cfg)
   params = transformer.init_params(cfg, jax.random.key(0))
   rows, length = _ROWS.value, _LEN.value
@@ -89,14 +96,16 @@ def main(argv):
         f'auto -> {backend.resolve_attention("auto", plat, mcfg, capability=backend.compute_capability())}; '  # pylint: disable=line-too-long
         f'forward/gradient [{_ROWS.value}, {_LEN.value}], sample '
         f'{_PROMPTS.value}x8 rows x 80 tokens, {_DTYPE.value}')
-  results = {impl: _time_impl(impl, mcfg, _REPEATS.value) for impl in impls}
-  print('| implementation | forward s | gradient s | sample s | '
-        'x einsum (fwd / grad / sample) |')
-  print('|---|---|---|---|---|')
-  base = results['einsum']
-  for impl, r in results.items():
+  blocks = [int(b) for b in _CAUSAL_BLOCKS.value]
+  results = {(impl, b): _time_impl(impl, b, mcfg, _REPEATS.value)
+             for impl in impls for b in blocks}
+  print('| implementation | causal blocks | forward s | gradient s | '
+        'sample s | x einsum (fwd / grad / sample) |')
+  print('|---|---|---|---|---|---|')
+  base = results[('einsum', blocks[0])]
+  for (impl, b), r in results.items():
     ratios = ' / '.join(f'{r[k] / base[k]:.2f}' for k in r)
-    print(f'| {impl} | {r["forward"]:.3f} | {r["gradient"]:.3f} | '
+    print(f'| {impl} | {b} | {r["forward"]:.3f} | {r["gradient"]:.3f} | '
           f'{r["sample"]:.3f} | {ratios} |')
 
 

@@ -57,7 +57,9 @@ def test_matches_one_sequence_at_a_time(tmp_path, logits_chunk):
   want = [_reference(cfg, task, logits_fn, params, i) for i in ids]
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-4)
   assert got.dtype == np.float32 and np.all(got < 0)
-  np.testing.assert_array_equal(fn(params, ids[::-1]), got[::-1])
+  # Order-free: each score comes back to its own id (chunks are trimmed to
+  # their longest row, so the float rounding may differ with the order).
+  np.testing.assert_allclose(fn(params, ids[::-1]), got[::-1], rtol=1e-6)
 
 
 def test_a_solution_longer_than_the_budget_cannot_be_sampled(tmp_path):
