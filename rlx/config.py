@@ -435,11 +435,12 @@ class BackendConfig:
   # pass, so its [rows, heads, L, L] scores are never held at once (einsum
   # and xla; cudnn's fused kernel holds none anyway). For long sequences
   # off cuDNN (TPU, CPU, float32). 0: all queries at once.
-  causal_blocks: int = 4  # > 1: full-sequence attention (einsum and xla)
-  # splits its queries into this many blocks, each computed over the keys
-  # up to its last query only (the rest are masked by causality): the same
-  # numbers up to float rounding, about (n + 1) / 2n of the attention
-  # FLOPs. 0 or 1: every query over every key.
+  causal_block: int = 128  # > 0: full-sequence attention (einsum and
+  # xla) longer than this runs this many queries at a time, each block over
+  # the keys up to its last query only (the rest are masked by causality):
+  # the same numbers up to float rounding at about (n + 1) / 2n of the
+  # attention FLOPs for n blocks (blocks are unrolled: raise it for very
+  # long sequences). 0: every query over every key.
   xla_flags: str = 'auto'  # Extra XLA_FLAGS set before the backend starts;
   # auto: rlx's documented per-platform flags; '' none.
 
@@ -877,7 +878,7 @@ def _validate_mesh(cfg: Config) -> None:
              f'axes from {MESH_AXES} or None)')
   _require(cfg.backend.attention in ATTENTION_IMPLS, 'backend.attention',
            f'{cfg.backend.attention!r} is not one of {list(ATTENTION_IMPLS)}')
-  _require(cfg.backend.causal_blocks >= 0, 'backend.causal_blocks',
+  _require(cfg.backend.causal_block >= 0, 'backend.causal_block',
            'must be >= 0')
   _require(cfg.backend.attention_chunk >= 0, 'backend.attention_chunk',
            'must be >= 0')

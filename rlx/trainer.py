@@ -63,7 +63,7 @@ def build_model(cfg: Config, vocab_size: int):
       capability=backend.compute_capability())
   mcfg = dataclasses.replace(mcfg, attention=attention,
                              attention_chunk=cfg.backend.attention_chunk,
-                             causal_blocks=cfg.backend.causal_blocks)
+                             causal_block=cfg.backend.causal_block)
   model = transformer.Transformer(mcfg)
 
   def logits_fn(params, tokens, positions, mask):

@@ -3,8 +3,8 @@
 Times, on the default model's sizes (configs/grpo.py), a full-sequence
 forward, its gradient (the learner's pass) and a sampler call (prefill +
 KV-cached decode) for each `backend.attention` implementation that runs on
-this platform, each with every `backend.causal_blocks` value of
---causal_blocks (full-sequence calls only; the sampler's cached calls
+this platform, each with every `backend.causal_block` value of
+--causal_block (full-sequence calls only; the sampler's cached calls
 ignore it), in one process, and prints seconds and ratios to `einsum`
 without blocks (rlx's reference). `auto` picks from what this measures
 (rlx/backend.py).
@@ -33,8 +33,8 @@ _LEN = flags.DEFINE_integer('length', 120, 'Tokens per sequence (P + T).')
 _PROMPTS = flags.DEFINE_integer('prompts', 32, 'Sampler prompts (x G=8).')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls (median).')
 _DTYPE = flags.DEFINE_string('dtype', 'float32', 'Activation dtype.')
-_CAUSAL_BLOCKS = flags.DEFINE_list(
-    'causal_blocks', ['0', '4'], 'backend.causal_blocks values to time per '
+_CAUSAL_BLOCK = flags.DEFINE_list(
+    'causal_block', ['0', '128'], 'backend.causal_block values to time per '
     'implementation (0: every query over every key; the first is the '
     'reference with einsum).')
 
@@ -50,7 +50,7 @@ def _median_time(fn, repeats):
 
 
 def _time_impl(impl, blocks, mcfg, repeats):
-  cfg = dataclasses.replace(mcfg, attention=impl, causal_blocks=blocks)
+  cfg = dataclasses.replace(mcfg, attention=impl, causal_block=blocks)
   model = transformer.Transformer(cfg)
   params = transformer.init_params(cfg, jax.random.key(0))
   rows, length = _ROWS.value, _LEN.value
@@ -96,10 +96,10 @@ def main(argv):
         f'auto -> {backend.resolve_attention("auto", plat, mcfg, capability=backend.compute_capability())}; '  # pylint: disable=line-too-long
         f'forward/gradient [{_ROWS.value}, {_LEN.value}], sample '
         f'{_PROMPTS.value}x8 rows x 80 tokens, {_DTYPE.value}')
-  blocks = [int(b) for b in _CAUSAL_BLOCKS.value]
+  blocks = [int(b) for b in _CAUSAL_BLOCK.value]
   results = {(impl, b): _time_impl(impl, b, mcfg, _REPEATS.value)
              for impl in impls for b in blocks}
-  print('| implementation | causal blocks | forward s | gradient s | '
+  print('| implementation | causal block | forward s | gradient s | '
         'sample s | x einsum (fwd / grad / sample) |')
   print('|---|---|---|---|---|---|')
   base = results[('einsum', blocks[0])]

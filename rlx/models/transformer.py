@@ -65,10 +65,10 @@ class TransformerConfig:
   attention_chunk: int = 0  # Queries per block in full-sequence attention
   # (`attend`'s query_chunk; calls with a cache ignore it). A runtime
   # choice, like `attention`.
-  causal_blocks: int = 0  # > 1: full-sequence attention skips the keys
-  # after each of this many query blocks (`attend`'s causal_blocks; calls
-  # with a cache ignore it). Full-sequence masks must then be causal, as
-  # every caller's in rlx is. A runtime choice, like `attention`.
+  causal_block: int = 0  # > 0: full-sequence attention runs this many
+  # queries at a time over the keys up to each block's end (`attend`'s
+  # causal_block; calls with a cache ignore it). Full-sequence masks must
+  # then be causal, as every caller's in rlx is. A runtime choice.
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -85,8 +85,8 @@ class TransformerConfig:
                        "of 'none', 'linear', 'llama3'")
     if self.attention_chunk < 0:
       raise ValueError(f'attention_chunk={self.attention_chunk} must be >= 0')
-    if self.causal_blocks < 0:
-      raise ValueError(f'causal_blocks={self.causal_blocks} must be >= 0')
+    if self.causal_block < 0:
+      raise ValueError(f'causal_block={self.causal_block} must be >= 0')
     if self.attention not in ATTENTION_IMPLS:
       raise ValueError(f'model.attention={self.attention!r} is not one of '
                        f'{list(ATTENTION_IMPLS)}')
@@ -225,23 +225,14 @@ def _in_query_blocks(fn, q: Array, k: Array, v: Array, mask: Array,
   return jnp.swapaxes(out, 0, 1).reshape(b, l + pad, n, h)[:, :l]
 
 
-def _causal_block_size(length: int, blocks: int) -> int:
-  """Queries per block: `length / blocks` rounded up to a multiple of 8
-  (the vector width: on a 2-core CPU the learner step with blocks of 30
-  was slower than with 24 or 32; docs/BENCHMARKS.md)."""
-  per_block = -(-length // blocks)
-  return -(-per_block // 8) * 8
-
-
 def _in_causal_blocks(fn, q: Array, k: Array, v: Array, mask: Array,
-                      blocks: int) -> Array:
+                      size: int) -> Array:
   """`fn(q, k, v, mask)` for a causal mask (query l never sees key s > l)
-  with the keys after each query block left out: block [a, b) attends keys
-  [0, b) only. Those keys are masked anyway, so the result is `fn`'s up to
-  float rounding, at about (n + 1) / 2n of the score and value FLOPs for n
-  blocks. Static slices: one program per block, no recompiles."""
+  with the keys after each block of `size` queries left out: block [a, b)
+  attends keys [0, b) only. Those keys are masked anyway, so the result is
+  `fn`'s up to float rounding, at about (n + 1) / 2n of the score and value
+  FLOPs for n blocks. Static slices, unrolled: one program per length."""
   l = q.shape[1]
-  size = _causal_block_size(l, blocks)
   out = [fn(q[:, a:a + size], k[:, :, :a + size], v[:, :, :a + size],
             mask[:, a:a + size, :a + size]) for a in range(0, l, size)]
   return jnp.concatenate(out, axis=1)
@@ -249,7 +240,7 @@ def _in_causal_blocks(fn, q: Array, k: Array, v: Array, mask: Array,
 
 def attend(q: Array, k: Array, v: Array, mask: Array, *,
            implementation: str = 'einsum', query_chunk: int = 0,
-           causal_blocks: int = 0) -> Array:
+           causal_block: int = 0) -> Array:
   """Grouped-query attention; softmax in float32 whatever the dtype.
 
   'xla' and 'cudnn' call jax.nn.dot_product_attention, which wants keys
@@ -268,9 +259,9 @@ def attend(q: Array, k: Array, v: Array, mask: Array, *,
     implementation: one of ATTENTION_IMPLS.
     query_chunk: > 0: 'einsum' and 'xla' run that many queries at a time
       (`_in_query_blocks`); cuDNN's fused kernel holds no scores anyway.
-    causal_blocks: > 1, for a full-sequence call (S == L) whose mask is
-      causal: 'einsum' and 'xla' split the queries into that many blocks,
-      each attending only the keys up to its last query
+    causal_block: > 0, for a full-sequence call (S == L > causal_block)
+      whose mask is causal: 'einsum' and 'xla' run that many queries at a
+      time, each block attending only the keys up to its last query
       (`_in_causal_blocks`). The caller guarantees causality: keys after a
       query that the mask allows would be silently dropped.
 
@@ -278,11 +269,11 @@ def attend(q: Array, k: Array, v: Array, mask: Array, *,
     [B, L, N, H] in the dtype of q.
   """
   l, s = q.shape[1], k.shape[2]
-  if (causal_blocks > 1 and l == s and implementation in ('einsum', 'xla')
-      and _causal_block_size(l, causal_blocks) < l):
+  if (0 < causal_block < l and l == s and
+      implementation in ('einsum', 'xla')):
     return _in_causal_blocks(functools.partial(
         attend, implementation=implementation, query_chunk=query_chunk),
-                             q, k, v, mask, causal_blocks)
+                             q, k, v, mask, causal_block)
   if (query_chunk and q.shape[1] > query_chunk and
       implementation in ('einsum', 'xla')):
     return _in_query_blocks(functools.partial(
@@ -341,7 +332,7 @@ class Attention(nn.Module):
     full = layer_cache is None  # Full sequence: causal masks only.
     out = attend(q, key, val, mask, implementation=impl,
                  query_chunk=cfg.attention_chunk if full else 0,
-                 causal_blocks=cfg.causal_blocks if full else 0)
+                 causal_block=cfg.causal_block if full else 0)
     out = dense(cfg.embed_dim, (-2, -1), ('q_heads', 'head_dim', 'embed'),
                 'o')(out)
     return out, new_cache

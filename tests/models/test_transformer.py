@@ -248,15 +248,13 @@ def test_xla_attention_gradients_match_einsum():
 
 @pytest.mark.parametrize('impl,chunk', [('einsum', 4), ('einsum', 3),
                                         ('xla', 4), ('einsum', 64)])
-def test_attention_in_query_blocks_equals_all_at_once(impl, chunk):
-  """backend.attention_chunk: logits and gradients of the full-sequence
-  forward (L = 11: blocks of 4 and 3 leave a padded last block; 64 > L is
-  one block) equal the all-at-once attention's; cached calls ignore it."""
+def _assert_full_pass_matches(impl, tokens, valid, **runtime):
+  """Logits and gradients of the full-sequence forward with the runtime
+  choices `runtime` equal those of plain `impl` attention; cached calls
+  (prefill + decode) are untouched by them."""
   ref_cfg = _cfg(attention=impl)
   params = tr.init_params(ref_cfg, jax.random.key(0))
-  tokens, pmask, p, extra = _padded_batch()
-  valid = jnp.concatenate([pmask, jnp.ones((3, extra), bool)], 1)
-  cfg = _cfg(attention=impl, attention_chunk=chunk)
+  cfg = _cfg(attention=impl, **runtime)
   def loss(params, cfg):
     logits = _full_logits(cfg, params, tokens, valid)
     return jnp.sum(jnp.where(valid[..., None], jax.nn.log_softmax(logits),
@@ -268,55 +266,41 @@ def test_attention_in_query_blocks_equals_all_at_once(impl, chunk):
   assert np.isfinite(np.asarray(got)).all()
   for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(ref_g)):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+  tokens, pmask, p, extra = _padded_batch()
   cached, _ = _cached_logits(cfg, params, tokens, pmask, p, extra)
   ref_cached, _ = _cached_logits(ref_cfg, params, tokens, pmask, p, extra)
   np.testing.assert_array_equal(cached, ref_cached)
+
+
+@pytest.mark.parametrize('impl,chunk', [('einsum', 4), ('einsum', 3),
+                                        ('xla', 4), ('einsum', 64)])
+def test_attention_in_query_blocks_equals_all_at_once(impl, chunk):
+  """backend.attention_chunk (L = 11: blocks of 4 and 3 leave a padded
+  last block; 64 > L is one block)."""
+  tokens, pmask, _, extra = _padded_batch()
+  valid = jnp.concatenate([pmask, jnp.ones((3, extra), bool)], 1)
+  _assert_full_pass_matches(impl, tokens, valid, attention_chunk=chunk)
 
 
 def test_attention_chunk_is_validated():
   with pytest.raises(ValueError, match='attention_chunk=-1 must be >= 0'):
     _cfg(attention_chunk=-1)
-  with pytest.raises(ValueError, match='causal_blocks=-1 must be >= 0'):
-    _cfg(causal_blocks=-1)
+  with pytest.raises(ValueError, match='causal_block=-1 must be >= 0'):
+    _cfg(causal_block=-1)
 
 
-@pytest.mark.parametrize('length,blocks,sizes', [
-    (11, 2, [8, 3]), (11, 4, [8, 3]), (119, 4, [32, 32, 32, 23]),
-    (119, 3, [40, 40, 39]), (8, 4, [8]), (120, 2, [64, 56])])
-def test_causal_block_sizes(length, blocks, sizes):
-  """Blocks of length / n rounded up to a multiple of 8; the last takes
-  the rest (one block: no split)."""
-  size = tr._causal_block_size(length, blocks)
-  got = [min(size, length - a) for a in range(0, length, size)]
-  assert got == sizes
-
-
-@pytest.mark.parametrize('impl,blocks,chunk', [
-    ('einsum', 2, 0), ('einsum', 4, 3), ('xla', 3, 0), ('einsum', 1, 0)])
-def test_causal_blocks_equal_all_keys(impl, blocks, chunk):
-  """backend.causal_blocks: logits and gradients of the full-sequence
-  forward equal attention over every key (also with query chunks inside
-  the blocks; 1 block is no split); cached calls ignore it."""
-  ref_cfg = _cfg(attention=impl)
-  params = tr.init_params(ref_cfg, jax.random.key(0))
+@pytest.mark.parametrize('impl,block,chunk', [
+    ('einsum', 8, 0), ('einsum', 16, 3), ('xla', 10, 0), ('einsum', 1, 0),
+    ('einsum', 29, 0)])
+def test_causal_blocks_equal_all_keys(impl, block, chunk):
+  """backend.causal_block (L = 29, three left paddings: blocks of 8 leave
+  one of 5), also with query chunks inside the blocks; a block of L is no
+  split."""
   b, length = 3, 29
   tokens = jax.random.randint(jax.random.key(1), (b, length), 3, 23)
   valid = jnp.arange(length)[None] >= jnp.array([[0], [5], [20]])
-  cfg = _cfg(attention=impl, causal_blocks=blocks, attention_chunk=chunk)
-  def loss(params, cfg):
-    logits = _full_logits(cfg, params, tokens, valid)
-    return jnp.sum(jnp.where(valid[..., None], jax.nn.log_softmax(logits),
-                             0)), logits
-  grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
-  (ref_g, ref), (got_g, got) = grad(params, ref_cfg), grad(params, cfg)
-  np.testing.assert_allclose(np.where(valid[..., None], got, 0),
-                             np.where(valid[..., None], ref, 0), atol=1e-5)
-  for a, c in zip(jax.tree.leaves(got_g), jax.tree.leaves(ref_g)):
-    np.testing.assert_allclose(a, c, atol=1e-4, rtol=1e-4)
-  tokens, pmask, p, extra = _padded_batch()
-  cached, _ = _cached_logits(cfg, params, tokens, pmask, p, extra)
-  ref_cached, _ = _cached_logits(ref_cfg, params, tokens, pmask, p, extra)
-  np.testing.assert_array_equal(cached, ref_cached)
+  _assert_full_pass_matches(impl, tokens, valid, causal_block=block,
+                            attention_chunk=chunk)
 
 
 def test_causal_blocks_skip_only_keys_after_the_block():
@@ -338,12 +322,12 @@ def test_causal_blocks_skip_only_keys_after_the_block():
   bundle[1, :37], branch[1, 9:37] = 1, 1
   mask = packing.attention_mask(jnp.asarray(bundle), jnp.asarray(branch))
   ref = tr.attend(q, key, val, mask)
-  got = tr.attend(q, key, val, mask, causal_blocks=4)
+  got = tr.attend(q, key, val, mask, causal_block=8)
   real = np.asarray(bundle > 0)[..., None, None]
   np.testing.assert_allclose(np.where(real, got, 0), np.where(real, ref, 0),
                              atol=1e-5)
   everything = jnp.ones((r, l, l), bool)  # Not causal.
-  assert not np.allclose(tr.attend(q, key, val, everything, causal_blocks=4),
+  assert not np.allclose(tr.attend(q, key, val, everything, causal_block=8),
                          tr.attend(q, key, val, everything), atol=1e-3)
 
 
