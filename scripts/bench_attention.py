@@ -49,8 +49,8 @@ def _median_time(fn, repeats):
   return sorted(times)[len(times) // 2]
 
 
-def _time_impl(impl, blocks, mcfg, repeats):
-  cfg = dataclasses.replace(mcfg, attention=impl, causal_block=blocks)
+def _time_impl(impl, block, mcfg, repeats):
+  cfg = dataclasses.replace(mcfg, attention=impl, causal_block=block)
   model = transformer.Transformer(cfg)
   params = transformer.init_params(cfg, jax.random.key(0))
   rows, length = _ROWS.value, _LEN.value
@@ -96,13 +96,13 @@ def main(argv):
         f'auto -> {backend.resolve_attention("auto", plat, mcfg, capability=backend.compute_capability())}; '  # pylint: disable=line-too-long
         f'forward/gradient [{_ROWS.value}, {_LEN.value}], sample '
         f'{_PROMPTS.value}x8 rows x 80 tokens, {_DTYPE.value}')
-  blocks = [int(b) for b in _CAUSAL_BLOCK.value]
+  sizes = [int(b) for b in _CAUSAL_BLOCK.value]
   results = {(impl, b): _time_impl(impl, b, mcfg, _REPEATS.value)
-             for impl in impls for b in blocks}
+             for impl in impls for b in sizes}
   print('| implementation | causal block | forward s | gradient s | '
         'sample s | x einsum (fwd / grad / sample) |')
   print('|---|---|---|---|---|---|')
-  base = results[('einsum', blocks[0])]
+  base = results[('einsum', sizes[0])]
   for (impl, b), r in results.items():
     ratios = ' / '.join(f'{r[k] / base[k]:.2f}' for k in r)
     print(f'| {impl} | {b} | {r["forward"]:.3f} | {r["gradient"]:.3f} | '
