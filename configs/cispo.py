@@ -4,7 +4,7 @@ l_t = -sg(clip(rho_t, 0, 1 + eps_high)) * A * log pi(y_t): the weight is
 clipped, the token's gradient never dropped.
 """
 
-from configs import common
+from rlx.configs import common
 
 
 def get_config():

@@ -7,7 +7,7 @@ max_new_tokens is 80, so a buffer of 4 only touches runaway responses).
 Dynamic sampling (dropping all-equal groups) lives with the curriculum.
 """
 
-from configs import common
+from rlx.configs import common
 
 
 def get_config():

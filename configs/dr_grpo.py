@@ -5,7 +5,7 @@ by a constant (max_new_tokens) instead of each response's length: removes
 GRPO's length and difficulty biases.
 """
 
-from configs import common
+from rlx.configs import common
 
 
 def get_config():

@@ -4,7 +4,7 @@ Forward value of clip-higher PPO (0.2 / 0.28), but clipped tokens keep a
 bounded gradient instead of none.
 """
 
-from configs import common
+from rlx.configs import common
 
 
 def get_config():

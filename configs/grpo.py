@@ -5,7 +5,7 @@ PPO-clip token loss, token-mean aggregation, no KL) on a ~0.8M-parameter
 transformer. Finishes in minutes on a 2-core CPU.
 """
 
-from configs import common
+from rlx.configs import common
 
 
 def get_config():

@@ -11,7 +11,7 @@ fail, so the training reward (`reward/mean`, about 0.35) is not an
 estimate of pass@1 here; the held-out `eval/pass@1` is.
 """
 
-from configs import common
+from rlx.configs import common
 
 
 def get_config():

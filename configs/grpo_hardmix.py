@@ -9,7 +9,7 @@ groups have zero variance (docs/BENCHMARKS.md), the realistic case for
 curricula (rlx/curriculum/). Same sequence shapes as the default recipe.
 """
 
-from configs import common
+from rlx.configs import common
 
 
 def get_config():

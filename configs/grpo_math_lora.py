@@ -24,7 +24,7 @@ about 10x full fine-tuning's (1e-6 is usual for GRPO on 1.5B models), hence
 recommend; the KL reference would be the base itself (adapters off).
 """
 
-from configs import common
+from rlx.configs import common
 
 
 def get_config():

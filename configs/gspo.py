@@ -4,7 +4,7 @@ s_i = exp(mean_t log(pi / pi_old)), clipped to [1 - 3e-4, 1 + 4e-4];
 aggregated per sequence.
 """
 
-from configs import common
+from rlx.configs import common
 
 
 def get_config():

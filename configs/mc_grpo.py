@@ -6,7 +6,7 @@ so 4 samples carry gradient. No scaling (MAD is often 0 with binary
 rewards).
 """
 
-from configs import common
+from rlx.configs import common
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """REINFORCE++-baseline (Hu 2025): group-mean baseline, batch whitening."""
 
-from configs import common
+from rlx.configs import common
 
 
 def get_config():

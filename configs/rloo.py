@@ -3,7 +3,7 @@
 A_i = r_i - mean of the other responses' rewards in the group.
 """
 
-from configs import common
+from rlx.configs import common
 
 
 def get_config():

@@ -8,10 +8,11 @@ message naming the key, before anything is compiled. ConfigDicts never enter
 jitted code.
 """
 
-import ast
 import dataclasses
+import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from typing import Any
@@ -359,6 +360,10 @@ class OptimConfig:
   # (rlx/lm_head.py), so [positions, vocab] logits are never held at once;
   # set it for large vocabularies (e.g. 1024 for 150k tokens). 0: all
   # positions at once. Same log-probs up to float rounding.
+  max_nonfinite: int = 3  # An update whose loss or gradient is not finite
+  # (NaN/inf) is skipped: parameters and optimizer state stay as they were
+  # (counted in learner/nonfinite and learner/nonfinite_total). This many
+  # RL steps in a row with a skipped update stop the run with an error.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,6 +399,15 @@ class LogConfig:
   progress: bool = True  # Show a progress bar.
   memory_stats: bool = True  # At start, compile the largest train step
   # ahead of time and log its memory per device.
+  wandb_project: str = ''  # Also log to this Weights & Biases project
+  # ('' = no W&B; needs `pip install wandb`). One W&B run per workdir.
+  wandb_entity: str = ''  # W&B user or team ('' = the login's default).
+  wandb_name: str = ''  # W&B run name ('' = the workdir's basename).
+  wandb_tags: tuple = ()  # W&B run tags (strings).
+  wandb_mode: str = ''  # 'online' or 'offline' (sync later with `wandb
+  # sync WORKDIR/wandb`); '' = W&B's default (WANDB_MODE, else online).
+  samples: int = 8  # Completions of each evaluation logged as a table
+  # (TensorBoard text, W&B table): the first this many (0 = none).
 
 
 # Logical axis -> mesh axes. Weights carry the logical names of
@@ -473,54 +487,134 @@ def default_config_dict() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dataclasses.asdict(Config()))
 
 
-def _convert(cls, value: Any, path: str):
-  """Converts a ConfigDict subtree into dataclass `cls`, checking keys."""
+def _convert(cls, value: Any, path: str, problems: list[str]):
+  """Converts a ConfigDict subtree into dataclass `cls`. Unknown keys and
+  values of the wrong type are added to `problems` (the field keeps its
+  default), so that one pass finds them all."""
   if isinstance(value, ml_collections.ConfigDict):
     value = value.to_dict()
   if not isinstance(value, dict):
-    raise ConfigError(f'{path or "config"} must be a group of fields, got '
-                      f'{value!r}')
-  fields = {f.name: f for f in dataclasses.fields(cls)}
-  unknown = sorted(set(value) - set(fields))
-  if unknown:
-    name = '.'.join(filter(None, [path, unknown[0]]))
-    raise ConfigError(f'unknown config key {name!r}; known keys under '
-                      f'{path or "config"}: {sorted(fields)}')
+    problems.append(f'{path or "config"}: must be a group of fields, got '
+                    f'{type(value).__name__} {value!r}')
+    return cls()
+  fields = {f.name for f in dataclasses.fields(cls)}
   hints = typing.get_type_hints(cls)
   kwargs = {}
   for key, val in value.items():
     name = '.'.join(filter(None, [path, key]))
-    kwargs[key] = _check_type(hints[key], val, name)
+    if key not in fields:
+      problems.append(unknown_key(name))
+      continue
+    try:
+      kwargs[key] = _check_type(hints[key], val, name, problems)
+    except ConfigError as e:
+      problems.append(str(e))
   return cls(**kwargs)
 
 
-def _check_type(hint, val, name):
+def _check_type(hint, val, name, problems):
   if dataclasses.is_dataclass(hint):
-    return _convert(hint, val, name)
+    return _convert(hint, val, name, problems)
   origin = typing.get_origin(hint)
-  if origin is tuple:
+  if hint is tuple or origin is tuple:
     if not isinstance(val, (tuple, list)):
-      raise ConfigError(f'{name} must be a tuple, got {val!r}')
+      raise ConfigError(f'{name}: must be a tuple, got {val!r}')
     return tuple(val)
   if origin in (typing.Union, types.UnionType):
     return val
   if hint is float and isinstance(val, int) and not isinstance(val, bool):
-    return float(val)
+    val = float(val)
   if hint is bool and not isinstance(val, bool):
-    raise ConfigError(f'{name} must be a bool, got {val!r}')
+    raise ConfigError(f'{name}: must be a bool, got {val!r}')
   if not isinstance(val, hint) or (hint is int and isinstance(val, bool)):
-    raise ConfigError(f'{name} must be {hint.__name__}, got '
+    raise ConfigError(f'{name}: must be {hint.__name__}, got '
                       f'{type(val).__name__} {val!r}')
+  if hint is float and not math.isfinite(val):
+    raise ConfigError(f'{name}: must be a finite number, got {val!r}')
   return val
 
 
+def _leaf_keys(cls=None, prefix: str = '') -> list[str]:
+  """Every dotted field name of the config (groups excluded)."""
+  out = []
+  for f in dataclasses.fields(cls or Config):
+    hint = typing.get_type_hints(cls or Config)[f.name]
+    if dataclasses.is_dataclass(hint):
+      out += _leaf_keys(hint, f'{prefix}{f.name}.')
+    else:
+      out.append(prefix + f.name)
+  return out
+
+
+def unknown_key(name: str) -> str:
+  """The problem line for an unknown dotted key, with a did-you-mean: the
+  known keys nearest to it, whole or by its last part."""
+  known = _leaf_keys()
+  close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+  last = name.rsplit('.', 1)[-1]
+  close += [k for k in known if k.rsplit('.', 1)[-1] == last or
+            k.split('.')[0] == last]
+  close += [k for k in known for m in difflib.get_close_matches(
+      last, [k.rsplit('.', 1)[-1]], cutoff=0.8) if m]
+  close = list(dict.fromkeys(close))[:3]
+  if close:
+    return f'{name}: unknown config key; did you mean {" or ".join(close)}?'
+  group = name.rsplit('.', 1)[0] if '.' in name else ''
+  keys = sorted({k[len(group) + 1:].split('.')[0] if group else
+                 k.split('.')[0] for k in known
+                 if not group or k.startswith(group + '.')})
+  return (f'{name}: unknown config key; known keys under '
+          f'{group or "config"}: {", ".join(keys)}')
+
+
+# The failed requirements of the validation in progress (None: raise at
+# the first one).
+_problems: list[str] | None = None
+
+
 def _require(ok: bool, key: str, message: str):
-  if not ok:
+  if ok:
+    return
+  if _problems is None:
     raise ConfigError(f'{key}: {message}')
+  _problems.append(f'{key}: {message}')
 
 
 def validate(cfg: Config) -> Config:
-  """Rejects impossible combinations, naming the key."""
+  """Rejects impossible combinations: one ConfigError listing every
+  problem, one line each, naming its key."""
+  problems = validation_problems(cfg)
+  if problems:
+    raise ConfigError('\n'.join(problems))
+  return cfg
+
+
+def validation_problems(cfg: Config) -> list[str]:
+  """Every problem of `cfg`, one line each ('key: what is wrong').
+
+  Each section is checked in full; a check that cannot even be computed
+  because of a problem already found in its section (a division by a zero
+  the section has named) ends that section only.
+  """
+  global _problems
+  outer, _problems = _problems, []
+  try:
+    for section in _SECTIONS:
+      before = len(_problems)
+      try:
+        section(cfg)
+      except ConfigError as e:  # Raised directly (e.g. a registry's check).
+        _problems.extend(str(e).splitlines())
+      except (ArithmeticError, TypeError, ValueError, KeyError, IndexError):
+        if len(_problems) == before:
+          raise  # A bug, not the consequence of a problem named above.
+    return list(dict.fromkeys(_problems))
+  finally:
+    _problems = outer
+
+
+def _validate_basics(cfg: Config) -> None:
+  """rl, optim, sampling, eval, warmstart and log fields."""
   rl, opt, s = cfg.rl, cfg.optim, cfg.sampling
   _require(rl.batch_prompts > 0, 'rl.batch_prompts', 'must be positive')
   _require(rl.num_steps >= 0, 'rl.num_steps', 'must be >= 0')
@@ -557,16 +651,29 @@ def validate(cfg: Config) -> Config:
            'warmstart.max_steps',
            f'must be in [0, task.max_steps={cfg.task.max_steps}]')
   _require(cfg.log.keep > 0, 'log.keep', 'must be positive')
+  _require(cfg.log.samples >= 0, 'log.samples', 'must be >= 0')
   _require(cfg.log.every > 0, 'log.every', 'must be positive')
   _require(cfg.log.checkpoint_every > 0, 'log.checkpoint_every',
            'must be positive')
-  _validate_task_and_model(cfg)
+  _require(opt.learning_rate > 0, 'optim.learning_rate', 'must be > 0')
+  _require(cfg.warmstart.learning_rate > 0, 'warmstart.learning_rate',
+           'must be > 0')
+  _require(opt.max_nonfinite >= 1, 'optim.max_nonfinite', 'must be >= 1')
+  for key in ('optim.warmup_steps', 'warmstart.warmup_steps',
+              'optim.weight_decay'):
+    section, name = key.split('.')
+    _require(getattr(getattr(cfg, section), name) >= 0, key, 'must be >= 0')
+  _require(opt.max_grad_norm > 0, 'optim.max_grad_norm', 'must be > 0')
+  for key in ('b1', 'b2'):
+    _require(0 <= getattr(opt, key) < 1, f'optim.{key}',
+             f'{getattr(opt, key)} not in [0, 1)')
+
+
+def _validate_objective(cfg: Config) -> None:
+  s = cfg.sampling
   _require(cfg.objective.kl_estimator in ('k1', 'k2', 'k3'),
            'objective.kl_estimator', f'{cfg.objective.kl_estimator!r} is '
            "not one of ['k1', 'k2', 'k3']")
-  _require(cfg.model.num_heads % cfg.model.num_kv_heads == 0,
-           'model.num_kv_heads', f'{cfg.model.num_kv_heads} must divide '
-           f'model.num_heads={cfg.model.num_heads}')
   obj = cfg.objective
   for key, value, known in (
       ('gspo_variant', obj.gspo_variant, ('seq', 'token')),
@@ -584,9 +691,6 @@ def validate(cfg: Config) -> Config:
            'whole batch, which is split before the step that shapes the '
            'rewards (rl.num_minibatches > 1): use kl_in_reward=False (the KL '
            'in the loss) or one minibatch')
-  _validate_curriculum(cfg)
-  _validate_rollout(cfg)
-  _validate_mesh(cfg)
   _require(obj.advantage not in NEEDS_INPUTS, 'objective.advantage',
            f'{obj.advantage!r} needs {NEEDS_INPUTS.get(obj.advantage)}, '
            'which the trainer does not produce yet; it is available as a '
@@ -595,9 +699,9 @@ def validate(cfg: Config) -> Config:
   # cycle; see rlx.objectives.check_names.
   from rlx import objectives  # pylint: disable=g-import-not-at-top
   objectives.check_names(cfg.objective)
-  return cfg
 
 
+DTYPES = ('float32', 'bfloat16', 'float16')  # model.dtype, param_dtype.
 TASKS = ('chain_arith', 'math_files')
 ANSWER_EXTRACTS = ('none', 'boxed', 'hashes')  # rlx.data.math_files.
 # ModelConfig fields that a model.hf_dir's config.json decides.
@@ -609,6 +713,12 @@ HF_SIZE_FIELDS = ('vocab_size', 'num_layers', 'embed_dim', 'num_heads',
 def _validate_task_and_model(cfg: Config) -> None:
   """Task name and fields, model.hf_dir, lora.*; files are read later."""
   task, model, ws = cfg.task, cfg.model, cfg.warmstart
+  _require(model.num_kv_heads > 0 and model.num_heads % model.num_kv_heads
+           == 0, 'model.num_kv_heads', f'{model.num_kv_heads} must divide '
+           f'model.num_heads={model.num_heads}')
+  for key in ('dtype', 'param_dtype'):
+    _require(getattr(model, key) in DTYPES, f'model.{key}',
+             f'{getattr(model, key)!r} is not one of {list(DTYPES)}')
   _require(task.name in TASKS, 'task.name',
            f'unknown task {task.name!r}; known: {list(TASKS)}')
   _require(task.prompt_len > 0, 'task.prompt_len', 'must be positive')
@@ -884,6 +994,9 @@ def _validate_mesh(cfg: Config) -> None:
            'must be >= 0')
 
 
+_SECTIONS = (_validate_basics, _validate_task_and_model, _validate_objective,
+             _validate_curriculum, _validate_rollout, _validate_mesh)
+
 # Advantages whose inputs the RL loop cannot supply yet (library-only).
 NEEDS_INPUTS = {}
 
@@ -893,37 +1006,19 @@ GROUP_RELATIVE = ('grpo', 'dr_grpo', 'rloo', 'reinforce_pp', 'mc_grpo',
 
 
 def build(config: ml_collections.ConfigDict | dict) -> Config:
-  """ConfigDict -> validated frozen `Config`; raises `ConfigError`."""
-  return validate(_convert(Config, config, ''))
+  """ConfigDict -> validated frozen `Config` (overrides from strings and
+  recipe files: rlx/recipes.py).
 
-
-def override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
-  """Sets dotted `key` (e.g. 'rollout.num_slots') on a ConfigDict; a string
-  value for a non-string field is parsed as a Python literal of the
-  field's type (booleans also as true/false, as absl flags take them)."""
-  *groups, name = key.split('.')
-  node = config
-  for g in groups:
-    node = node[g]
-  if isinstance(value, str) and not isinstance(node[name], str):
-    if isinstance(node[name], bool):
-      value = {'true': 'True', 'false': 'False'}.get(value.lower(), value)
-    try:
-      value = type(node[name])(ast.literal_eval(value))
-    except (ValueError, SyntaxError) as e:
-      raise ConfigError(f'{key}: cannot read {value!r} as a '
-                        f'{type(node[name]).__name__}') from e
-  node[name] = value
-
-
-def apply_overrides(config: ml_collections.ConfigDict,
-                    pairs: list[str]) -> None:
-  """`override` for each 'key=value' string (a bench script's --set)."""
-  for pair in pairs:
-    key, sep, value = pair.partition('=')
-    if not sep:
-      raise ConfigError(f'override {pair!r} is not key=value')
-    override(config, key, value)
+  Raises:
+    ConfigError: every problem found (unknown keys, wrong types, bad
+      values, impossible combinations), one line each.
+  """
+  problems = []
+  cfg = _convert(Config, config, '', problems)
+  problems += validation_problems(cfg)
+  if problems:
+    raise ConfigError('\n'.join(dict.fromkeys(problems)))
+  return cfg
 
 
 def to_dict(cfg: Config) -> dict:

@@ -61,6 +61,10 @@ class Batch(NamedTuple):
   # train step computes them from the batch it gets.
 
 
+class NonFiniteUpdates(RuntimeError):
+  """Too many RL steps in a row had a non-finite loss or gradient."""
+
+
 def round_up(n: int, multiple: int, cap: int) -> int:
   return min(-(-max(n, 1) // multiple) * multiple, cap)
 
@@ -420,6 +424,13 @@ def make_train_step(logits_fn: LogitsFn,
     })
     new_state = TrainState(step=state.step + 1, params=params,
                            opt_state=opt_state)
+    # A non-finite loss or gradient skips the update (optim.max_nonfinite):
+    # the state stays as it was, bit for bit, and the step says so.
+    finite = (jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm']) &
+              jnp.isfinite(optax.global_norm(updates)))
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                             new_state, state)
+    metrics['nonfinite'] = (~finite).astype(jnp.float32)
     return new_state, metrics
 
   if shardings is None:

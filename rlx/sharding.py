@@ -202,6 +202,13 @@ class Plan:
         jax.device_get(tree), shardings)
 
 
+def sync(name: str) -> None:
+  """A barrier across processes (nothing with one process): after process
+  0 changed shared files, before the others read them."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def primary_first(fn, *args, **kwargs):
   """`fn(*args)` on process 0 first, then on the others (one process: just
   `fn`). For work that writes shared files, e.g. preparing a dataset.

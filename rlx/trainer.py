@@ -16,12 +16,14 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from rlx import checkpoint
 from rlx import config as config_lib
@@ -32,11 +34,13 @@ from rlx import packing
 from rlx import policy as policy_lib
 from rlx import sharding
 from rlx import warmstart
+from rlx import workdir as workdir_lib
 from rlx.actor import Actor
 from rlx.config import Config
 from rlx.data import loader
 from rlx.data.task import load_task
 from rlx.logbook import Logbook
+from rlx.logbook import read_metrics
 from rlx.rewards import shaping
 from rlx.curriculum.controller import Curriculum
 from rlx.models import kv_cache
@@ -81,19 +85,56 @@ def split_model(model: transformer.Transformer) -> lm_head.SplitLM:
       dtype=jnp.dtype(model.cfg.dtype))
 
 
-def _check_resume(workdir: str, ckpt: checkpoint.Checkpointer,
-                  cfg: Config) -> int:
-  """Returns the step to resume from (0: fresh); refuses unsafe starts."""
-  step = ckpt.latest_step()
-  metrics = os.path.join(workdir, 'metrics.jsonl')
-  if step is None:
-    if os.path.exists(metrics) and os.path.getsize(metrics):
-      raise checkpoint.CheckpointError(
-          f'{workdir} has metrics.jsonl but no finished checkpoint under '
-          f'{ckpt.directory}; refusing to start over on top of it. Use a '
-          'new --workdir, or delete this one to restart.')
-    return 0
-  return step
+def _restore(ckpt: checkpoint.Checkpointer, abstract: dict, cfg: Config,
+             say) -> tuple[int, dict | None, dict | None]:
+  """(step, state, metadata) of the newest checkpoint that restores and
+  verifies; (0, None, None) when there is none.
+
+  Newer checkpoints that fail (unreadable, or arrays that differ from what
+  was written) are moved to checkpoints.corrupt/, saying so, once an older
+  one has restored; when none restores nothing is moved and the error
+  names each failure.
+
+  Raises:
+    CheckpointError: the newest readable checkpoint was made with a
+      different config, or none restores.
+  """
+  failures = []
+  for step in sorted(ckpt.all_steps(), reverse=True):
+    try:
+      # The config first: a changed one would also change what is restored.
+      _check_same_config(ckpt.meta(step)['config'], cfg, ckpt.directory)
+      state, meta = ckpt.restore(step, abstract)
+      if state['partial']:  # APRIL's carried responses, before sampling.
+        try:
+          pb.validate(state['partial']['buffer'],
+                      max_new_tokens=cfg.sampling.max_new_tokens)
+        except ValueError as e:
+          raise checkpoint.CorruptCheckpoint(
+              f'checkpoint {ckpt.directory}/{step}: {e}') from e
+    except checkpoint.CorruptCheckpoint as e:
+      failures.append((step, str(e)))
+      continue
+    if failures and jax.process_index() == 0:
+      for bad, why in failures:
+        say(f'{why}; moved to {ckpt.set_aside(bad)}')
+      say(f'resuming from the newest good checkpoint, step {step}')
+    sharding.sync('rlx-checkpoints-set-aside')
+    ckpt.reload()
+    return step, state, meta
+  if failures:
+    raise checkpoint.CheckpointError(
+        'no checkpoint restores: ' + '; '.join(why for _, why in failures))
+  return 0, None, None
+
+
+def _last_eval(workdir: str) -> dict:
+  """The newest evaluation row of a resumed run's metrics.jsonl ({}:
+  none)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  rows = read_metrics(path) if os.path.exists(path) else []
+  evals = [r for r in rows if 'eval/pass@1' in r]
+  return evals[-1] if evals else {}
 
 
 def _check_same_config(saved: dict, cfg: Config, path: str) -> None:
@@ -113,6 +154,12 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
           ) -> dict[str, Any]:
   """Runs (or resumes) RL training in `workdir`.
 
+  The workdir is locked for the run (a second process is refused, naming
+  the holder). It resumes from its newest checkpoint that verifies (newer
+  ones that do not are moved to checkpoints.corrupt/, saying so); a
+  workdir with logs but no finished checkpoint (a start killed before its
+  first one) starts over, its rows set aside in metrics.jsonl.dropped.
+
   Args:
     cfg: the validated config.
     workdir: output directory (metrics.jsonl, tb/, checkpoints/).
@@ -120,33 +167,53 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
       pre-emption; the run is resumable).
 
   Returns:
-    {'params': final model params, 'step': last step, 'last_eval': eval
-    row}; with LoRA also 'adapters' (the trained ones) and 'base' (the
-    frozen base; 'params' is it with the adapters merged).
+    {'params': final model params, 'step': last step, 'last_eval': the
+    newest eval row}; with LoRA also 'adapters' (the trained ones) and
+    'base' (the frozen base; 'params' is it with the adapters merged).
+
+  Raises:
+    ConfigError: the config does not fit the task, mesh or processes
+      (every such problem at once), before anything is compiled.
+    CheckpointError: the checkpoints cannot be resumed, or one cannot be
+      written (naming the directory and the cause).
+    WorkdirBusy: another process runs in `workdir`.
+    NonFiniteUpdates: optim.max_nonfinite steps in a row were skipped.
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.lock(workdir, primary=jax.process_index() == 0):
+    return _train(cfg, workdir, stop_after)
+
+
+def _train(cfg: Config, workdir: str, stop_after: int | None
+           ) -> dict[str, Any]:
+  """`train` in a locked workdir."""
+  primary = jax.process_index() == 0
+  # The console before the logbook exists (it opens at the resume step).
+  say = lambda text: tqdm.tqdm.write(text, file=sys.stderr) if primary else None
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                  max_to_keep=cfg.log.keep)
-  start_step = _check_resume(workdir, ckpt, cfg)
+  if ckpt.latest_step() is None and primary:
+    dropped = workdir_lib.set_aside_unfinished(workdir)
+    if dropped:
+      say(f'{workdir} has no finished checkpoint: starting over; the '
+          f'{dropped} rows of the earlier start are in metrics.jsonl.dropped')
   run_start = time.time()
 
   plan = sharding.Plan.from_config(cfg.mesh)
-  _check_batch_fits_mesh(cfg, plan)
-  _check_overlap(cfg, plan)
-  if cfg.rollout.mode != 'static' and jax.process_count() > 1:
-    # The engine and tree samplers run on one device of this process.
-    raise config_lib.ConfigError(
-        f'rollout.mode={cfg.rollout.mode!r} samples on one device and does '
-        f'not run with {jax.process_count()} processes; use '
-        'rollout.mode=static for multi-host runs')
   # A separate sampler mesh gets an explicit weight reshard every step.
   splan = (sharding.Plan.from_config(cfg.mesh, sampler=True)
            if cfg.mesh.sampler_shape else plan)
   # Process 0 prepares the dataset files; the others then read them.
   task = sharding.primary_first(load_task, cfg.task,
                                 policy_lib.load_tokenizer(cfg))
-  _check_task_size(cfg, task)
+  _preflight(cfg, plan, task)
+  say(f'mesh {dict(plan.mesh.shape)} over {plan.size} of '
+      f'{jax.device_count()} {jax.devices()[0].platform} devices'
+      + (f'; sampler mesh {dict(splan.mesh.shape)}'
+         if splan is not plan else ''))
+  for note in task.notes:
+    say(note)
   model, logits_fn = build_model(cfg, task.tokenizer.vocab_size)
   split = split_model(model)
   optimizer = learner.make_optimizer(cfg.optim)
@@ -164,6 +231,9 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   # fine-tuning run resumes from its checkpoint alone).
   init_params = lambda: policy_lib.initial_params(cfg, model.cfg, seed_key,
                                                   param_sh)
+  warm_start = functools.partial(warmstart.load_or_train, cfg, logits_fn,
+                                 task, log=say,
+                                 progress=cfg.log.progress and primary)
   pool = cfg.curriculum.pool_size or len(task.train)
   score_fn = (reference_logprob_fn(cfg, logits_fn, split, task, pool)
               if cfg.curriculum.selector == 'likelihood' else None)
@@ -187,42 +257,21 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   if cfg.rollout.overlap:  # The weights sampling the next step.
     abstract['sampler'] = sharding.with_shardings(abstract_state.params,
                                                   state_sh.params)
-  log = Logbook(workdir, total_steps=cfg.rl.num_steps,
-                resume_step=start_step, tensorboard=cfg.log.tensorboard,
-                progress=cfg.log.progress, primary=jax.process_index() == 0)
-  log.message(f'mesh {dict(plan.mesh.shape)} over {plan.size} of '
-              f'{jax.device_count()} {jax.devices()[0].platform} devices'
-              + (f'; sampler mesh {dict(splan.mesh.shape)}'
-                 if splan is not plan else ''))
-  for note in task.notes:
-    log.message(note)
   counters = {'rollouts/total': 0, 'tokens/decoded_total': 0,
-              'elapsed_s': 0.0}
+              'learner/nonfinite_total': 0, 'elapsed_s': 0.0}
   if policy.lora is not None:  # The base: fresh start and resume alike.
-    base, _ = warmstart.load_or_train(cfg, logits_fn, task, init_params(),
-                                      log=log.message)
+    base, _ = warm_start(init_params())
     policy.set_base(plan.put(base, param_sh))
-    log.message(f'LoRA rank {cfg.lora.rank} on {list(cfg.lora.targets)}: '
-                f'{lora.count_params(policy.abstract_trainable):,} trainable '
-                f'of {transformer.count_params(abstract_params):,} parameters')
+    say(f'LoRA rank {cfg.lora.rank} on {list(cfg.lora.targets)}: '
+        f'{lora.count_params(policy.abstract_trainable):,} trainable of '
+        f'{transformer.count_params(abstract_params):,} parameters')
+  start_step, state, meta = _restore(ckpt, abstract, cfg, say)
   if start_step:
-    # The config first: a changed one would also change what is restored.
-    _check_same_config(ckpt.meta(start_step)['config'], cfg,
-                       ckpt.directory)
-    state, meta = ckpt.restore(start_step, abstract)
-    if state['partial']:  # APRIL's carried responses, before any sampling.
-      try:
-        pb.validate(state['partial']['buffer'],
-                    max_new_tokens=cfg.sampling.max_new_tokens)
-      except ValueError as e:
-        raise checkpoint.CheckpointError(
-            f'checkpoint {ckpt.directory}/{start_step}: {e}') from e
     counters.update(meta['counters'])
-    log.message(f'resumed from step {start_step} ({ckpt.directory})')
+    say(f'resumed from step {start_step} ({ckpt.directory})')
   else:
     if policy.lora is None:
-      params, _ = warmstart.load_or_train(cfg, logits_fn, task,
-                                          init_params(), log=log.message)
+      params, _ = warm_start(init_params())
       params = plan.put(params, param_sh)
     else:
       params = policy.base
@@ -235,6 +284,9 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
              'ref': jax.tree.map(jnp.copy, params) if own_ref else {},
              'curriculum': curriculum.init(params),
              'partial': modes.init_partial(cfg, task)}
+  log = Logbook(workdir, total_steps=max(cfg.rl.num_steps, start_step),
+                resume_step=start_step, tensorboard=cfg.log.tensorboard,
+                progress=cfg.log.progress, primary=primary, config=cfg)
   train_state, ref_params = state['train'], state['ref'] or None
   if policy.lora is not None:
     # The train step's frozen, non-donated argument: base and KL reference.
@@ -253,7 +305,7 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
       shardings=(state_sh, param_sh if ref_params is not None else
                  plan.replicated, plan.batch((_minibatch(cfg),)),
                  plan.replicated), merge_fn=policy.merge_fn, split=split)
-  pack_chunks = _pack_chunks(cfg, plan, log.message)
+  pack_chunks = _pack_chunks(cfg, plan, say)
   if start_step == 0 and cfg.log.memory_stats:
     _log_memory(log, train_step, train_state, ref_params, cfg, plan, task,
                 pack_chunks)
@@ -270,22 +322,29 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
       logits_fn, cfg, p, part, split)[0])
   recompute_logp = lambda p, part: recompute_jit(policy.merged(p), part)
   base_key = jax.random.key(cfg.seed)
-  eval_key = jax.random.fold_in(base_key, 2)  # Same draws every eval.
+  eval_key = evaluation.eval_key(cfg.seed)  # Same draws every eval.
 
   def run_eval(step: int) -> dict:
-    row = evaluation.evaluate(actor, to_sampler(train_state.params),
-                              cfg.eval, eval_key,
-                              max_new_tokens=cfg.sampling.max_new_tokens)
+    row, records = evaluation.evaluate(
+        actor, to_sampler(train_state.params), cfg.eval, eval_key,
+        max_new_tokens=cfg.sampling.max_new_tokens, records=True)
     row = {'step': step, **row, 'time/elapsed_s': elapsed()}
     log.write(row)
+    log.log_samples(step, records)
     log.message(f'eval step {step}: pass@1 {row["eval/pass@1"]:.3f}')
     return row
 
-  last_eval = run_eval(0) if start_step == 0 else {}
+  last_eval = run_eval(0) if start_step == 0 else _last_eval(workdir)
   end = cfg.rl.num_steps
+  if end < start_step:
+    log.message(f'{workdir} is already at step {start_step}, past '
+                f'rl.num_steps={end}: nothing to train (raise rl.num_steps '
+                'to extend the run)')
+    end = start_step
   if stop_after is not None:
     end = min(end, start_step + stop_after)
   rl = cfg.rl
+  nonfinite_run = 0  # Consecutive steps with a skipped update.
 
   def collect(step, weights, version, cur_state, partial_state):
     """Step `step`'s rollout by `weights` (trainable params of `version`);
@@ -345,11 +404,14 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
       if rl.recompute_old_logp:  # Under the weights before this step's updates.
         parts = [p._replace(old_logp=recompute_logp(train_state.params, p))
                  for p in parts]
-      metrics = {}
+      metrics, skipped = {}, 0
       for part in parts:
         train_state, metrics = train_step(train_state, ref_params,
                                           plan.put_batch(part))
-      metrics = jax.device_get(metrics)
+        skipped += metrics['nonfinite']
+      metrics = jax.device_get({**metrics, 'nonfinite': skipped})
+      counters['learner/nonfinite_total'] += int(metrics['nonfinite'])
+      nonfinite_run = nonfinite_run + 1 if metrics['nonfinite'] else 0
       if pack_chunks:  # Rows per minibatch, and the share of slots used.
         rows = [p.packed.bundle for p in parts]
         metrics['pack_rows'] = np.mean([r.shape[0] * r.shape[1] for r in rows])
@@ -367,6 +429,7 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
           'response/truncated_frac': float(np.mean(got.finish[sampled] == 2)),
           'rollouts/total': counters['rollouts/total'],
           'tokens/decoded_total': counters['tokens/decoded_total'],
+          'learner/nonfinite_total': counters['learner/nonfinite_total'],
           # Waiting for the rollout (all of it unless rollout.overlap).
           'time/rollout_s': t1 - t0,
           'time/train_s': time.time() - t1,
@@ -379,8 +442,17 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
         row['time/rollout_busy_s'] = busy
         row['rollout/policy_lag'] = step - version
       last = step + 1 == cfg.rl.num_steps or spent
-      if (step + 1) % cfg.log.every == 0 or last:
+      if (step + 1) % cfg.log.every == 0 or last or nonfinite_run:
         log.write(row)
+      if nonfinite_run >= cfg.optim.max_nonfinite:
+        raise learner.NonFiniteUpdates(
+            f'step {step + 1}: {nonfinite_run} RL steps in a row had a '
+            'non-finite loss or gradient (optim.max_nonfinite='
+            f'{cfg.optim.max_nonfinite}); their updates were skipped and the '
+            f'run stops. The newest checkpoint (step {ckpt.latest_step()}) '
+            'is finite; see learner/nonfinite and reward/mean in '
+            'metrics.jsonl (a reward of NaN or inf, or too high a learning '
+            'rate?)')
       if (step + 1) % cfg.eval.every == 0 or last:
         last_eval = run_eval(step + 1)
       log.advance(row['reward/mean'], last_eval.get('eval/pass@1'))
@@ -393,7 +465,8 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
           saved['sampler'] = sampler
         ckpt.save(step + 1, saved,
                   {'counters': {**counters, 'elapsed_s': elapsed()},
-                   'config': config_lib.to_dict(cfg)})
+                   'config': config_lib.to_dict(cfg)},
+                  finite=('train', 'ref', 'sampler'))
       if spent:
         log.message(f'stopping after step {step + 1}: rl.max_rollouts='
                     f'{rl.max_rollouts} responses sampled')
@@ -402,8 +475,8 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   finally:
     if overlap is not None:
       overlap.shutdown(wait=True, cancel_futures=True)
-  log.close()
-  ckpt.close()
+    log.close()
+    ckpt.close()
   out = {'params': policy.merged(train_state.params), 'step': end,
          'last_eval': last_eval}
   if policy.lora is not None:
@@ -444,49 +517,66 @@ def _pack_chunks(cfg: Config, plan: sharding.Plan, message) -> int:
   return chunks
 
 
-def _check_task_size(cfg: Config, task) -> None:
+def _preflight(cfg: Config, plan: sharding.Plan, task) -> None:
+  """Every problem of the config against the mesh, the processes and the
+  task's data, at once (one ConfigError, a line each), before any
+  compilation."""
+  problems = (_task_size_problems(cfg, task) + _mesh_problems(cfg, plan) +
+              _overlap_problems(cfg, plan))
+  if cfg.rollout.mode != 'static' and jax.process_count() > 1:
+    # The engine and tree samplers run on one device of this process.
+    problems.append(
+        f'rollout.mode: {cfg.rollout.mode!r} samples on one device and does '
+        f'not run with {jax.process_count()} processes; use '
+        'rollout.mode=static for multi-host runs')
+  if problems:
+    raise config_lib.ConfigError('\n'.join(problems))
+
+
+def _task_size_problems(cfg: Config, task) -> list[str]:
   """Files may hold fewer problems than the config asks for."""
   n_train, n_test = len(task.train), len(task.test)
   pool = cfg.curriculum.pool_size or n_train
+  problems = []
   if not cfg.rl.batch_prompts <= pool <= n_train:
     key = ('curriculum.pool_size' if cfg.curriculum.pool_size else
            'rl.batch_prompts')
-    raise config_lib.ConfigError(
+    problems.append(
         f'{key}: the task has {n_train} training prompts; need '
         f'rl.batch_prompts={cfg.rl.batch_prompts} <= curriculum.pool_size '
         f'<= {n_train}')
   if cfg.eval.num_prompts > n_test:
-    raise config_lib.ConfigError(
-        f'eval.num_prompts={cfg.eval.num_prompts}: the task has only '
+    problems.append(
+        f'eval.num_prompts: {cfg.eval.num_prompts}, but the task has only '
         f'{n_test} held-out prompts')
+  return problems
 
 
-def _check_overlap(cfg: Config, plan: sharding.Plan) -> None:
+def _overlap_problems(cfg: Config, plan: sharding.Plan) -> list[str]:
   """rollout.overlap runs the sampler's and the learner's programs at the
   same time: only where they cannot interleave collectives."""
-  if not cfg.rollout.overlap:
-    return
-  if plan.size > 1 or cfg.mesh.sampler_shape or jax.process_count() > 1:
-    raise config_lib.ConfigError(
-        f'rollout.overlap needs a one-device mesh in one process (mesh of '
-        f'{plan.size} devices, mesh.sampler_shape='
-        f'{tuple(cfg.mesh.sampler_shape)}, {jax.process_count()} '
-        'processes): concurrent sampler and learner programs on several '
-        'devices could interleave their collectives and deadlock; set '
-        'mesh.shape=(1, 1, 1) or rollout.overlap=False')
+  if not cfg.rollout.overlap or not (
+      plan.size > 1 or cfg.mesh.sampler_shape or jax.process_count() > 1):
+    return []
+  return [f'rollout.overlap: needs a one-device mesh in one process (mesh '
+          f'of {plan.size} devices, mesh.sampler_shape='
+          f'{tuple(cfg.mesh.sampler_shape)}, {jax.process_count()} '
+          'processes): concurrent sampler and learner programs on several '
+          'devices could interleave their collectives and deadlock; set '
+          'mesh.shape=(1, 1, 1) or rollout.overlap=False']
 
 
-def _check_batch_fits_mesh(cfg: Config, plan: sharding.Plan) -> None:
+def _mesh_problems(cfg: Config, plan: sharding.Plan) -> list[str]:
   """Train batches shard B over the `batch` axes: they must divide it."""
   size = 1
   for axis in plan.axes_for('batch'):
     size *= plan.mesh.shape[axis]
-  if _minibatch(cfg) % size:
-    raise config_lib.ConfigError(
-        f'mesh.shape={tuple(plan.mesh.shape.values())}: the batch axes '
-        f'{plan.axes_for("batch")} span {size} devices, which must divide '
-        f'the prompts per minibatch ({_minibatch(cfg)} = rl.batch_prompts '
-        '/ rl.num_minibatches); change mesh.shape or rl.batch_prompts')
+  if _minibatch(cfg) % size == 0:
+    return []
+  return [f'mesh.shape: {tuple(plan.mesh.shape.values())}: the batch axes '
+          f'{plan.axes_for("batch")} span {size} devices, which must divide '
+          f'the prompts per minibatch ({_minibatch(cfg)} = rl.batch_prompts '
+          '/ rl.num_minibatches); change mesh.shape or rl.batch_prompts']
 
 
 def _log_memory(log, train_step, train_state, ref_params, cfg: Config,

@@ -9,13 +9,17 @@ warm-start settings, seed); any later run with the same key reuses it.
 
 import dataclasses
 import os
+import sys
 import time
 from typing import Callable
+
+from absl import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 
 from rlx import checkpoint
 from rlx.config import Config, fingerprint
@@ -81,8 +85,13 @@ def _trim(batch: dict, shape: tuple[int, int]) -> dict:
 
 
 def train_sft(cfg: Config, logits_fn: LogitsFn, task: Task, params: Params,
-              *, log: Callable[[str], None] = print) -> Params:
-  """Runs `warmstart.num_steps` supervised steps from `params`."""
+              *, log: Callable[[str], None] = print,
+              progress: bool = False) -> Params:
+  """Runs `warmstart.num_steps` supervised steps from `params`.
+
+  Progress goes to a bar of its own (`progress`; with its ETA) or, ten
+  times over the run, to `log`; the final loss to `log` either way.
+  """
   ws = cfg.warmstart
   prompts, solutions = task.train.prompts, task.train.solutions
   if ws.demo_error_rate:
@@ -110,6 +119,8 @@ def train_sft(cfg: Config, logits_fn: LogitsFn, task: Task, params: Params,
   weights = np.array([len(b) for b in buckets], np.float64)
   rng = np.random.default_rng(ws.seed)
   start = time.time()
+  bar = tqdm.tqdm(total=ws.num_steps, desc='warm start', disable=not progress,
+                  dynamic_ncols=True, file=sys.stderr)
   for i in range(ws.num_steps):
     # One length bucket per step: batches are trimmed to the bucket's
     # longest demonstration instead of the global maximum.
@@ -118,15 +129,23 @@ def train_sft(cfg: Config, logits_fn: LogitsFn, task: Task, params: Params,
     batch = _trim({k: v[idx] for k, v in demos.items()},
                   _bucket_shape(demos, members))
     params, opt_state, loss = step_fn(params, opt_state, batch)
+    bar.update(1)
     if (i + 1) % max(ws.num_steps // 10, 1) == 0 or i + 1 == ws.num_steps:
-      log(f'warm start {i + 1}/{ws.num_steps}: nll/token {float(loss):.4f} '
-          f'({time.time() - start:.0f}s)')
+      line = (f'warm start {i + 1}/{ws.num_steps}: nll/token '
+              f'{float(loss):.4f} ({time.time() - start:.0f}s)')
+      bar.set_postfix({'nll': f'{float(loss):.3f}'})
+      if progress and i + 1 < ws.num_steps:
+        logging.info(line)  # The bar shows it; the log file keeps it.
+      else:
+        log(line)
+  bar.close()
   return params
 
 
 def load_or_train(cfg: Config, logits_fn: LogitsFn, task: Task,
                   init_params: Params, *,
-                  log: Callable[[str], None] = print) -> tuple[Params, dict]:
+                  log: Callable[[str], None] = print,
+                  progress: bool = False) -> tuple[Params, dict]:
   """The warm-start parameters: from the cache if present, else trained.
 
   Returns:
@@ -150,7 +169,8 @@ def load_or_train(cfg: Config, logits_fn: LogitsFn, task: Task,
                     'seconds': time.time() - start}
   log(f'warm start: training {cfg.warmstart.num_steps} supervised steps '
       f'({transformer.count_params(init_params):,} parameters)')
-  params = train_sft(cfg, logits_fn, task, init_params, log=log)
+  params = train_sft(cfg, logits_fn, task, init_params, log=log,
+                     progress=progress)
   checkpoint.save_params(path, params, {'key': cache_key(cfg)})
   log(f'warm start: saved {path}')
   return params, {'path': path, 'reused': False,

@@ -41,6 +41,7 @@ import jax
 import numpy as np
 
 from rlx import config as config_lib
+from rlx import recipes
 from rlx import trainer
 from rlx.logbook import read_metrics
 
@@ -154,7 +155,7 @@ def run_one(task: str, method: str, seed: int) -> list[dict]:
   config.log.progress = False
   config.log.tensorboard = False
   config.log.checkpoint_every = 1000
-  config_lib.apply_overrides(config, _SET.value)  # Last: --set wins.
+  recipes.apply_overrides(config, _SET.value)  # Last: --set wins.
   cfg = config_lib.build(config)
   folder = f'{task}_b{_BATCH.value}' if _BATCH.value else task
   if budget != default_budget:

@@ -21,6 +21,7 @@ from absl import flags
 import numpy as np
 
 from rlx import config as config_lib
+from rlx import recipes
 from rlx import trainer
 from rlx.logbook import read_metrics
 
@@ -48,7 +49,7 @@ def run_one(recipe: str, seed: int) -> dict:
   config.eval.every = _STEPS.value
   config.log.progress = False
   config.log.tensorboard = False
-  config_lib.apply_overrides(config, _SET.value)  # Last: --set wins.
+  recipes.apply_overrides(config, _SET.value)  # Last: --set wins.
   cfg = config_lib.build(config)
   workdir = os.path.join(_WORKDIR.value, f'{recipe}_seed{seed}')
   metrics = os.path.join(workdir, 'metrics.jsonl')

@@ -50,8 +50,9 @@ from absl import logging
 import jax
 import numpy as np
 
-from configs import grpo
+from rlx.configs import grpo
 from rlx import config as config_lib
+from rlx import recipes
 from rlx import trainer
 from rlx.logbook import read_metrics
 
@@ -103,8 +104,8 @@ def _config(mode: str, seed: int) -> config_lib.Config:
   c.eval.num_prompts = _EVAL_PROMPTS.value
   c.log.progress, c.log.memory_stats = False, False
   for key, value in MODES[mode].items():
-    config_lib.override(c, key, value)
-  config_lib.apply_overrides(c, _SET.value)  # Last: --set wins.
+    recipes.override(c, key, value)
+  recipes.apply_overrides(c, _SET.value)  # Last: --set wins.
   if c.log.every != 1:  # The medians below read one row per step.
     raise app.UsageError(f'--set log.every={c.log.every}: this bench reads '
                          'every step (log.every=1)')

@@ -324,7 +324,8 @@ def test_train_script_rejects_inconsistent_flags(tmp_path):
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
   assert 'config error' in proc.stderr and 'process_id=5' in proc.stderr
-  assert not os.listdir(tmp_path)  # Stopped before training.
+  # Stopped before training: only the library log of the attempt.
+  assert os.listdir(tmp_path) == ['log.txt']
 
 
 # --- scripts/env_check.py ----------------------------------------

@@ -77,7 +77,7 @@ def test_bootstrap_ratio(bench):
 
 def test_every_method_is_a_valid_config(bench):
   # A method's overrides must build (the config's checks) on both tasks.
-  from configs import grpo, grpo_hardmix  # pylint: disable=g-import-not-at-top
+  from rlx.configs import grpo, grpo_hardmix  # pylint: disable=g-import-not-at-top
   from rlx import config as config_lib  # pylint: disable=g-import-not-at-top
   for recipe in (grpo, grpo_hardmix):
     for name, overrides in bench.RUNNABLE.items():

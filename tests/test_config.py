@@ -9,8 +9,9 @@ import time
 import ml_collections
 import pytest
 
-from configs import grpo
+from rlx.configs import grpo
 from rlx import config as config_lib
+from rlx import recipes
 from rlx import objectives
 from rlx.config import ConfigError
 
@@ -107,21 +108,21 @@ def test_int_for_float_is_converted():
 
 def test_override_parses_strings_by_field_type():
   c = config_lib.default_config_dict()
-  config_lib.override(c, 'optim.packing', 'false')
-  config_lib.override(c, 'rollout.num_slots', '32')
-  config_lib.override(c, 'optim.learning_rate', '1e-3')
-  config_lib.override(c, 'mesh.shape', '(2, 2, 2)')
-  config_lib.override(c, 'objective.loss', 'cispo')
+  recipes.override(c, 'optim.packing', 'false')
+  recipes.override(c, 'rollout.num_slots', '32')
+  recipes.override(c, 'optim.learning_rate', '1e-3')
+  recipes.override(c, 'mesh.shape', '(2, 2, 2)')
+  recipes.override(c, 'objective.loss', 'cispo')
   cfg = config_lib.build(c)
   assert cfg.optim.packing is False and cfg.rollout.num_slots == 32
   assert cfg.optim.learning_rate == 1e-3 and cfg.mesh.shape == (2, 2, 2)
   assert cfg.objective.loss == 'cispo'
   with pytest.raises(ConfigError, match="rl.group_size: cannot read 'x8'"):
-    config_lib.override(c, 'rl.group_size', 'x8')
-  config_lib.apply_overrides(c, ['rl.group_size=4', 'eval.every=3'])
+    recipes.override(c, 'rl.group_size', 'x8')
+  recipes.apply_overrides(c, ['rl.group_size=4', 'eval.every=3'])
   assert c.rl.group_size == 4 and c.eval.every == 3
   with pytest.raises(ConfigError, match="'rl.group_size' is not key=value"):
-    config_lib.apply_overrides(c, ['rl.group_size'])
+    recipes.apply_overrides(c, ['rl.group_size'])
 
 
 @pytest.mark.parametrize('overrides,key', [
@@ -272,3 +273,87 @@ def test_fill_defaults_ignores_fields_added_after_a_checkpoint():
   current = config_lib.to_dict(config_lib.Config())
   assert config_lib.diff(config_lib.fill_defaults(saved), current) == [
       'rl.num_steps']
+
+
+def test_every_problem_is_reported_at_once_one_line_each():
+  """Issue 32: the three mistakes of the LoRA math recipe (and more) in one
+  error, each line naming its key."""
+  c = grpo.get_config()
+  with pytest.raises(ConfigError) as e:
+    recipes.build(c, [
+        'rl.batch_prompt=4', 'model.dtype=fp16', 'lora.rank=2',
+        'lora.targets=q,z', 'optim.learning_rate=nan',
+        'rl.num_minibatches=3', 'eval.num_prompts=0', 'rl.num_steps=x'])
+  lines = str(e.value).splitlines()
+  assert [l.split(':')[0] for l in lines] == [
+      'rl.batch_prompt', 'rl.num_steps', 'optim.learning_rate',
+      'rl.num_minibatches', 'eval.num_prompts', 'model.dtype', 'lora.targets']
+  assert lines[0] == ('rl.batch_prompt: unknown config key; did you mean '
+                      'rl.batch_prompts or eval.batch_prompts?')
+  assert lines[1] == "rl.num_steps: cannot read 'x' as a int"
+  assert lines[2] == 'optim.learning_rate: must be a finite number, got nan'
+  assert "unknown ['z']" in lines[6]
+
+
+@pytest.mark.parametrize('pair,line', [
+    ('rl.rollout=april', 'rl.rollout: unknown config key; did you mean '
+     'rl.max_rollouts or rollout.mode or rollout.num_slots?'),
+    ('rl=3', "rl: is a group of fields, not a value; set one of ["),
+    ('optim.learning_rate=-1.0', 'optim.learning_rate: must be > 0'),
+    ('optim.learning_rate=inf', 'optim.learning_rate: must be a finite '
+     'number, got inf'),
+    ('optim.b2=1.0', 'optim.b2: 1.0 not in [0, 1)'),
+    ('model.param_dtype=half', "model.param_dtype: 'half' is not one of "
+     "['float32', 'bfloat16', 'float16']"),
+])
+def test_override_problems_name_the_key(pair, line):
+  with pytest.raises(ConfigError) as e:
+    recipes.build(grpo.get_config(), [pair])
+  assert str(e.value).startswith(line)
+
+
+def test_tuple_fields_read_comma_separated_words():
+  c = grpo.get_config()
+  cfg = recipes.build(c, ['lora.rank=2', 'lora.targets=q,v',
+                                       'mesh.shape=1,1,1'])
+  assert cfg.lora.targets == ('q', 'v') and cfg.mesh.shape == (1, 1, 1)
+  assert recipes.build(c, ['lora.rank=2', 'lora.targets=q']
+                       ).lora.targets == ('q',)
+
+
+def test_a_recipe_is_found_by_path_or_by_name():
+  by_path = recipes.load(os.path.join(ROOT, 'configs', 'dapo.py'))
+  assert recipes.load('dapo') == by_path
+  with pytest.raises(ConfigError, match=r'^--config: configs/grop.py: no '
+                     r'such recipe file; did you mean configs/grpo.py'):
+    recipes.load('configs/grop.py')
+  with pytest.raises(ConfigError, match=r'^--config: grop: no such recipe '
+                     r'file; did you mean grpo\?'):
+    recipes.load('grop')
+
+
+def test_a_broken_recipe_is_named(tmp_path):
+  bad = tmp_path / 'bad.py'
+  bad.write_text('def get_config():\n  return 1 / 0\n')
+  with pytest.raises(ConfigError, match=rf'^--config: {bad}: '
+                     'ZeroDivisionError: division by zero$'):
+    recipes.load(str(bad))
+  bad.write_text('x = 1\n')
+  with pytest.raises(ConfigError, match='defines no get_config'):
+    recipes.load(str(bad))
+
+
+def test_cli_prints_every_problem_one_line_each_without_a_traceback(
+    tmp_path):
+  proc = _train(tmp_path, '--config.rl.batch_prompt=4',
+                '--config.lora.rank=2', '--config.lora.targets=q,z')
+  assert proc.returncode == 1
+  assert proc.stderr.splitlines() == [
+      'config error: rl.batch_prompt: unknown config key; did you mean '
+      'rl.batch_prompts or eval.batch_prompts?',
+      "config error: lora.targets: ['q', 'z'] has unknown ['z']; choose "
+      "from ['down', 'gate', 'k', 'o', 'q', 'up', 'v']"]
+  proc = _train(tmp_path, '--config=configs/grop.py')
+  assert proc.stderr == ('config error: --config: configs/grop.py: no such '
+                         'recipe file; did you mean configs/grpo.py or '
+                         'configs/rloo.py?\n')

@@ -15,7 +15,7 @@ from rlx.logbook import read_metrics
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(os.path.basename(p)[:-3]
                  for p in glob.glob(os.path.join(_ROOT, 'configs', '*.py'))
-                 if not p.endswith('common.py'))
+                 if not p.endswith(('common.py', '__init__.py')))
 
 # What each recipe must set (the paper's defining choices).
 EXPECTED = {
@@ -44,7 +44,7 @@ def test_every_recipe_is_listed():
 @pytest.mark.parametrize('recipe', RECIPES)
 def test_recipe_builds_with_its_objective(recipe):
   cfg = config_lib.build(
-      importlib.import_module(f'configs.{recipe}').get_config())
+      importlib.import_module(f'rlx.configs.{recipe}').get_config())
   for key, value in EXPECTED[recipe].items():
     assert getattr(cfg.objective, key) == value, (recipe, key)
   if recipe == 'mc_grpo':

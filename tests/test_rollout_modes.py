@@ -1,5 +1,6 @@
 """rollout.mode in the trainer: static, continuous, APRIL and tree rollouts."""
 
+import dataclasses
 import os
 import warnings
 
@@ -40,10 +41,19 @@ def _cfg(base, **overrides):
   return config_lib.build(_dict(base, **overrides))
 
 
-def _run(base, name, **overrides):
-  """Trains in base/name; returns (result, training rows, all rows)."""
+def _frozen(cfg):
+  """`cfg` with a zero learning rate (which validation refuses: here it
+  freezes the weights on purpose)."""
+  return dataclasses.replace(cfg, optim=dataclasses.replace(
+      cfg.optim, learning_rate=0.0))
+
+
+def _run(base, name, *, frozen=False, **overrides):
+  """Trains in base/name (`frozen`: learning rate 0); returns (result,
+  training rows, all rows)."""
   workdir = os.path.join(str(base), name)
-  result = trainer.train(_cfg(base, **overrides), workdir)
+  cfg = _cfg(base, **overrides)
+  result = trainer.train(_frozen(cfg) if frozen else cfg, workdir)
   rows = read_metrics(os.path.join(workdir, 'metrics.jsonl'))
   return result, [r for r in rows if 'reward/mean' in r], rows
 
@@ -369,9 +379,9 @@ def test_overlap_with_frozen_weights_equals_sync(base):
   """With a zero learning rate the weights never change, so sampling the
   next step during this one's update must give exactly the sync run:
   same batches, curriculum state flow and keys."""
-  over = {'optim.learning_rate': 0.0, 'curriculum.selector': 'vade'}
-  _, sync_rows, _ = _run(base, 'frozen_sync', **over)
-  _, rows, _ = _run(base, 'frozen_overlap', **over,
+  over = {'curriculum.selector': 'vade'}
+  _, sync_rows, _ = _run(base, 'frozen_sync', frozen=True, **over)
+  _, rows, _ = _run(base, 'frozen_overlap', frozen=True, **over,
                     **{'rollout.overlap': True})
   strip = lambda rs: [{k: v for k, v in r.items()
                        if not k.startswith(_TIME_OR_OVERLAP)} for r in rs]
@@ -420,7 +430,7 @@ def test_overlap_april_tokens_are_one_version_stale(base):
 
 def test_overlap_needs_one_device(base):
   cfg = _cfg(base, **{'rollout.overlap': True, 'mesh.shape': (2, 1, 1)})
-  with pytest.raises(config_lib.ConfigError, match='rollout.overlap needs '
+  with pytest.raises(config_lib.ConfigError, match='rollout.overlap: needs '
                      'a one-device mesh'):
     trainer.train(cfg, os.path.join(str(base), 'overlap_mesh'))
 

@@ -81,15 +81,6 @@ def test_kill_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
   assert _comparable(rows) == _comparable(full_rows)
 
 
-def test_refuses_to_start_over_existing_metrics(tmp_path):
-  cfg = _cfg(tmp_path)
-  workdir = tmp_path / 'run'
-  workdir.mkdir()
-  (workdir / 'metrics.jsonl').write_text('{"step": 0}\n')
-  with pytest.raises(checkpoint.CheckpointError, match='refusing'):
-    trainer.train(cfg, str(workdir))
-
-
 @pytest.mark.parametrize('key,value', [
     ('optim.learning_rate', 1e-3),
     # Changes what the checkpoint holds (the sampler's weights): the

@@ -1,6 +1,8 @@
 """A task bundles a tokenizer, encoded train/test prompts and a verifier."""
 
 import dataclasses
+import functools
+import operator
 import os
 from typing import Callable, Sequence
 
@@ -16,6 +18,12 @@ from rlx.rewards import math_answer
 
 # (responses, answers) -> rewards [N] float32
 RewardFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
+# response -> its final answer as the verifier reads it (None: no answer).
+ExtractFn = Callable[[str], str | None]
+# (answer, answer) -> whether they are equivalent (majority voting).
+SameAnswerFn = Callable[[str, str], bool]
+# task text (a chain, a problem) -> prompt ids, as the task encodes its own.
+PromptIdsFn = Callable[[str], list[int]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +36,28 @@ class Task:
   test_prompts: np.ndarray  # [M, P] int32.
   test_prompt_mask: np.ndarray  # [M, P] bool.
   reward_fn: RewardFn
+  extract_fn: ExtractFn  # The final answer reward_fn judges.
+  same_answer_fn: SameAnswerFn  # Groups equivalent answers for maj@k.
+  prompt_ids_fn: PromptIdsFn  # Encodes new prompts as the task's own.
   notes: tuple[str, ...] = ()  # What loading changed (dropped prompts),
   # for the run log.
+
+  def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Encodes task texts (chains such as '7a+3b*2c-5?', or problems) as
+    the task encodes its prompts, left-padded to the test prompts' width
+    or to the longest, if longer.
+
+    Returns:
+      (tokens [B, P] int32, mask [B, P] bool).
+
+    Raises:
+      ValueError: a text the tokenizer cannot encode (chain_arith: a
+        character outside its alphabet).
+    """
+    rows = [self.prompt_ids_fn(t) for t in texts]
+    width = max([self.test_prompts.shape[1]] + [len(r) for r in rows])
+    return loader.pad_rows(rows, length=width,
+                           pad_id=self.tokenizer.pad_id, left=True)
 
 
 def load_task(cfg: TaskConfig, tokenizer: Tokenizer | None = None) -> Task:
@@ -72,7 +100,10 @@ def load_task(cfg: TaskConfig, tokenizer: Tokenizer | None = None) -> Task:
                       ) from e
   return Task(tokenizer=tok, train=train, test=test, train_prompts=train_p,
               train_prompt_mask=train_m, test_prompts=test_p,
-              test_prompt_mask=test_m, reward_fn=chain_arith_reward.score)
+              test_prompt_mask=test_m, reward_fn=chain_arith_reward.score,
+              extract_fn=chain_arith_reward.extract_answer,
+              same_answer_fn=operator.eq,  # The digit after '>'.
+              prompt_ids_fn=functools.partial(tok.encode, add_bos=True))
 
 
 def _read_math(cfg: TaskConfig, key: str, limit: int, exclude=()
@@ -102,6 +133,17 @@ def _read_math(cfg: TaskConfig, key: str, limit: int, exclude=()
   return data, notes
 
 
+def _math_prompt_ids(tok, cfg: TaskConfig, problem: str) -> list[int]:
+  """A problem's prompt: the user template, through the chat template (with
+  the system prompt) or as plain text."""
+  user = cfg.user_template.replace('{problem}', problem)
+  if cfg.chat_template:
+    messages = ([{'role': 'system', 'content': cfg.system_prompt}]
+                if cfg.system_prompt else [])
+    return tok.encode_chat(messages + [{'role': 'user', 'content': user}])
+  return tok.encode(user, add_bos=getattr(tok, 'prepends_bos', True))
+
+
 def _encode_math(tok, cfg: TaskConfig, data: math_files.MathData,
                  split: str) -> tuple[loader.TaskData, np.ndarray,
                                       np.ndarray, list[str]]:
@@ -112,13 +154,7 @@ def _encode_math(tok, cfg: TaskConfig, data: math_files.MathData,
   """
   rows, kept = [], []
   for i, problem in enumerate(data.problems):
-    user = cfg.user_template.replace('{problem}', problem)
-    if cfg.chat_template:
-      messages = ([{'role': 'system', 'content': cfg.system_prompt}]
-                  if cfg.system_prompt else [])
-      ids = tok.encode_chat(messages + [{'role': 'user', 'content': user}])
-    else:
-      ids = tok.encode(user, add_bos=getattr(tok, 'prepends_bos', True))
+    ids = _math_prompt_ids(tok, cfg, problem)
     if len(ids) <= cfg.prompt_len:
       rows.append(ids)
       kept.append(i)
@@ -180,4 +216,7 @@ def _load_math_files(cfg: TaskConfig, tok: Tokenizer | None) -> Task:
               train_prompts=train_p, train_prompt_mask=train_m,
               test_prompts=test_p, test_prompt_mask=test_m,
               reward_fn=math_answer.score,
+              extract_fn=math_answer.extract_answer,
+              same_answer_fn=math_answer.same_answer,
+              prompt_ids_fn=functools.partial(_math_prompt_ids, tok, cfg),
               notes=tuple(notes + train_notes + test_notes))

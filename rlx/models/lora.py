@@ -52,8 +52,8 @@ class LoraConfig:
     unknown = [t for t in self.targets if t not in TARGETS and
                t not in _ALIASES]
     if unknown or not self.targets:
-      raise ValueError(f'lora.targets={self.targets}: unknown {unknown}; '
-                       f'choose from {sorted(TARGETS)}')
+      raise ValueError(f'lora.targets: {list(self.targets)} has unknown '
+                       f'{unknown}; choose from {sorted(TARGETS)}')
 
   @property
   def scale(self) -> float:

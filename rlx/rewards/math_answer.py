@@ -20,10 +20,15 @@ and \\text{} dropped, sets/tuples/intervals compared as such). rlx adds:
     in one) scores in a helper process, in whose main thread the timeouts
     hold (`is_correct` and `reward` called directly from a thread run
     without them).
+
+For majority voting (maj@k), `extract_answer` reads a response's final
+answer as `is_correct` does and `same_answer` says whether two such answers
+are equivalent, by the same rules as a response against its gold answer.
 """
 
 from collections.abc import Sequence
 from concurrent import futures
+import functools
 import multiprocessing
 import re
 import threading
@@ -116,6 +121,53 @@ def is_correct(response: str, answer: str) -> bool:
   claimed = boxed if boxed is not None else response
   return bool(gold_text.strip()) and _normalise(claimed) == _normalise(
       gold_text)
+
+
+def extract_answer(response: str) -> Optional[str]:
+  """The final answer `is_correct` reads from a response, as text.
+
+  Args:
+    response: the decoded model output.
+
+  Returns:
+    The content of its last \\boxed{} (stripped); without a box, the last
+    mathematical expression math-verify finds in the text, as it wrote it
+    (e.g. '5' from 'The answer is 5.'); None when the last box is never
+    closed, is empty, or there is neither a box nor an expression. (A
+    response without a box whose whole text equals a non-mathematical gold
+    answer, such as 'Monday', is correct for `is_correct` but has no answer
+    here: a whole response is not an answer to vote for.)
+  """
+  starts = [m.end() for m in _BOX.finditer(response)]
+  if starts:
+    close = _box_close(response, starts[-1])
+    if close is None:
+      return None  # Cut off inside its final answer.
+    return response[starts[-1]:close].strip() or None
+  parsed = _parse(response)
+  # math-verify returns [expression, the text it was read from].
+  return parsed[-1] if len(parsed) > 1 and parsed[-1].strip() else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_answer(text: str) -> tuple:
+  """An extracted or gold answer parsed as LaTeX (with or without $...$);
+  cached because voting compares each answer with several others."""
+  return tuple(_parse(f'${text}$') or _parse(text))
+
+
+def same_answer(a: str, b: str) -> bool:
+  """True iff two final answers (as `extract_answer` returns them) are
+  equivalent: math-verify judges them equal (1/2 = 0.5 = \\frac12) or,
+  failing that, their normalised texts are equal ('\\text{Monday}' =
+  'monday')."""
+  if a == b:
+    return True
+  pa, pb = _parse_answer(a), _parse_answer(b)
+  if pa and pb and math_verify.verify(list(pa), list(pb),
+                                      timeout_seconds=_timeout()):
+    return True
+  return bool(a.strip()) and _normalise(a) == _normalise(b)
 
 
 def reward(response: str, answer: str) -> float:

@@ -269,6 +269,17 @@ def test_missing_directory_and_files_are_named(tmp_path):
     rlx.models.from_pretrained(path)
 
 
+def test_a_cut_off_weights_file_is_named(tmp_path):
+  """A download that stopped half way: one line naming the file."""
+  path = _copy_fixture(tmp_path)
+  weights_file = os.path.join(path, 'model.safetensors')
+  with open(weights_file, 'r+b') as f:
+    f.truncate(os.path.getsize(weights_file) // 2)
+  with pytest.raises(ValueError, match=rf'^{weights_file}: not a readable '
+                     'safetensors file .*download or export it again$'):
+    rlx.models.from_pretrained(path)
+
+
 @pytest.mark.parametrize('changes, message', [
     ({'architectures': ['MistralForCausalLM'], 'model_type': 'mistral'},
      "config.json: architecture 'MistralForCausalLM'"),

@@ -122,6 +122,20 @@ def abstract_params(cfg: transformer.TransformerConfig) -> Params:
       functools.partial(transformer.init_params, cfg), jax.random.key(0))
 
 
+def _open(path: str):
+  """safetensors' lazy reader of `path`.
+
+  Raises:
+    ValueError: naming the file when it is not whole safetensors data (a
+      cut-off download, another format).
+  """
+  try:
+    return safe_open(path, framework='numpy')
+  except Exception as e:  # SafetensorError and OSError alike.
+    raise ValueError(f'{path}: not a readable safetensors file ({e}); '
+                     'download or export it again') from e
+
+
 def tensor_files(model_dir: str) -> dict[str, str]:
   """HF tensor name -> the safetensors file that holds it.
 
@@ -137,7 +151,7 @@ def tensor_files(model_dir: str) -> dict[str, str]:
   """
   single = os.path.join(model_dir, SINGLE_FILE)
   if os.path.isfile(single):
-    with safe_open(single, framework='numpy') as f:
+    with _open(single) as f:
       return {name: single for name in f.keys()}
   index_path = os.path.join(model_dir, INDEX_FILE)
   if os.path.isfile(index_path):
@@ -162,7 +176,7 @@ def tensor_files(model_dir: str) -> dict[str, str]:
         '*.safetensors file)')
   out = {}
   for path in files:
-    with safe_open(path, framework='numpy') as f:
+    with _open(path) as f:
       for name in f.keys():
         if name in out:
           raise ValueError(
@@ -245,7 +259,7 @@ def load_params(model_dir: str, cfg: transformer.TransformerConfig, *,
       entry = mapping[path]
       file = files[entry.name]
       if file not in opened:
-        opened[file] = stack.enter_context(safe_open(file, framework='numpy'))
+        opened[file] = stack.enter_context(_open(file))
       tensor = opened[file].get_tensor(entry.name)
       want = hf_shape(entry, leaf.shape)
       if tuple(tensor.shape) != want:
