@@ -7,9 +7,9 @@ into a temporary directory and renames it when complete, so a checkpoint is
 either whole or absent. Only finished checkpoints are ever listed.
 
 Integrity: the metadata carries a checksum of every array (`checksums`),
-computed on device before the write and verified after each restore, so a
-flipped byte on disk is a named error (`CorruptCheckpoint`), never silently
-altered weights. A failed write (a full disk) removes its temporary
+computed where the array lives before the write and verified by every
+`restore` and `read`, so a flipped byte on disk is a named error
+(`CorruptCheckpoint`), never silently altered weights. A failed write (a full disk) removes its temporary
 directory and leaves the earlier checkpoints as they were.
 """
 
@@ -36,43 +36,102 @@ class CorruptCheckpoint(CheckpointError):
   """A finished checkpoint cannot be read back as it was written."""
 
 
-def _words(x: jax.Array) -> jax.Array:
-  """`x`'s bits as a flat uint32 vector (one word per element)."""
-  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+def _name(path) -> str:
+  """A leaf's path as 'train/params/layer_0/...', the same whether the
+  state was a dataclass (saved) or nested dicts (read back)."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(
+      k, 'idx', k)))) for k in path)
+
+
+def _words(x, xp):
+  """`x`'s bits as uint32 words [*x.shape, k] (k = 2 for 8-byte dtypes,
+  low word first; else 1, zero-extended): the same for a numpy array
+  (xp=np) and a jax array (xp=jnp) of one dtype and value."""
+  if xp is jnp and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
     x = jax.random.key_data(x)
-  if x.dtype == jnp.bool_:
-    x = x.astype(jnp.uint8)
-  bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
-  return jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32).ravel()
+  if x.dtype == bool:
+    x = x.astype(np.uint8)
+  size = x.dtype.itemsize
+  if xp is np:
+    x = np.ascontiguousarray(x)
+    if size == 8:
+      return x.view('<u4').reshape(x.shape + (2,))
+    return x.view(f'<u{size}').astype(np.uint32)[..., None]
+  if size == 8:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]
+  return jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32)[..., None]
 
 
-@jax.jit
-def _digest(leaves: list[jax.Array]) -> tuple[list[jax.Array],
-                                              list[jax.Array]]:
-  """Per leaf: [2] uint32 sums of its words, plain and weighted by odd
-  position factors (a changed byte changes the weighted sum for certain;
-  integer sums do not depend on reduction order or sharding), and whether
-  it holds only finite values."""
-  sums, finite = [], []
-  for x in leaves:
-    w = _words(x)
-    odd = 2 * jnp.arange(w.size, dtype=jnp.uint32) + 1
-    sums.append(jnp.stack([jnp.sum(w, dtype=jnp.uint32),
-                           jnp.sum(w * odd, dtype=jnp.uint32)]))
-    finite.append(jnp.all(jnp.isfinite(x)) if jnp.issubdtype(
-        x.dtype, jnp.inexact) else jnp.bool_(True))
+def _position(words, xp):
+  """2 * (flat index) + 1 of every word, as uint32 (wrapping), built in
+  the words' own shape: a sharded leaf is summed where it lies (no
+  flattening, which would gather it)."""
+  index, stride = 0, 1
+  for axis in reversed(range(words.ndim)):
+    if xp is np:
+      iota = np.arange(words.shape[axis], dtype=np.uint32).reshape(
+          [-1 if a == axis else 1 for a in range(words.ndim)])
+    else:
+      iota = jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis)
+    index = index + iota * np.uint32(stride % 2**32)
+    stride *= words.shape[axis]
+  return 2 * index + 1
+
+
+def _digest_one(x, xp):
+  """[2] uint32: the plain and the position-weighted sums of x's words (a
+  changed byte changes the weighted one for certain; integer sums do not
+  depend on the order of reduction), and whether x is all finite."""
+  w = _words(x, xp)
+  sums = xp.stack([xp.sum(w, dtype=np.uint32),
+                   xp.sum(w * _position(w, xp), dtype=np.uint32)])
+  finite = (xp.all(xp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+            else True)
   return sums, finite
 
 
-def checksums(state: PyTree) -> tuple[dict[str, int], list[str]]:
-  """({leaf path: checksum}, paths of leaves holding NaN or inf)."""
-  flat = jax.tree_util.tree_flatten_with_path(state)[0]
-  if not flat:
-    return {}, []
-  sums, finite = jax.device_get(_digest([jnp.asarray(x) for _, x in flat]))
-  names = [jax.tree_util.keystr(p) for p, _ in flat]
-  return ({n: int(s[0]) << 32 | int(s[1]) for n, s in zip(names, sums)},
-          [n for n, ok in zip(names, finite) if not ok])
+_digest = jax.jit(lambda leaves: [_digest_one(x, jnp) for x in leaves])
+
+
+def checksums(state: PyTree) -> tuple[dict[str, list], list[str]]:
+  """({leaf path: [checksum, dtype]}, paths of leaves holding NaN or inf).
+  Jax arrays are summed on their devices, host arrays on the host."""
+  flat = [(_name(p), x) for p, x in
+          jax.tree_util.tree_flatten_with_path(state)[0]]
+  device = [i for i, (_, x) in enumerate(flat) if isinstance(x, jax.Array)]
+  digests = dict(zip(device, jax.device_get(
+      _digest([flat[i][1] for i in device])) if device else []))
+  out, bad = {}, []
+  for i, (name, x) in enumerate(flat):
+    sums, finite = digests.get(i) or _digest_one(np.asarray(x), np)
+    out[name] = [int(sums[0]) << 32 | int(sums[1]), _dtype(x)]
+    if not finite:
+      bad.append(name)
+  return out, bad
+
+
+def _dtype(x) -> str:
+  return str(x.dtype) if hasattr(x, 'dtype') else str(np.asarray(x).dtype)
+
+
+def _verify(state: PyTree, saved: dict[str, list], where: str) -> None:
+  """Raises CorruptCheckpoint when an array of `state` (all of a restored
+  checkpoint, or the part `read` returned) differs from what was saved. A
+  leaf read back in another dtype (a host int64 as int32 without x64) is
+  compared after a cast back to the saved one; one without a saved
+  checksum is not checked."""
+  flat = [(_name(p), x) for p, x in
+          jax.tree_util.tree_flatten_with_path(state)[0]]
+  same = {n: x for n, x in flat if n in saved and _dtype(x) == saved[n][1]}
+  cast = {n: np.asarray(x).astype(saved[n][1]) for n, x in flat
+          if n in saved and n not in same}
+  got, _ = checksums({**same, **cast})
+  wrong = sorted(n for n in got if got[n][0] != saved[n][0])
+  if wrong:
+    raise CorruptCheckpoint(
+        f'checkpoint {where} fails verification: {len(wrong)} arrays '
+        f'differ from what was written (first: {wrong[0]})')
 
 
 def json_safe(value: Any, what: str) -> Any:
@@ -149,7 +208,7 @@ class Checkpointer:
     """
     meta = json_safe(meta, f'the metadata of checkpoint {step}')
     sums, bad = checksums(state)
-    bad = [p for p in bad if any(p.startswith(f"['{k}']") for k in finite)]
+    bad = [p for p in bad if p.split('/')[0] in finite]
     if bad:
       raise CheckpointError(
           f'not saving checkpoint {step}: {len(bad)} arrays hold NaN or inf '
@@ -190,13 +249,18 @@ class Checkpointer:
 
   def _restore(self, step: int, what: str, hint: str = '', **items):
     """Orbax's restore of `items`; its many error types become one
-    CorruptCheckpoint naming `what` failed and the step's directory."""
-    try:
-      return self._manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # Orbax raises many types; report them as one.
-      raise CorruptCheckpoint(
-          f'cannot {what} {os.path.join(self.directory, str(step))}: '
-          f'{_cause(e)}{hint}') from e
+    CorruptCheckpoint naming `what` failed and the step's directory. A
+    failed read is tried once more first (a network filesystem's passing
+    error is not a corrupt checkpoint)."""
+    for attempt in range(2):
+      try:
+        return self._manager.restore(step, args=ocp.args.Composite(**items))
+      except Exception as e:  # Orbax raises many types; report them as one.
+        if attempt:
+          raise CorruptCheckpoint(
+              f'cannot {what} {os.path.join(self.directory, str(step))}: '
+              f'{_cause(e)}{hint}') from e
+        time.sleep(1.0)
 
   def meta(self, step: int) -> dict[str, Any]:
     """The metadata dict of step `step` alone (cheap: no arrays read).
@@ -225,13 +289,7 @@ class Checkpointer:
         meta=ocp.args.JsonRestore())
     saved = out.meta.pop('checksums', None)
     if saved is not None:  # Checkpoints written before rlx had them: none.
-      got, _ = checksums(out.state)
-      wrong = [p for p in got if saved.get(p) != got[p]]
-      if wrong or set(saved) != set(got):
-        raise CorruptCheckpoint(
-            f'checkpoint {os.path.join(self.directory, str(step))} fails '
-            f'verification: {len(wrong) or "its"} arrays differ from what '
-            f'was written (first: {(wrong or ["the array list"])[0]})')
+      _verify(out.state, saved, os.path.join(self.directory, str(step)))
     return out.state, out.meta
 
   def set_aside(self, step: int) -> str:
@@ -250,10 +308,16 @@ class Checkpointer:
     of a run (e.g. its policy's parameters).
 
     Raises:
-      CheckpointError naming the directory when it cannot be read.
+      CheckpointError naming the directory when it cannot be read;
+      CorruptCheckpoint when its arrays fail verification.
     """
-    return self._restore(step, 'read checkpoint',
-                         state=ocp.args.StandardRestore()).state
+    out = self._restore(step, 'read checkpoint',
+                        state=ocp.args.StandardRestore(),
+                        meta=ocp.args.JsonRestore())
+    saved = out.meta.get('checksums')
+    if saved is not None:
+      _verify(out.state, saved, os.path.join(self.directory, str(step)))
+    return out.state
 
   def close(self) -> None:
     self._manager.close()

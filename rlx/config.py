@@ -8,6 +8,7 @@ message naming the key, before anything is compiled. ConfigDicts never enter
 jitted code.
 """
 
+import contextvars
 import dataclasses
 import difflib
 import hashlib
@@ -569,15 +570,16 @@ def unknown_key(name: str) -> str:
 
 # The failed requirements of the validation in progress (None: raise at
 # the first one).
-_problems: list[str] | None = None
+_problems = contextvars.ContextVar('rlx_config_problems', default=None)
 
 
 def _require(ok: bool, key: str, message: str):
   if ok:
     return
-  if _problems is None:
+  problems = _problems.get()
+  if problems is None:
     raise ConfigError(f'{key}: {message}')
-  _problems.append(f'{key}: {message}')
+  problems.append(f'{key}: {message}')
 
 
 def validate(cfg: Config) -> Config:
@@ -596,21 +598,21 @@ def validation_problems(cfg: Config) -> list[str]:
   because of a problem already found in its section (a division by a zero
   the section has named) ends that section only.
   """
-  global _problems
-  outer, _problems = _problems, []
+  problems = []
+  token = _problems.set(problems)
   try:
     for section in _SECTIONS:
-      before = len(_problems)
+      before = len(problems)
       try:
         section(cfg)
       except ConfigError as e:  # Raised directly (e.g. a registry's check).
-        _problems.extend(str(e).splitlines())
+        problems.extend(str(e).splitlines())
       except (ArithmeticError, TypeError, ValueError, KeyError, IndexError):
-        if len(_problems) == before:
+        if len(problems) == before:
           raise  # A bug, not the consequence of a problem named above.
-    return list(dict.fromkeys(_problems))
+    return list(dict.fromkeys(problems))
   finally:
-    _problems = outer
+    _problems.reset(token)
 
 
 def _validate_basics(cfg: Config) -> None:
@@ -652,6 +654,8 @@ def _validate_basics(cfg: Config) -> None:
            f'must be in [0, task.max_steps={cfg.task.max_steps}]')
   _require(cfg.log.keep > 0, 'log.keep', 'must be positive')
   _require(cfg.log.samples >= 0, 'log.samples', 'must be >= 0')
+  _require(cfg.log.wandb_mode in WANDB_MODES, 'log.wandb_mode',
+           f'{cfg.log.wandb_mode!r} is not one of {list(WANDB_MODES)}')
   _require(cfg.log.every > 0, 'log.every', 'must be positive')
   _require(cfg.log.checkpoint_every > 0, 'log.checkpoint_every',
            'must be positive')
@@ -702,6 +706,7 @@ def _validate_objective(cfg: Config) -> None:
 
 
 DTYPES = ('float32', 'bfloat16', 'float16')  # model.dtype, param_dtype.
+WANDB_MODES = ('', 'online', 'offline')  # log.wandb_mode.
 TASKS = ('chain_arith', 'math_files')
 ANSWER_EXTRACTS = ('none', 'boxed', 'hashes')  # rlx.data.math_files.
 # ModelConfig fields that a model.hf_dir's config.json decides.

@@ -181,12 +181,13 @@ def majority(answers: Sequence[str | None], same: SameFn = operator.eq
   return max(groups, key=len)[0]  # max keeps the first of equal lengths.
 
 
-def majority_correct(answers: Sequence[str | None], correct: Sequence[bool],
-                     same: SameFn = operator.eq) -> bool:
-  """maj@k of one prompt: whether the majority answer (`majority`) is
-  correct, read from its first sample's verdict. False without answers."""
+def vote(answers: Sequence[str | None], correct: Sequence[bool],
+         same: SameFn = operator.eq) -> tuple[int | None, bool]:
+  """maj@k of one prompt: (the majority answer's first sample, as
+  `majority`; whether it is correct, read from that sample's verdict;
+  False without answers)."""
   winner = majority(answers, same)
-  return winner is not None and bool(correct[winner])
+  return winner, winner is not None and bool(correct[winner])
 
 
 def best_of_k(correct: np.ndarray) -> float:
@@ -219,8 +220,8 @@ def vote_metrics(samples: Samples, task: Task
   records, maj = [], []
   for i, group in enumerate(samples.texts):
     extracted = [task.extract_fn(t) for t in group]
-    winner = majority(extracted, task.same_answer_fn)
-    maj.append(winner is not None and bool(correct[i, winner]))
+    winner, right = vote(extracted, correct[i], task.same_answer_fn)
+    maj.append(right)
     records.append({
         'prompt': samples.prompts[i], 'answer': samples.answers[i],
         'responses': list(group),

@@ -409,9 +409,6 @@ def make_train_step(logits_fn: LogitsFn,
     # Micro-batch metrics: means of per-micro-batch values (maxima for max).
     metrics = {k: jnp.max(v) if k.endswith('/max') else jnp.mean(v)
                for k, v in metrics.items()}
-    updates, opt_state = optimizer.update(grads, state.opt_state,
-                                          state.params)
-    params = optax.apply_updates(state.params, updates)
     adv_valid = batch.group_mask if advantages.ndim == 2 else mask
     metrics.update(extra)
     metrics.update({
@@ -422,14 +419,22 @@ def make_train_step(logits_fn: LogitsFn,
                                                    adv_valid)),
         'adv/abs_max': jnp.max(jnp.abs(advantages)),
     })
-    new_state = TrainState(step=state.step + 1, params=params,
-                           opt_state=opt_state)
     # A non-finite loss or gradient skips the update (optim.max_nonfinite):
-    # the state stays as it was, bit for bit, and the step says so.
-    finite = (jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm']) &
-              jnp.isfinite(optax.global_norm(updates)))
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                             new_state, state)
+    # the state stays as it was, bit for bit, and the step says so. The
+    # update runs inside the cond, so it still writes in place (selecting
+    # between new and old states would hold both).
+    finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
+
+    def update(args):
+      params, opt_state, grads = args
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(
+        finite, update, lambda args: args[:2],
+        (state.params, state.opt_state, grads))
+    new_state = TrainState(step=state.step + finite.astype(state.step.dtype),
+                           params=params, opt_state=opt_state)
     metrics['nonfinite'] = (~finite).astype(jnp.float32)
     return new_state, metrics
 

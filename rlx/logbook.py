@@ -34,7 +34,7 @@ from rlx import config as config_lib
 
 # Columns of the sampled completions (`Logbook.log_samples`).
 SAMPLE_KEYS = ('prompt', 'answer', 'response', 'reward')
-_WANDB_MODES = ('', 'online', 'offline')
+_WANDB_MODES = config_lib.WANDB_MODES
 _WRITER_IDS = itertools.count()  # Event file names of this process.
 
 
@@ -100,16 +100,26 @@ def _count_lines(bad: list) -> str:
   return f'{len(bad)} unreadable lines (lines {numbers})'
 
 
+def wandb_problems(log: config_lib.LogConfig) -> list[str]:
+  """Why W&B cannot start as `log` asks ([]: it can, or it is off); for
+  the trainer's checks before any work (the mode is also checked with
+  the config)."""
+  if not log.wandb_project:
+    return []
+  if log.wandb_mode not in _WANDB_MODES:
+    return [f'log.wandb_mode: {log.wandb_mode!r} is not one of '
+            f'{list(_WANDB_MODES)}']
+  if importlib.util.find_spec('wandb') is None:
+    return [f'log.wandb_project: {log.wandb_project!r} needs the wandb '
+            "package: pip install wandb (or pip install 'rlx[wandb]')"]
+  return []
+
+
 def _check_wandb(log: config_lib.LogConfig) -> None:
   """Raises ConfigError unless W&B can start as `log` asks."""
-  if log.wandb_mode not in _WANDB_MODES:
-    raise config_lib.ConfigError(
-        f'log.wandb_mode must be one of {_WANDB_MODES}, got '
-        f'{log.wandb_mode!r}')
-  if importlib.util.find_spec('wandb') is None:
-    raise config_lib.ConfigError(
-        f'log.wandb_project={log.wandb_project!r} needs the wandb package: '
-        "pip install wandb (or pip install 'rlx[wandb]')")
+  problems = wandb_problems(log)
+  if problems:
+    raise config_lib.ConfigError('\n'.join(problems))
 
 
 class Logbook:
@@ -221,11 +231,18 @@ class Logbook:
       with open(id_path + '.tmp', 'w') as f:
         f.write(run_id + '\n')
       os.replace(id_path + '.tmp', id_path)
-    self._wandb = wandb.init(
-        project=log.wandb_project, entity=log.wandb_entity or None,
-        name=log.wandb_name or os.path.basename(os.path.normpath(workdir)),
-        tags=list(log.wandb_tags), config=config_lib.to_dict(config),
-        id=run_id, resume='allow', dir=workdir, mode=log.wandb_mode or None)
+    try:
+      self._wandb = wandb.init(
+          project=log.wandb_project, entity=log.wandb_entity or None,
+          name=log.wandb_name or os.path.basename(os.path.normpath(workdir)),
+          tags=list(log.wandb_tags), config=config_lib.to_dict(config),
+          id=run_id, resume='allow', dir=workdir,
+          mode=log.wandb_mode or None)
+    except Exception as e:  # Login, network, entity: W&B's many errors.
+      raise config_lib.ConfigError(
+          f'log.wandb_project: W&B did not start ({type(e).__name__}: '
+          f'{" ".join(str(e).split())[:300]}); log in (wandb login), or set '
+          'log.wandb_mode=offline') from e
     # The first step W&B still takes: it drops (with a warning) any step
     # below the last one it has.
     self._wandb_from = self._wandb.starting_step

@@ -69,12 +69,8 @@ def saved_config(workdir: str, step: int = 0,
         f'{folder}/{step}: its metadata holds no config (not a trainer '
         'checkpoint)')
   config = ml_collections.ConfigDict(config_lib.fill_defaults(saved))
-  for key, value in (overrides or {}).items():
-    try:
-      recipes.override(config, key, value)
-    except (KeyError, AttributeError) as e:
-      raise config_lib.ConfigError(f'unknown config key {key!r}') from e
-  return config_lib.build(config), folder, step
+  return recipes.build(config, [f'{k}={v}' for k, v in
+                                (overrides or {}).items()]), folder, step
 
 
 def load(workdir: str, *, step: int = 0,
@@ -98,10 +94,17 @@ def load(workdir: str, *, step: int = 0,
     params = checkpoint.run_params(folder, step, abstract)
     adapters = base = None
   else:
-    # The frozen base: model.hf_dir's weights, or the warm start (cached).
+    # The frozen base: model.hf_dir's weights, or the warm start the run
+    # cached (never trained again here: on another machine it could come
+    # out different from the base the adapters were trained on).
     base = policy_lib.initial_params(cfg, model.cfg, key, None)
-    base, _ = warmstart.load_or_train(cfg, logits_fn, task, base,
-                                      log=lambda _: None)
+    if cfg.warmstart.num_steps:
+      base = warmstart.load_cached(cfg, base)
+      if base is None:
+        raise checkpoint.CheckpointError(
+            f"{folder}/{step}: the run's LoRA adapters sit on its warm "
+            f'start, cached at {warmstart.cache_path(cfg)}, which is '
+            'missing; copy it there from the machine that trained the run')
     like = jax.eval_shape(lambda: lora.init_adapters(key, abstract,
                                                      lora_cfg))
     adapters = checkpoint.run_params(folder, step, like)

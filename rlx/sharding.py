@@ -202,6 +202,34 @@ class Plan:
         jax.device_get(tree), shardings)
 
 
+class ProcessFailed(RuntimeError):
+  """Another process of a multi-host run stopped with an error."""
+
+
+def together(fn, *args, **kwargs):
+  """`fn(*args)` on every process; when it raises on any of them, every
+  process raises (that one its own error, the others ProcessFailed), so
+  that none is left waiting at a later collective for one that stopped.
+  For steps that can fail on one process only (process 0's lock, its W&B
+  run)."""
+  if jax.process_count() == 1:
+    return fn(*args, **kwargs)
+  out, error = None, None
+  try:
+    out = fn(*args, **kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    error = e
+  failed = np.asarray(multihost_utils.process_allgather(
+      np.int32(error is not None))).ravel()
+  if error is not None:
+    raise error
+  if failed.any():
+    raise ProcessFailed(
+        f'process {int(np.argmax(failed))} stopped with an error (its '
+        'output says which); this process stops too')
+  return out
+
+
 def sync(name: str) -> None:
   """A barrier across processes (nothing with one process): after process
   0 changed shared files, before the others read them."""

@@ -39,6 +39,7 @@ from rlx.actor import Actor
 from rlx.config import Config
 from rlx.data import loader
 from rlx.data.task import load_task
+from rlx import logbook
 from rlx.logbook import Logbook
 from rlx.logbook import read_metrics
 from rlx.rewards import shaping
@@ -52,7 +53,7 @@ from rlx.sampling import modes
 # Config keys that may change when a run is resumed (schedule and logging);
 # anything else differing from the checkpoint's config is an error.
 RESUMABLE_CHANGES = ('rl.num_steps', 'eval.every', 'log.', 'mesh.',
-                     'backend.')
+                     'backend.', 'optim.max_nonfinite')
 
 
 def build_model(cfg: Config, vocab_size: int):
@@ -181,8 +182,14 @@ def train(cfg: Config, workdir: str, *, stop_after: int | None = None
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
-  with workdir_lib.lock(workdir, primary=jax.process_index() == 0):
+  # Process 0 holds the lock; if it cannot, every process stops.
+  held = sharding.together(lambda: workdir_lib.acquire(workdir)
+                           if jax.process_index() == 0 else None)
+  try:
     return _train(cfg, workdir, stop_after)
+  finally:
+    if held is not None:
+      held.release()
 
 
 def _train(cfg: Config, workdir: str, stop_after: int | None
@@ -257,8 +264,10 @@ def _train(cfg: Config, workdir: str, stop_after: int | None
   if cfg.rollout.overlap:  # The weights sampling the next step.
     abstract['sampler'] = sharding.with_shardings(abstract_state.params,
                                                   state_sh.params)
+  # learner/nonfinite_run: the current streak of skipped updates.
   counters = {'rollouts/total': 0, 'tokens/decoded_total': 0,
-              'learner/nonfinite_total': 0, 'elapsed_s': 0.0}
+              'learner/nonfinite_total': 0, 'learner/nonfinite_run': 0,
+              'elapsed_s': 0.0}
   if policy.lora is not None:  # The base: fresh start and resume alike.
     base, _ = warm_start(init_params())
     policy.set_base(plan.put(base, param_sh))
@@ -284,9 +293,11 @@ def _train(cfg: Config, workdir: str, stop_after: int | None
              'ref': jax.tree.map(jnp.copy, params) if own_ref else {},
              'curriculum': curriculum.init(params),
              'partial': modes.init_partial(cfg, task)}
-  log = Logbook(workdir, total_steps=max(cfg.rl.num_steps, start_step),
-                resume_step=start_step, tensorboard=cfg.log.tensorboard,
-                progress=cfg.log.progress, primary=primary, config=cfg)
+  # Only process 0 writes (and starts W&B); if that fails, all stop.
+  log = sharding.together(
+      Logbook, workdir, total_steps=max(cfg.rl.num_steps, start_step),
+      resume_step=start_step, tensorboard=cfg.log.tensorboard,
+      progress=cfg.log.progress, primary=primary, config=cfg)
   train_state, ref_params = state['train'], state['ref'] or None
   if policy.lora is not None:
     # The train step's frozen, non-donated argument: base and KL reference.
@@ -344,7 +355,6 @@ def _train(cfg: Config, workdir: str, stop_after: int | None
   if stop_after is not None:
     end = min(end, start_step + stop_after)
   rl = cfg.rl
-  nonfinite_run = 0  # Consecutive steps with a skipped update.
 
   def collect(step, weights, version, cur_state, partial_state):
     """Step `step`'s rollout by `weights` (trainable params of `version`);
@@ -411,7 +421,9 @@ def _train(cfg: Config, workdir: str, stop_after: int | None
         skipped += metrics['nonfinite']
       metrics = jax.device_get({**metrics, 'nonfinite': skipped})
       counters['learner/nonfinite_total'] += int(metrics['nonfinite'])
-      nonfinite_run = nonfinite_run + 1 if metrics['nonfinite'] else 0
+      nonfinite_run = (counters['learner/nonfinite_run'] + 1
+                       if metrics['nonfinite'] else 0)
+      counters['learner/nonfinite_run'] = nonfinite_run
       if pack_chunks:  # Rows per minibatch, and the share of slots used.
         rows = [p.packed.bundle for p in parts]
         metrics['pack_rows'] = np.mean([r.shape[0] * r.shape[1] for r in rows])
@@ -522,7 +534,8 @@ def _preflight(cfg: Config, plan: sharding.Plan, task) -> None:
   task's data, at once (one ConfigError, a line each), before any
   compilation."""
   problems = (_task_size_problems(cfg, task) + _mesh_problems(cfg, plan) +
-              _overlap_problems(cfg, plan))
+              _overlap_problems(cfg, plan) +
+              logbook.wandb_problems(cfg.log))
   if cfg.rollout.mode != 'static' and jax.process_count() > 1:
     # The engine and tree samplers run on one device of this process.
     problems.append(

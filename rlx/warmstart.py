@@ -142,6 +142,26 @@ def train_sft(cfg: Config, logits_fn: LogitsFn, task: Task, params: Params,
   return params
 
 
+def cache_path(cfg: Config) -> str:
+  """Where the warm start of `cfg` is cached."""
+  return os.path.join(os.path.expanduser(cfg.warmstart.cache_dir),
+                      cache_key(cfg))
+
+
+def load_cached(cfg: Config, init_params: Params) -> Params | None:
+  """The cached warm start of `cfg` in the shardings of `init_params`
+  (whose shapes it has); None when it is not cached."""
+  path = cache_path(cfg)
+  if not (os.path.isdir(path) and
+          checkpoint.Checkpointer(path).latest_step() is not None):
+    return None
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=getattr(x, 'sharding', None)),
+      init_params)
+  return checkpoint.load_params(path, abstract)[0]
+
+
 def load_or_train(cfg: Config, logits_fn: LogitsFn, task: Task,
                   init_params: Params, *,
                   log: Callable[[str], None] = print,
@@ -155,15 +175,9 @@ def load_or_train(cfg: Config, logits_fn: LogitsFn, task: Task,
   start = time.time()
   if cfg.warmstart.num_steps == 0:
     return init_params, {'path': '', 'reused': False, 'seconds': 0.0}
-  path = os.path.join(os.path.expanduser(cfg.warmstart.cache_dir),
-                      cache_key(cfg))
-  # Restored straight into the shardings of `init_params`.
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=getattr(x, 'sharding', None)),
-      init_params)
-  if os.path.isdir(path) and checkpoint.Checkpointer(path).latest_step() is not None:
-    params, _ = checkpoint.load_params(path, abstract)
+  path = cache_path(cfg)
+  params = load_cached(cfg, init_params)
+  if params is not None:
     log(f'warm start: reusing {path}')
     return params, {'path': path, 'reused': True,
                     'seconds': time.time() - start}

@@ -357,3 +357,18 @@ def test_cli_prints_every_problem_one_line_each_without_a_traceback(
   assert proc.stderr == ('config error: --config: configs/grop.py: no such '
                          'recipe file; did you mean configs/grpo.py or '
                          'configs/rloo.py?\n')
+
+
+def test_boolean_overrides_read_as_absl_reads_flags():
+  """`--config.a.b` alone sets a boolean field, `--noconfig.a.b` clears
+  it; other fields take the next word (a negative number too), and the
+  command's own flags are left to absl."""
+  from rlx.cli import launch  # pylint: disable=g-import-not-at-top
+  cfg, rest = launch.read_config(
+      ['rlx-train', '--config.log.progress', '--workdir=/tmp/w',
+       '--noconfig.log.tensorboard', '--config.objective.entropy_coef',
+       '-0.01', '--config', 'dapo', '--config.rl.num_steps', '7'], 'grpo')
+  assert rest == ['rlx-train', '--workdir=/tmp/w']
+  assert (cfg.log.progress, cfg.log.tensorboard) == (True, False)
+  assert cfg.objective.entropy_coef == -0.01 and cfg.rl.num_steps == 7
+  assert cfg.objective.loss == 'dapo'  # The recipe named by --config.

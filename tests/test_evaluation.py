@@ -58,8 +58,9 @@ def test_majority_with_an_equivalence_groups_equal_values():
     ([None], [True], False),  # Correct but nothing to vote for.
     (['9'], [True], True),  # k = 1: maj@1 = pass@1 where answers exist.
 ])
-def test_majority_correct(answers, correct, expected):
-  assert evaluation.majority_correct(answers, correct) is expected
+def test_vote(answers, correct, expected):
+  winner, right = evaluation.vote(answers, correct)
+  assert right is expected and winner == evaluation.majority(answers)
 
 
 def test_best_of_k_is_pass_at_k_with_n_equal_k():

@@ -15,11 +15,13 @@ import pytest
 from safetensors import numpy as st_numpy
 import tokenizers
 
+from rlx import checkpoint
 from rlx import config as config_lib
 from rlx import export
 from rlx import runs
 from rlx import testing
 from rlx import trainer
+from rlx import warmstart
 from rlx.data import chain_arith
 import rlx.models
 from rlx.models import hf_tokenizer
@@ -329,3 +331,19 @@ def test_cli_exports_and_prints_one_line(saved, tmp_path):
   assert refused.stderr.splitlines() == [
       f'error: --out: {ROOT}: exists and is not a model directory (no '
       'config.json or adapter_config.json); refusing to replace it']
+
+
+def test_a_lora_run_whose_warm_start_is_gone_is_named(saved, tmp_path):
+  """The base of a LoRA run on rlx's own transformer is its cached warm
+  start; without it the run is not loaded (a retrained one could differ),
+  and the error names the cache."""
+  run = saved['lora']
+  cache = warmstart.cache_path(run.cfg)
+  os.rename(cache, cache + '.away')
+  try:
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=rf"LoRA adapters sit on its warm start, cached "
+                       rf"at {cache}, which is missing"):
+      runs.load(run.workdir)
+  finally:
+    os.rename(cache + '.away', cache)

@@ -151,8 +151,17 @@ def test_logs_without_a_checkpoint_start_over(reference, capsys):
   workdir.mkdir()
   step0 = '{"step": 0, "eval/pass@1": 0.5}\n'
   (workdir / 'metrics.jsonl').write_text(step0)
+  for earlier in ('tb', 'tb.dropped'):  # This start's events and an older.
+    (workdir / earlier).mkdir()
+    (workdir / earlier / 'events').write_text(earlier)
+  (workdir / 'wandb_id').write_text('abc\n')  # Its W&B run.
   trainer.train(_cfg(tmp), str(workdir))
   assert (workdir / 'metrics.jsonl.dropped').read_text() == step0
+  # Set aside, keeping the older ones: the new start has its own W&B run.
+  assert (workdir / 'tb.dropped' / 'events').read_text() == 'tb.dropped'
+  assert (workdir / 'tb.dropped.2' / 'events').read_text() == 'tb'
+  assert (workdir / 'wandb_id.dropped').read_text() == 'abc\n'
+  assert not (workdir / 'wandb_id').exists()
   assert 'has no finished checkpoint: starting over; the 1 rows' in (
       capsys.readouterr().err)
   _assert_same_run(workdir, reference)
@@ -225,6 +234,18 @@ def test_steps_that_keep_failing_stop_the_run(reference, monkeypatch):
     for leaf in jax.tree.leaves(ckpt.read(step)['train']):
       assert np.isfinite(np.asarray(leaf)).all()
   ckpt.close()
+  # The streak is in the checkpoint: the same command stops the same way
+  # (resumed after step 2, whose update was the streak's first)...
+  with pytest.raises(learner.NonFiniteUpdates, match=r'step 3: 2 RL steps'):
+    trainer.train(_cfg(tmp, **{'optim.max_nonfinite': '2',
+                               'eval.samples_per_prompt': '3'}), workdir)
+  # ...and a raised limit (a change a resume accepts) lets it go on.
+  result = trainer.train(_cfg(tmp, **{'optim.max_nonfinite': '4',
+                                      'eval.samples_per_prompt': '3'}),
+                         workdir)
+  assert result['step'] == 4
+  rows = [r for r in _rows(workdir) if 'learner/loss' in r]
+  assert [r['learner/nonfinite'] for r in rows] == [0, 1, 1, 1]
 
 
 def test_nothing_non_finite_is_written(tmp_path):
@@ -236,8 +257,9 @@ def test_nothing_non_finite_is_written(tmp_path):
   ckpt.save(1, ok, {}, finite=('train',))
   bad = {'train': {'w': np.array([1.0, np.nan, 2.0], np.float32)}}
   with pytest.raises(checkpoint.CheckpointError,
-                     match=r"not saving checkpoint 2: 1 arrays hold NaN .*"
-                     r"\['train'\]\['w'\].* stays step 1"):
+                     match=r'not saving checkpoint 2: 1 arrays hold NaN or '
+                     r'inf \(first: train/w\); the newest checkpoint stays '
+                     r'step 1'):
     ckpt.save(2, bad, {}, finite=('train',))
   assert ckpt.all_steps() == [1] and os.listdir(tmp_path / 'ck') == ['1']
   ckpt.close()
@@ -271,14 +293,59 @@ def test_a_flipped_byte_falls_back_to_the_newest_good_checkpoint(
   _assert_same_run(workdir, reference)
 
 
-def test_a_checksum_mismatch_is_named(tmp_path):
+def test_a_flipped_byte_is_named_by_restore_and_read(tmp_path):
+  """D3: the tools' `read` (evaluate, sample, export) verifies as the
+  trainer's `restore` does."""
   ckpt = checkpoint.Checkpointer(str(tmp_path / 'ck'))
-  state = {'w': np.arange(4096, dtype=np.float32)}
+  state = {'train': {'params': {'w': jnp.arange(4096, dtype=jnp.float32)}}}
   ckpt.save(1, state, {})
+  jax.tree.map(np.testing.assert_array_equal, ckpt.read(1), state)
   _flip_a_byte(str(tmp_path / 'ck' / '1'))
-  with pytest.raises(checkpoint.CorruptCheckpoint, match=r"ck/1"):
-    ckpt.restore(1, {'w': jax.ShapeDtypeStruct((4096,), np.float32)})
+  match = (rf'^checkpoint {tmp_path}/ck/1 fails verification: 1 arrays '
+           'differ from what was written \(first: train/params/w\)$')
+  with pytest.raises(checkpoint.CorruptCheckpoint, match=match):
+    ckpt.restore(1, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+  with pytest.raises(checkpoint.CorruptCheckpoint, match=match):
+    ckpt.read(1)
   ckpt.close()
+
+
+def _numpy_checksum(x):
+  """An independent reference: the words of x (8-byte values as two,
+  low first), sums plain and weighted by 2 * index + 1, mod 2**32."""
+  raw = np.frombuffer(np.ascontiguousarray(x).tobytes(),
+                      dtype=f'<u{min(x.dtype.itemsize, 4)}')
+  words = raw.astype(np.uint64)
+  odd = 2 * np.arange(words.size, dtype=np.uint64) + 1
+  plain = int(words.sum() % 2**32)
+  weighted = int((words * odd % 2**32).sum() % 2**32)
+  return plain << 32 | weighted
+
+
+@pytest.mark.parametrize('x', [
+    np.arange(-5, 7, dtype=np.int64) * (1 << 40),  # Host, 8 bytes.
+    np.linspace(-1, 1, 30, dtype=np.float32).reshape(5, 6),
+    np.array([True, False, True]),
+    np.array(7, np.int32)], ids=['int64', 'float32', 'bool', 'scalar'])
+def test_checksums_equal_a_numpy_reference(x):
+  got, bad = checkpoint.checksums({'x': x})
+  assert got == {'x': [_numpy_checksum(x), str(x.dtype)]} and not bad
+  if x.dtype.itemsize <= 4:  # The same value on a device: the same sum.
+    assert checkpoint.checksums({'x': jnp.asarray(x)})[0] == got
+
+
+def test_a_sharded_leaf_is_summed_where_it_lies():
+  """No all-gather: each device sums its shard (a leaf sharded on its
+  last axis would otherwise be gathered whole on every device)."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ('b',))
+  x = jax.device_put(
+      jnp.arange(64 * 256, dtype=jnp.float32).reshape(64, 256),
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'b')))
+  hlo = checkpoint._digest.lower([x]).compile().as_text()
+  assert 'all-gather' not in hlo
+  assert checkpoint.checksums({'x': x})[0] == {
+      'x': [_numpy_checksum(np.asarray(x)), 'float32']}
 
 
 def test_a_failed_write_keeps_the_earlier_checkpoint(reference, monkeypatch):

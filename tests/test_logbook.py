@@ -1,5 +1,6 @@
 """Logbook: unreadable metrics lines, TensorBoard tags, W&B (offline)."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -227,7 +228,12 @@ def test_wandb_missing_or_bad_mode_fails_early(tmp_path, monkeypatch):
     with pytest.raises(config_lib.ConfigError, match='pip install wandb'):
       logbook.Logbook(str(tmp_path), total_steps=1, resume_step=0,
                       progress=False, primary=primary, config=cfg)
-  cfg = _config(tmp_path, wandb_project='rlx-test', wandb_mode='dryrun')
+  # A bad mode: refused with the config, and by a Logbook given one that
+  # skipped validation.
+  with pytest.raises(config_lib.ConfigError, match='log.wandb_mode'):
+    _config(tmp_path, wandb_project='rlx-test', wandb_mode='dryrun')
+  cfg = dataclasses.replace(cfg, log=dataclasses.replace(
+      cfg.log, wandb_mode='dryrun'))
   with pytest.raises(config_lib.ConfigError, match='log.wandb_mode'):
     logbook.Logbook(str(tmp_path), total_steps=1, resume_step=0,
                     progress=False, config=cfg)
@@ -325,3 +331,19 @@ def test_trainer_wandb_run_equals_metrics(tmp_path, offline_wandb):
           if not k.startswith(('_', 'eval/samples'))} == last
   # Each evaluation's first log.samples completions, as a table.
   assert run['summary']['eval/samples._type'] == 'table-file'
+
+
+def test_trainer_refuses_wandb_before_any_work(tmp_path, monkeypatch):
+  """W&B asked for but not installed: one ConfigError from the trainer's
+  checks, before the warm start is trained (its cache stays empty) and
+  before any log is written."""
+  c = testing.tiny_config_dict(str(tmp_path))
+  c.log.wandb_project = 'rlx-test'
+  monkeypatch.setitem(sys.modules, 'wandb', None)  # As if not installed.
+  workdir = tmp_path / 'run'
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^log.wandb_project: 'rlx-test' needs the wandb "
+                     'package: pip install wandb'):
+    trainer.train(config_lib.build(c), str(workdir))
+  assert not os.path.exists(tmp_path / 'warmstart')
+  assert sorted(os.listdir(workdir)) == ['.lock', 'checkpoints']

@@ -46,15 +46,18 @@ def main(argv: list[str]) -> None:
   except export_lib.OutputError as e:
     launch.fail(f'--out: {e}')
   launch.library_logs_to(os.path.join(workdir, 'log.txt'))
-  run = runs.load(workdir, step=_STEP.value)
-  if _PEFT.value and run.adapters is None:
+  cfg, _, _ = runs.saved_config(workdir, _STEP.value)  # Cheap: no arrays.
+  if _PEFT.value and not cfg.lora.rank:
     raise config_lib.ConfigError(
         f'--peft: {workdir} trained every parameter (lora.rank = 0): it has '
         'no adapters; export it without --peft')
+  run = runs.load(workdir, step=_STEP.value)
   try:
     result = export_lib.export_run(run, out, peft=_PEFT.value)
   except export_lib.OutputError as e:
     launch.fail(f'--out: {e}')
+  except ValueError as e:  # A model with no Hugging Face equivalent.
+    launch.fail(e)
   print(f'exported {workdir} step {run.step}: {result.what} to '
         f'{result.out} ({len(result.files)} files)')
 
