@@ -321,6 +321,24 @@ def _shape_rewards(logits_fn, cfg: Config, split, ref_params, batch: Batch):
   return batch.rewards - obj.kl_beta * seq_kl, jnp.mean(seq_kl)
 
 
+def _update_if_finite(optimizer: optax.GradientTransformation,
+                      state: TrainState, grads: Params, finite: Array
+                      ) -> TrainState:
+  """The optimizer's update of `state` by `grads`, or, when `finite` is
+  False (a NaN or inf loss or gradient; optim.max_nonfinite), `state` as
+  it was, bit for bit. The update runs inside the cond, so it still writes
+  in place (a select between new and old states would hold both)."""
+  def update(args):
+    params, opt_state, grads = args
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  params, opt_state = jax.lax.cond(finite, update, lambda args: args[:2],
+                                   (state.params, state.opt_state, grads))
+  return TrainState(step=state.step + finite.astype(state.step.dtype),
+                    params=params, opt_state=opt_state)
+
+
 def make_train_step(logits_fn: LogitsFn,
                     optimizer: optax.GradientTransformation, cfg: Config, *,
                     shardings: tuple | None = None,
@@ -419,24 +437,9 @@ def make_train_step(logits_fn: LogitsFn,
                                                    adv_valid)),
         'adv/abs_max': jnp.max(jnp.abs(advantages)),
     })
-    # A non-finite loss or gradient skips the update (optim.max_nonfinite):
-    # the state stays as it was, bit for bit, and the step says so. The
-    # update runs inside the cond, so it still writes in place (selecting
-    # between new and old states would hold both).
     finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
-
-    def update(args):
-      params, opt_state, grads = args
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
-
-    params, opt_state = jax.lax.cond(
-        finite, update, lambda args: args[:2],
-        (state.params, state.opt_state, grads))
-    new_state = TrainState(step=state.step + finite.astype(state.step.dtype),
-                           params=params, opt_state=opt_state)
     metrics['nonfinite'] = (~finite).astype(jnp.float32)
-    return new_state, metrics
+    return _update_if_finite(optimizer, state, grads, finite), metrics
 
   if shardings is None:
     return jax.jit(step, donate_argnums=(0,))
