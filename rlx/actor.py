@@ -24,9 +24,9 @@ class Actor:
   """Samples G responses per prompt and scores them with the task verifier.
 
   The sampler is compiled once per (B, G, P) bucket; verifiers run on the
-  host in Python, as DESIGN.md prescribes. With a sharding `plan`, prompts
-  are placed with B over the batch axes and the sampler's state is pinned
-  to them; the rollout comes back to the host whole (on every process).
+  host in Python (they are arbitrary user code). With a sharding `plan`,
+  prompts are placed with B over the batch axes and the sampler's state is
+  pinned to them; the rollout comes back to the host whole (on every process).
   """
 
   def __init__(self, model, task: Task, max_new_tokens: int, *,
@@ -45,7 +45,7 @@ class Actor:
         constrain=plan.constrain if plan else None)
     if sampler is not None:
       # A drop-in with the static sampler's signature, returning a NamedTuple
-      # with its fields (rlx/sampling/modes.py: continuous engine, trees).
+      # with its fields (rlx/rollouts/: continuous engine, trees).
       self.sample_fn = sampler
 
   def rollout(self, params: Params, prompts: np.ndarray,

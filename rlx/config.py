@@ -8,7 +8,6 @@ message naming the key, before anything is compiled. ConfigDicts never enter
 jitted code.
 """
 
-import contextvars
 import dataclasses
 import difflib
 import hashlib
@@ -19,6 +18,10 @@ import typing
 from typing import Any
 
 import ml_collections
+
+from rlx import errors
+from rlx import registry
+from rlx.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,7 +269,7 @@ class TreeRolloutConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-  """How responses are generated (rlx/sampling/modes.py)."""
+  """How responses are generated (rlx/rollouts/)."""
   mode: str = 'static'  # static: one jitted batch per call, as long as its
   # longest response; continuous: slot engine refilling finished slots;
   # april: continuous + over-provisioned groups, stopping at B finished
@@ -479,10 +482,6 @@ class Config:
   backend: BackendConfig = BackendConfig()
 
 
-class ConfigError(ValueError):
-  """A config key is unknown, mistyped or contradicts another."""
-
-
 def default_config_dict() -> ml_collections.ConfigDict:
   """The defaults as a ConfigDict (what recipes start from)."""
   return ml_collections.ConfigDict(dataclasses.asdict(Config()))
@@ -568,18 +567,7 @@ def unknown_key(name: str) -> str:
           f'{group or "config"}: {", ".join(keys)}')
 
 
-# The failed requirements of the validation in progress (None: raise at
-# the first one).
-_problems = contextvars.ContextVar('rlx_config_problems', default=None)
-
-
-def _require(ok: bool, key: str, message: str):
-  if ok:
-    return
-  problems = _problems.get()
-  if problems is None:
-    raise ConfigError(f'{key}: {message}')
-  problems.append(f'{key}: {message}')
+_require = errors.require
 
 
 def validate(cfg: Config) -> Config:
@@ -598,10 +586,11 @@ def validation_problems(cfg: Config) -> list[str]:
   because of a problem already found in its section (a division by a zero
   the section has named) ends that section only.
   """
-  problems = []
-  token = _problems.set(problems)
-  try:
-    for section in _SECTIONS:
+  # The generic sections, then each registry's own checks.
+  checks = (list(_SECTIONS) + [r.run_checks for r in registry.ALL] +
+            registry.CHECKS)
+  with errors.collecting() as problems:
+    for section in checks:
       before = len(problems)
       try:
         section(cfg)
@@ -611,8 +600,6 @@ def validation_problems(cfg: Config) -> list[str]:
         if len(problems) == before:
           raise  # A bug, not the consequence of a problem named above.
     return list(dict.fromkeys(problems))
-  finally:
-    _problems.reset(token)
 
 
 def _validate_basics(cfg: Config) -> None:
@@ -620,9 +607,6 @@ def _validate_basics(cfg: Config) -> None:
   rl, opt, s = cfg.rl, cfg.optim, cfg.sampling
   _require(rl.batch_prompts > 0, 'rl.batch_prompts', 'must be positive')
   _require(rl.num_steps >= 0, 'rl.num_steps', 'must be >= 0')
-  _require(rl.group_size >= 2 or cfg.objective.advantage not in GROUP_RELATIVE,
-           'rl.group_size', f'is {rl.group_size}; the group-relative '
-           f'advantage {cfg.objective.advantage!r} needs at least 2')
   _require(rl.num_minibatches > 0 and rl.batch_prompts % rl.num_minibatches
            == 0, 'rl.num_minibatches', f'{rl.num_minibatches} must divide '
            f'rl.batch_prompts={rl.batch_prompts}')
@@ -673,42 +657,8 @@ def _validate_basics(cfg: Config) -> None:
              f'{getattr(opt, key)} not in [0, 1)')
 
 
-def _validate_objective(cfg: Config) -> None:
-  s = cfg.sampling
-  _require(cfg.objective.kl_estimator in ('k1', 'k2', 'k3'),
-           'objective.kl_estimator', f'{cfg.objective.kl_estimator!r} is '
-           "not one of ['k1', 'k2', 'k3']")
-  obj = cfg.objective
-  for key, value, known in (
-      ('gspo_variant', obj.gspo_variant, ('seq', 'token')),
-      ('correction', obj.correction, ('none', 'tis', 'icepop')),
-      ('mc_scale', obj.mc_scale, ('none', 'std', 'mad'))):
-    _require(value in known, f'objective.{key}',
-             f'{value!r} is not one of {list(known)}')
-  _require(obj.overlong_buffer >= 0 and obj.overlong_buffer <
-           s.max_new_tokens, 'objective.overlong_buffer',
-           f'must be in [0, sampling.max_new_tokens={s.max_new_tokens})')
-  from rlx.objectives import advantages  # pylint: disable=g-import-not-at-top
-  _require(not (obj.kl_beta and obj.kl_in_reward and cfg.rl.num_minibatches
-                > 1 and obj.advantage in advantages.BATCH_WHITENED),
-           'objective.kl_in_reward', f'{obj.advantage!r} whitens over the '
-           'whole batch, which is split before the step that shapes the '
-           'rewards (rl.num_minibatches > 1): use kl_in_reward=False (the KL '
-           'in the loss) or one minibatch')
-  _require(obj.advantage not in NEEDS_INPUTS, 'objective.advantage',
-           f'{obj.advantage!r} needs {NEEDS_INPUTS.get(obj.advantage)}, '
-           'which the trainer does not produce yet; it is available as a '
-           'library function (rlx.objectives.compute_advantages)')
-  # Names are checked against the registries lazily to avoid an import
-  # cycle; see rlx.objectives.check_names.
-  from rlx import objectives  # pylint: disable=g-import-not-at-top
-  objectives.check_names(cfg.objective)
-
-
 DTYPES = ('float32', 'bfloat16', 'float16')  # model.dtype, param_dtype.
 WANDB_MODES = ('', 'online', 'offline')  # log.wandb_mode.
-TASKS = ('chain_arith', 'math_files')
-ANSWER_EXTRACTS = ('none', 'boxed', 'hashes')  # rlx.data.math_files.
 # ModelConfig fields that a model.hf_dir's config.json decides.
 HF_SIZE_FIELDS = ('vocab_size', 'num_layers', 'embed_dim', 'num_heads',
                   'num_kv_heads', 'head_dim', 'mlp_dim', 'rope_theta',
@@ -716,38 +666,16 @@ HF_SIZE_FIELDS = ('vocab_size', 'num_layers', 'embed_dim', 'num_heads',
 
 
 def _validate_task_and_model(cfg: Config) -> None:
-  """Task name and fields, model.hf_dir, lora.*; files are read later."""
-  task, model, ws = cfg.task, cfg.model, cfg.warmstart
+  """Model fields and task.prompt_len; the task's own checks are its
+  registry's (rlx/data/task.py)."""
+  task, model = cfg.task, cfg.model
   _require(model.num_kv_heads > 0 and model.num_heads % model.num_kv_heads
            == 0, 'model.num_kv_heads', f'{model.num_kv_heads} must divide '
            f'model.num_heads={model.num_heads}')
   for key in ('dtype', 'param_dtype'):
     _require(getattr(model, key) in DTYPES, f'model.{key}',
              f'{getattr(model, key)!r} is not one of {list(DTYPES)}')
-  _require(task.name in TASKS, 'task.name',
-           f'unknown task {task.name!r}; known: {list(TASKS)}')
   _require(task.prompt_len > 0, 'task.prompt_len', 'must be positive')
-  if task.name == 'math_files':
-    _require(bool(model.hf_dir), 'model.hf_dir',
-             "task.name='math_files' needs a Hugging Face model directory "
-             '(its tokenizer encodes the problems): set --config.model.hf_dir')
-    _require(bool(task.train_files.strip()), 'task.train_files',
-             "task.name='math_files' needs training files (comma-separated "
-             'paths or globs)')
-    _require(task.answer_extract in ANSWER_EXTRACTS, 'task.answer_extract',
-             f'{task.answer_extract!r} is not one of {list(ANSWER_EXTRACTS)}')
-    _require('{problem}' in task.user_template, 'task.user_template',
-             f'{task.user_template!r} has no {{problem}} placeholder')
-    # Warm start imitates chain_arith demonstrations; math files have none,
-    # and a silently skipped warm start would mislead.
-    _require(ws.num_steps == 0, 'warmstart.num_steps',
-             f"is {ws.num_steps}; the warm start imitates chain_arith "
-             "demonstrations and task.name='math_files' has none: set "
-             '--config.warmstart.num_steps=0')
-  elif model.hf_dir:
-    _require(False, 'model.hf_dir',
-             f"task.name={task.name!r} uses its own character tokenizer; a "
-             "Hugging Face model needs task.name='math_files'")
   if model.hf_dir:
     default = ModelConfig()
     for key in HF_SIZE_FIELDS:
@@ -755,217 +683,7 @@ def _validate_task_and_model(cfg: Config) -> None:
                f'is {getattr(model, key)!r}, but model.hf_dir is set: the '
                'architecture comes from its config.json; leave model.'
                f'{key} at its default ({getattr(default, key)!r})')
-  lo = cfg.lora
-  _require(lo.rank >= 0, 'lora.rank', 'must be >= 0 (0: full fine-tuning)')
-  if lo.rank:
-    _require(lo.alpha > 0, 'lora.alpha', 'must be > 0')
-    from rlx.models import lora  # pylint: disable=g-import-not-at-top
-    try:
-      lora.LoraConfig(rank=lo.rank, alpha=lo.alpha, targets=lo.targets)
-    except ValueError as e:  # Its message names lora.targets.
-      raise ConfigError(str(e)) from e
-
-
-def _validate_curriculum(cfg: Config) -> None:
-  cur, g = cfg.curriculum, cfg.rl.group_size
-  from rlx.curriculum import allocators, estimators, selectors  # pylint: disable=g-import-not-at-top
-  for key, value, known in (
-      ('selector', cur.selector, selectors.SELECTORS),
-      ('allocator', cur.allocator, allocators.ALLOCATORS),
-      ('estimator', cur.estimator, ('auto',) + estimators.ESTIMATORS),
-      ('dars_schedule', cur.dars_schedule, ('et', 'hw')),
-      ('dots_refs', cur.dots_refs, ('fresh', 'history')),
-      ('dots_similarity', cur.dots_similarity, ('dot', 'cosine')),
-      ('dots_readout', cur.dots_readout, ('attention', 'ridge'))):
-    _require(value in known, f'curriculum.{key}',
-             f'{value!r} is not one of {list(known)}')
-  parts = cur.filter.split('+')
-  _require(cur.filter == 'none' or (
-      set(parts) <= {'dapo', 'skip'} and len(set(parts)) == len(parts)),
-           'curriculum.filter', f'{cur.filter!r} is not one of [none, dapo, '
-           'skip, dapo+skip]')
-  _require(not cur.dapo_free_refills or 'dapo' in parts,
-           'curriculum.dapo_free_refills', 'needs curriculum.filter to '
-           f'include dapo (it is {cur.filter!r})')
-  _require(cur.oracle_screen >= 0, 'curriculum.oracle_screen',
-           f'{cur.oracle_screen} must be >= 0')
-  _require(cur.oracle_screen <= 1 or (
-      cur.allocator == 'fixed' and cur.filter == 'none'),
-           'curriculum.oracle_screen', f'{cur.oracle_screen} needs '
-           "allocator 'fixed' and filter 'none' (it chooses the groups "
-           f'itself); got {cur.allocator!r} and {cur.filter!r}')
-  _require(cur.oracle_probe == 0 or (
-      cur.oracle_probe >= 2 and cur.oracle_screen > 1),
-           'curriculum.oracle_probe', f'{cur.oracle_probe} must be 0 or, '
-           'with curriculum.oracle_screen > 1, at least 2 (one probe has no '
-           'variance)')
-  max_group = cur.max_group or 2 * g
-  _require(1 <= cur.min_group <= g <= max_group, 'curriculum.min_group',
-           f'need 1 <= min_group ({cur.min_group}) <= rl.group_size ({g}) '
-           f'<= max_group ({max_group}) so the budget B * G fits')
-  first = cur.first_round or max(g // 2, cur.min_group)
-  _require(cur.min_group <= first <= g, 'curriculum.first_round',
-           f'{first} must be in [min_group={cur.min_group}, '
-           f'rl.group_size={g}]')
-  _require(cur.pool_size == 0 or cfg.rl.batch_prompts <= cur.pool_size <=
-           cfg.task.num_train, 'curriculum.pool_size',
-           f'{cur.pool_size} must be 0 or in [rl.batch_prompts='
-           f'{cfg.rl.batch_prompts}, task.num_train={cfg.task.num_train}]')
-  _require(0 < cur.spo_discount <= 1, 'curriculum.spo_discount',
-           f'{cur.spo_discount} not in (0, 1] (0 would keep no evidence)')
-  for key in ('discount', 'vade_decay', 'mmr1_mix', 'dots_explore',
-              'gdro_ema', 'gdro_explore', 'skip_threshold'):
-    value = getattr(cur, key)
-    _require(0 <= value <= 1, f'curriculum.{key}', f'{value} not in [0, 1]')
-  _require(cur.dots_readout != 'ridge' or cur.dots_similarity == 'cosine',
-           'curriculum.dots_readout', "ridge needs dots_similarity='cosine' "
-           '(centred, unit-norm embeddings: dots_ridge is on their scale)')
-  _require(cur.dots_ref_halflife >= 0, 'curriculum.dots_ref_halflife',
-           'must be >= 0')
-  _require(cur.dots_ref_halflife == 0 or cur.selector != 'dots' or (
-      cur.dots_refs == 'history' and cur.dots_readout == 'ridge'),
-           'curriculum.dots_ref_halflife', 'weighs history references in '
-           "the ridge probe: it needs dots_refs='history' and "
-           "dots_readout='ridge'")
-  for key in ('prior_alpha', 'prior_beta', 'dots_tau', 'dots_prior',
-              'dots_cosine_scale', 'dots_ridge', 'likelihood_prior'):
-    _require(getattr(cur, key) > 0, f'curriculum.{key}', 'must be > 0')
-  for key in ('gdro_bins', 'dots_ref_prompts', 'dots_ref_samples',
-              'dots_history_refs', 'likelihood_candidates'):
-    _require(getattr(cur, key) >= 1, f'curriculum.{key}', 'must be >= 1')
-  _require(cur.dapo_max_retries >= 0, 'curriculum.dapo_max_retries',
-           'must be >= 0')
-  _require(cur.selector != 'likelihood' or cfg.task.name != 'math_files',
-           'curriculum.selector', "'likelihood' scores each prompt's "
-           "reference solution; task.name='math_files' keeps final answers "
-           'only')
-  _require(cfg.rl.max_rollouts >= 0, 'rl.max_rollouts', 'must be >= 0')
-
-
-ROLLOUT_MODES = ('static', 'continuous', 'april', 'tree')
-ROLLOUT_RESUME = ('prefill', 'keep_kv')  # rollout.resume (april).
-TREE_KINDS = ('treepo', 'latr', 'eptree')  # = rlx.sampling.tree.KINDS
-# Advantages that need the tree's path ids (rollout.mode=tree).
-TREE_ADVANTAGES = ('tree', 'treerl')
-
-
-def rollout_engine_sizes(cfg: Config) -> tuple[int, int, int]:
-  """(slots R, rows per insert M, prompts per prompt prefill U) of the
-  continuous engine, with the rollout section's 0 defaults resolved."""
-  ro, g = cfg.rollout, cfg.rl.group_size
-  slots = ro.num_slots or max(cfg.rl.batch_prompts * g // 2, g)
-  rows = ro.insert_rows or max(1, slots // 8)
-  prompts = ro.prefill_prompts or max(1, slots // 4)
-  return slots, rows, prompts
-
-
-def _validate_rollout(cfg: Config) -> None:
-  """The rollout section and what each mode needs from the others."""
-  ro, cur, obj = cfg.rollout, cfg.curriculum, cfg.objective
-  _require(ro.mode in ROLLOUT_MODES, 'rollout.mode',
-           f'{ro.mode!r} is not one of {list(ROLLOUT_MODES)}')
-  for key in ('num_slots', 'chunk_steps', 'insert_rows', 'prefill_prompts',
-              'prefill_bucket', 'inflight_groups'):
-    _require(getattr(ro, key) >= 0, f'rollout.{key}', 'must be >= 0')
-  slots, rows, _ = rollout_engine_sizes(cfg)
-  _require(rows <= slots, 'rollout.insert_rows',
-           f'{rows} must be <= rollout.num_slots ({slots})')
-  _require(ro.resume in ROLLOUT_RESUME, 'rollout.resume',
-           f'{ro.resume!r} not in {list(ROLLOUT_RESUME)}')
-  _require(ro.resume == 'prefill' or ro.mode == 'april', 'rollout.resume',
-           f'{ro.resume!r} needs rollout.mode=april (is {ro.mode!r}): only '
-           'APRIL carries unfinished responses to the next step')
-  _require(not (ro.overlap and ro.mode == 'april' and
-               ro.off_policy == 'mask'), 'rollout.off_policy',
-           "'mask' with rollout.overlap would drop every token (all are "
-           "sampled by the previous weights); use 'keep'")
-  _require(ro.off_policy in ('keep', 'mask'), 'rollout.off_policy',
-           f"{ro.off_policy!r} is not one of ['keep', 'mask']")
-  _require(obj.advantage not in TREE_ADVANTAGES or ro.mode == 'tree',
-           'objective.advantage', f'{obj.advantage!r} needs the path_ids of '
-           f'tree rollouts; set rollout.mode=tree (is {ro.mode!r})')
-  # The uncharged rollouts of the analysis bounds are split off in the
-  # curriculum's tallies; APRIL never asks the curriculum for its groups,
-  # and tree mode counts its decoded tokens itself (free ones included).
-  oracle = [k for k, on in (('oracle_screen', cur.oracle_screen > 1),
-                            ('dapo_free_refills', cur.dapo_free_refills))
-            if on]
-  _require(not oracle or ro.mode in ('static', 'continuous'),
-           f'curriculum.{oracle[0] if oracle else ""}',
-           f'is an analysis bound for rollout.mode static or continuous '
-           f'(is {ro.mode!r}): its uncharged rollouts would be ignored or '
-           'charged')
-  if ro.mode == 'april':
-    _require(not ro.inflight_groups or
-             ro.inflight_groups > cfg.rl.batch_prompts,
-             'rollout.inflight_groups', f'{ro.inflight_groups} must be 0 '
-             f'(2 B) or > rl.batch_prompts={cfg.rl.batch_prompts}: APRIL '
-             'over-provisions (with N\' = B nothing is ever carried over; '
-             'that is rollout.mode=continuous)')
-    # APRIL takes prompts in data order and returns whichever B groups
-    # finish first: no selection, allocation or refill can act on them.
-    for key, value, need in (('selector', cur.selector, 'uniform'),
-                             ('allocator', cur.allocator, 'fixed'),
-                             ('filter', cur.filter, 'none')):
-      _require(value == need, f'curriculum.{key}', f'{value!r} is not '
-               f'supported with rollout.mode=april (needs {need!r})')
-  corrected = obj.correction != 'none' or obj.loss == 'decoupled'
-  _require(not corrected or cfg.rl.recompute_old_logp,
-           'rl.recompute_old_logp', 'must be True with objective.correction='
-           f'{obj.correction!r} / objective.loss={obj.loss!r}: the '
-           'correction compares the old policy (the learner\'s weights before '
-           'the update) with the behaviour log-probs of the sampler, and '
-           'without a recompute the old log-probs are the behaviour ones '
-           '(every weight exactly 1)')
-  if ro.mode == 'tree':
-    _validate_tree(cfg)
-
-
-def _validate_tree(cfg: Config) -> None:
-  tr, g = cfg.rollout.tree, cfg.rl.group_size
-  _require(cfg.curriculum.allocator == 'fixed', 'curriculum.allocator',
-           f'{cfg.curriculum.allocator!r} is not supported with '
-           "rollout.mode=tree (needs 'fixed': a tree has W = rl.group_size "
-           'leaves)')
-  for key, known in (('kind', TREE_KINDS), ('allocation', ('even', 'logp')),
-                     ('fork_score', ('entropy', 'surprisal'))):
-    _require(getattr(tr, key) in known, f'rollout.tree.{key}',
-             f'{getattr(tr, key)!r} is not one of {list(known)}')
-  for key in ('segment_len', 'init_divergence', 'divergence', 'chunk_steps',
-              'num_chains', 'fork_points', 'fork_branches'):
-    _require(getattr(tr, key) >= 1, f'rollout.tree.{key}', 'must be >= 1')
-  for key in ('repeat_ngram', 'max_branches', 'mix_anneal_steps', 'rounds'):
-    _require(getattr(tr, key) >= 0, f'rollout.tree.{key}', 'must be >= 0')
-  _require(tr.repeat_count >= 2, 'rollout.tree.repeat_count', 'must be >= 2')
-  _require(not tr.stop_on_answer or (tr.kind == 'treepo' and
-                                     cfg.task.name == 'math_files'),
-           'rollout.tree.stop_on_answer', 'is a TreePO rule for boxed '
-           'answers: it needs rollout.tree.kind=treepo and task.name='
-           f'math_files (are {tr.kind!r}, {cfg.task.name!r})')
-  _require(not tr.fork_distinct or tr.kind == 'eptree',
-           'rollout.tree.fork_distinct', 'is an EPTree rule (forks inside a '
-           f'path): it needs rollout.tree.kind=eptree (is {tr.kind!r})')
-  for key in ('mix', 'mix_end', 'tau_abs', 'tau_rel'):
-    value = getattr(tr, key)
-    _require(0 <= value <= 1, f'rollout.tree.{key}', f'{value} not in [0, 1]')
-  _require(tr.prune_edit_dist >= 0, 'rollout.tree.prune_edit_dist',
-           'must be >= 0')
-  _require(len(tr.lookahead) > 0 and all(
-      isinstance(n, int) and n >= 1 for n in tr.lookahead),
-           'rollout.tree.lookahead', f'{tr.lookahead!r} must be positive '
-           'token counts')
-  if tr.kind == 'eptree':
-    m = tr.num_chains
-    most = m * (1 + tr.rounds * tr.fork_points * tr.fork_branches)
-    for key, w in (('rl.group_size', g),
-                   ('curriculum.dots_ref_samples',
-                    cfg.curriculum.dots_ref_samples
-                    if cfg.curriculum.selector == 'dots' and
-                    cfg.curriculum.dots_refs == 'fresh' else g)):
-      _require(m <= w <= most, key, f'{w} leaves per prompt must be in '
-               f'[M, M (1 + L N T)] = [{m}, {most}] for eptree '
-               '(rollout.tree.num_chains, rounds, fork_points, '
-               'fork_branches)')
+  # lora.* is checked by rlx/models/lora.py.
 
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -999,15 +717,8 @@ def _validate_mesh(cfg: Config) -> None:
            'must be >= 0')
 
 
-_SECTIONS = (_validate_basics, _validate_task_and_model, _validate_objective,
-             _validate_curriculum, _validate_rollout, _validate_mesh)
-
-# Advantages whose inputs the RL loop cannot supply yet (library-only).
-NEEDS_INPUTS = {}
-
-# Advantages whose baseline comes from the other members of the group.
-GROUP_RELATIVE = ('grpo', 'dr_grpo', 'rloo', 'reinforce_pp', 'mc_grpo',
-                  'xrpo_sharpen', 'd3s')
+_SECTIONS = (_validate_basics, _validate_task_and_model,
+             _validate_mesh)
 
 
 def build(config: ml_collections.ConfigDict | dict) -> Config:

@@ -97,13 +97,13 @@ def minibatches(batch: Batch, cfg: Config) -> list[Batch]:
   """The rollout batch split by prompts into `rl.num_minibatches` parts,
   one optimizer update each.
 
-  Estimators that whiten over the batch (`objectives.BATCH_WHITENED`) get
-  their advantages computed here, over the whole batch, so that the split
-  does not change them (the card's "whitened over the whole batch"); the
+  Estimators that whiten over the batch (declared `whole_batch`) get their
+  advantages computed here, over the whole batch, so that the split does
+  not change them (the card's "whitened over the whole batch"); the
   group-relative ones are the same either way and stay in the step.
   """
   obj, n = cfg.objective, cfg.rl.num_minibatches
-  if n > 1 and obj.advantage in objectives.BATCH_WHITENED:
+  if n > 1 and objectives.ADVANTAGES.get(obj.advantage).whole_batch:
     # Whitened estimators do not read the step (only D3S's schedule does).
     batch = batch._replace(advantages=np.asarray(_whole_batch_advantages(
         obj, batch, 0)))
@@ -113,10 +113,11 @@ def minibatches(batch: Batch, cfg: Config) -> list[Batch]:
 
 
 def _advantages(obj: ObjectiveConfig, batch: Batch, step) -> Array:
-  """The configured estimator's advantages of `batch`."""
-  return objectives.compute_advantages(
-      obj.advantage, batch.rewards, batch.group_mask,
-      **_advantage_kwargs(obj, batch, step))
+  """The configured estimator's advantages of `batch`, its inputs and
+  knobs as its registry entry declares them."""
+  entry = objectives.ADVANTAGES.get(obj.advantage)
+  return entry(batch.rewards, batch.group_mask,
+               **entry.kwargs(obj, batch, step))
 
 
 _whole_batch_advantages = jax.jit(_advantages, static_argnums=0)
@@ -202,58 +203,6 @@ def _flat(x: Array) -> Array:
   return einops.rearrange(x, 'b g ... -> (b g) ...')
 
 
-def _loss_kwargs(obj: ObjectiveConfig) -> dict:
-  """The chosen loss's hyper-parameters, from the config."""
-  clip = {'clip_eps': obj.clip_eps}
-  if obj.clip_eps_high:  # 0 keeps each loss's own default.
-    clip['clip_eps_high'] = obj.clip_eps_high
-  return {
-      'ppo_clip': clip, 'dapo': clip, 'gppo': clip, 'decoupled': clip,
-      'dual_clip': {**clip, 'dual_clip_c': obj.dual_clip_c},
-      'gspo': {'eps_low': obj.gspo_eps_low, 'eps_high': obj.gspo_eps_high,
-               'variant': obj.gspo_variant},
-      'cispo': {'clip_low': obj.cispo_clip_low,
-                **({'clip_eps_high': obj.clip_eps_high}
-                   if obj.clip_eps_high else {})},
-  }[obj.loss]
-
-
-def _advantage_kwargs(obj: ObjectiveConfig, batch: Batch, step) -> dict:
-  """The chosen estimator's inputs beyond rewards and the group mask."""
-  name = obj.advantage
-  if name in ('grpo', 'reinforce_pp'):
-    return {'eps': obj.adv_eps}
-  if name == 'mc_grpo':
-    return {'scale': obj.mc_scale, 'eps': obj.adv_eps}
-  if name == 'spo':
-    if batch.values is None:
-      raise ValueError('the spo advantage needs Batch.values (the '
-                       "curriculum's per-prompt value tracker)")
-    return {'values': batch.values, 'eps': obj.adv_eps}
-  if name in ('tree', 'treerl'):
-    if batch.path_ids is None or (name == 'treerl' and
-                                  batch.depth_start is None):
-      raise ValueError(f'the {name} advantage needs Batch.path_ids (and '
-                       'depth_start for treerl): tree rollouts')
-    if name == 'tree':
-      return {'path_ids': batch.path_ids, 'eps': obj.adv_eps}
-    return {'path_ids': batch.path_ids, 'depth_start': batch.depth_start,
-            'loss_mask': batch.loss_mask, 'eps': obj.adv_eps}
-  if name == 'xrpo_sharpen':
-    mask = batch.loss_mask.astype(jnp.float32)
-    mean_logp = jnp.sum(_behaviour(batch) * mask, -1) / jnp.maximum(
-        jnp.sum(mask, -1), 1.0)
-    return {'mean_logp': mean_logp, 'lam': obj.xrpo_lam,
-            'clip': obj.xrpo_clip, 'eps': obj.adv_eps}
-  if name == 'd3s':
-    keep = lambda start: objectives.d3s_keep_ratio(
-        step, start=start, end=1.0, anneal_steps=obj.d3s_anneal_steps)
-    return {'token_entropy': batch.entropy, 'loss_mask': batch.loss_mask,
-            'sample_keep': keep(obj.d3s_sample_keep),
-            'token_keep': keep(obj.d3s_token_keep), 'eps': obj.adv_eps}
-  return {}
-
-
 def _behaviour(batch: Batch) -> Array:
   return batch.old_logp if batch.behaviour_logp is None else (
       batch.behaviour_logp)
@@ -270,7 +219,7 @@ def forward_logp(logits_fn, cfg: Config, params, batch: Batch,
   chunk = cfg.optim.logits_chunk
   if chunk and split is None:
     raise ValueError(f'optim.logits_chunk={chunk} needs the model split at '
-                     'its output projection (split=trainer.split_model(...))')
+                     'its output projection (split=policy.split_model(...))')
   head = dict(temperature=cfg.sampling.temperature, split=split,
               logits_chunk=chunk)
   if batch.packed is not None:
@@ -297,7 +246,7 @@ def _microbatch_loss(logits_fn: LogitsFn, cfg: Config, split, params,
       behaviour_logp=_behaviour(mb), aggregation=obj.aggregation,
       correction=obj.correction, tis_cap=obj.tis_cap,
       icepop_low=obj.icepop_low, icepop_high=obj.icepop_high,
-      **_loss_kwargs(obj), **agg)
+      **objectives.LOSSES.get(obj.loss).kwargs(obj), **agg)
   if obj.kl_beta and not obj.kl_in_reward:
     ref_logp, _ = forward_logp(logits_fn, cfg, ref_params, mb, split)
     kl = objectives.kl_penalty(logp, jax.lax.stop_gradient(ref_logp),
@@ -367,10 +316,11 @@ def make_train_step(logits_fn: LogitsFn,
     merge_fn: `(base, trainable) -> model params` (e.g. `lora.merge` with
       its config bound); None: `state.params` are the model params.
     split: the model split at its output projection; needed when
-      `optim.logits_chunk > 0` (`trainer.split_model`).
+      `optim.logits_chunk > 0` (`policy.split_model`).
   """
   num_micro = cfg.optim.num_microbatches
   obj = cfg.objective
+  estimator = objectives.ADVANTAGES.get(obj.advantage)
   loss_fn = functools.partial(_microbatch_loss, logits_fn, cfg, split)
 
   def step(state: TrainState, ref_params, batch: Batch):
@@ -389,20 +339,14 @@ def make_train_step(logits_fn: LogitsFn,
     advantages = batch.advantages
     if advantages is None:
       advantages = _advantages(obj, batch, state.step)
-    if obj.advantage == 'mc_grpo':  # The median pivot carries no gradient.
-      batch = batch._replace(group_mask=batch.group_mask & ~(
-          objectives.mc_grpo_pivot(batch.rewards, batch.group_mask)))
-    if obj.advantage == 'd3s':  # Unselected samples/tokens leave the loss.
-      kw = _advantage_kwargs(obj, batch, state.step)
-      kept = objectives.d3s_sample_mask(batch.rewards, batch.group_mask,
-                                        sample_keep=kw['sample_keep'])
-      seq_adv = objectives.compute_advantages('grpo', batch.rewards, kept,
-                                              eps=obj.adv_eps)
-      batch = batch._replace(
-          group_mask=kept,
-          loss_mask=objectives.d3s_token_mask(
-              seq_adv, token_entropy=batch.entropy,
-              loss_mask=batch.loss_mask, token_keep=kw['token_keep']))
+    if estimator.loss_masks is not None:
+      # The estimator also decides which samples and tokens carry gradient
+      # (mc_grpo's pivot, d3s's selection): they leave the masks, and so
+      # the loss's denominators, not only get A = 0.
+      group_mask, loss_mask = estimator.loss_masks(
+          batch.rewards, batch.group_mask, batch.loss_mask,
+          estimator.kwargs(obj, batch, state.step))
+      batch = batch._replace(group_mask=group_mask, loss_mask=loss_mask)
     mask = batch.loss_mask & batch.group_mask[..., None]
     totals = {'tokens': jnp.sum(mask),
               # Sequences with a token in the loss, as `aggregate` counts

@@ -36,9 +36,18 @@ from typing import Callable
 
 import flax
 import jax
+import jax.numpy as jnp
+import numpy as np
 
+from rlx import backend
+from rlx import learner
+from rlx import lm_head
 from rlx import sharding
+from rlx import warmstart
 from rlx.config import Config, ConfigError
+from rlx.data import loader
+from rlx.data import task as task_lib
+from rlx.models import kv_cache
 from rlx.models import hf_tokenizer
 from rlx.models import lora
 from rlx.models import transformer
@@ -169,6 +178,10 @@ class Policy:
     self._plan, self._splan = plan, sampler_plan
     self._param_sh = param_shardings
     self._sampler_param_sh = sampler_param_shardings
+    # The full model's shapes and learner shardings (what a warm start,
+    # the KL reference and LoRA's base are placed in).
+    self.abstract_params, self.param_shardings = (abstract_params,
+                                                  param_shardings)
     self.base = None
     self._sampler_base = None
     if self.lora is None:
@@ -231,3 +244,124 @@ class Policy:
       trainable = jax.device_put(trainable, self._sampler_adapter_sh)
     return _overlay(self._sampler_base, self._sampler_merge(
         _kernels(self._sampler_base, trainable), trainable))
+
+
+def build_model(cfg: Config, vocab_size: int):
+  """(model, logits_fn): rlx's transformer sized by `model.*`, or the
+  architecture of `model.hf_dir` (weights: `policy.initial_params`)."""
+  mcfg = model_config(cfg, vocab_size)
+  # The attention kernel is a runtime choice per platform: parameters,
+  # checkpoints and the warm-start cache key (cfg.model) do not depend on it.
+  attention = backend.resolve_attention(
+      cfg.backend.attention, backend.platform(), mcfg,
+      capability=backend.compute_capability())
+  mcfg = dataclasses.replace(mcfg, attention=attention,
+                             attention_chunk=cfg.backend.attention_chunk,
+                             causal_block=cfg.backend.causal_block)
+  model = transformer.Transformer(mcfg)
+
+  def logits_fn(params, tokens, positions, mask):
+    return model.apply({'params': params}, tokens, positions, mask)[0]
+
+  return model, logits_fn
+
+
+def split_model(model: transformer.Transformer) -> lm_head.SplitLM:
+  """The model split at its output projection (`optim.logits_chunk`)."""
+  return lm_head.SplitLM(
+      hidden=lambda params, tokens, positions, mask: model.apply(
+          {'params': params}, tokens, positions, mask)[2],
+      unembedding=functools.partial(transformer.unembedding, model.cfg),
+      dtype=jnp.dtype(model.cfg.dtype))
+
+
+def warm_started_policy(cfg: Config):
+  """(task, model, params) of the warm-started policy, unsharded: what the
+  benchmarks sample from (the warm start is trained on first use)."""
+  task = task_lib.load_task(cfg.task)
+  model, logits_fn = build_model(cfg, task.tokenizer.vocab_size)
+  init_p = transformer.init_params(model.cfg,
+                                   jax.random.key(cfg.warmstart.seed))
+  params, _ = warmstart.load_or_train(cfg, logits_fn, task, init_p)
+  return task, model, params
+
+
+def reference_logprob_fn(cfg: Config, logits_fn, split: lm_head.SplitLM,
+                         task, pool: int):
+  """(params, prompt ids [n]) -> [n] float32 log-probability of each
+  prompt's reference solution and its eos under the policy, at
+  sampling.temperature (the likelihood selector); -inf where the solution
+  does not fit in sampling.max_new_tokens (no sample can be it).
+
+  One forward pass per prompt, in chunks of the learner's micro-batch rows
+  (B G / (rl.num_minibatches optim.num_microbatches): what a train step
+  already holds), the last padded; the ids go through sorted by solution
+  length, each chunk cut to its longest solution rounded up to 16 tokens
+  and its longest prompt rounded up to 8 (little padding, a few shapes to
+  compile).
+
+  Raises:
+    ConfigError: when a selectable prompt has no reference solution
+      (task.name=math_files keeps final answers only), before any work.
+  """
+  solutions = task.train.solutions[:pool]
+  empty = sum(not s for s in solutions)
+  if empty:
+    raise ConfigError(
+        "curriculum.selector: 'likelihood' scores the policy's "
+        f'log-probability of each prompt\'s reference solution, but {empty} '
+        f'of the {pool} selectable train prompts have none (task.name='
+        f'{cfg.task.name!r} keeps final answers only); choose another '
+        'selector')
+  tok, t = task.tokenizer, cfg.sampling.max_new_tokens
+  # Token rows stay ragged; each chunk is padded when it is scored.
+  solution_rows = [tok.encode(sol, add_eos=True) for sol in solutions]
+  lengths = np.array([len(r) for r in solution_rows])
+  fits = lengths <= t
+  p = task.train_prompts.shape[1]
+  prompt_lengths = task.train_prompt_mask[:pool].sum(-1)
+  mini = cfg.rl.batch_prompts // cfg.rl.num_minibatches
+  chunk = max(1, mini * cfg.rl.group_size // cfg.optim.num_microbatches)
+
+  @jax.jit
+  def score(params, prompt, prompt_mask, resp, resp_mask):
+    logp, _ = learner.response_logprobs(
+        logits_fn, params, prompt, prompt_mask, resp,
+        temperature=cfg.sampling.temperature, split=split,
+        logits_chunk=cfg.optim.logits_chunk)
+    return jnp.sum(jnp.where(resp_mask, logp, 0.0), -1)
+
+  def fn(params, ids):
+    ids = np.asarray(ids, int)
+    # Chunks of similar lengths pad less (the result is in `ids` order).
+    order = np.argsort(lengths[ids], kind='stable')
+    out = np.empty(len(ids), np.float32)
+    for s in range(0, len(ids), chunk):
+      part = ids[order[s:s + chunk]]
+      rows = np.concatenate([part, np.full(chunk - len(part), part[0])])
+      width = learner.round_up(int(lengths[part].max()), 16, t)
+      left = p - learner.round_up(int(prompt_lengths[part].max()), 8, p)
+      response, mask = loader.pad_rows(
+          [solution_rows[i][:width] for i in rows], length=width,
+          pad_id=tok.pad_id, left=False)
+      out[order[s:s + chunk]] = sharding.to_host(score(
+          params, task.train_prompts[rows, left:],
+          task.train_prompt_mask[rows, left:], response, mask))[:len(part)]
+    return np.where(fits[ids], out, -np.inf).astype(np.float32)
+
+  return fn
+
+
+def prompt_embed_fn(model, task):
+  """(params, prompt ids) -> [n, D] mean final hidden state over the prompt."""
+  @jax.jit
+  def embed(params, tokens, mask):
+    positions = kv_cache.positions_from_mask(mask)
+    attn = kv_cache.causal_mask(mask, query_len=tokens.shape[1],
+                                cache_index=0)
+    hidden = model.apply({'params': params}, tokens, positions, attn)[2]
+    w = mask[..., None].astype(hidden.dtype)
+    return jnp.sum(hidden * w, 1) / jnp.maximum(jnp.sum(w, 1), 1.0)
+
+  return lambda params, ids: embed(params, task.train_prompts[ids],
+                                   task.train_prompt_mask[ids])

@@ -25,7 +25,6 @@ from rlx import checkpoint
 from rlx import config as config_lib
 from rlx import policy as policy_lib
 from rlx import recipes
-from rlx import trainer
 from rlx import warmstart
 from rlx.config import Config
 from rlx.data.task import Task, load_task
@@ -85,7 +84,7 @@ def load(workdir: str, *, step: int = 0,
   """
   cfg, folder, step = saved_config(workdir, step, overrides)
   task = load_task(cfg.task, policy_lib.load_tokenizer(cfg))
-  model, logits_fn = trainer.build_model(cfg, task.tokenizer.vocab_size)
+  model, logits_fn = policy_lib.build_model(cfg, task.tokenizer.vocab_size)
   key = jax.random.key(cfg.warmstart.seed)
   abstract = jax.eval_shape(functools.partial(transformer.init_params,
                                               model.cfg), key)

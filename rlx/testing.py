@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 
 from rlx import config as config_lib
+from rlx import learner
 from rlx.types import Array
 
 
@@ -107,7 +108,6 @@ def fixed_sequence_model(sequence: Array, vocab_size: int, *,
 def two_group_batch(seed: int = 0, *, vocab: int = 300):
   """A fixed learner batch of 2 prompts x 2 responses x 6 tokens (prompt
   length 4), one right and one wrong response per group."""
-  from rlx import learner  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   b, g, p, t = 2, 2, 4, 6
   return learner.Batch(

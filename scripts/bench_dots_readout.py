@@ -41,7 +41,7 @@ attention, `ridge_readout` for the probe).
 
 Last, the likelihood selector's estimate (`curriculum.selector=likelihood`):
 q = the policy's probability of sampling each prompt's reference solution
-(`trainer.reference_logprob_fn`, under the same policy as the rates), its
+(`policy_lib.reference_logprob_fn`, under the same policy as the rates), its
 correlation with the measured rates, the all-equal fraction of draws
 weighted as above, and of the B = --sim_batch most mixed by q(1 - q) among
 16 B uniform candidates (the selector's default K), mean over 2000 draws.
@@ -62,9 +62,9 @@ import numpy as np
 
 from rlx import checkpoint
 from rlx import config as config_lib
-from rlx import trainer
+from rlx import policy as policy_lib
 from rlx.actor import Actor
-from rlx.curriculum import selectors as sel
+from rlx.curriculum import dots as sel
 
 _CONFIG = flags.DEFINE_string('config', 'grpo_hardmix', 'configs/<name>.py')
 _PROMPTS = flags.DEFINE_integer('prompts', 4096, 'Train prompts sampled.')
@@ -102,7 +102,7 @@ def measure(cfg, path: str, saved: tuple[str, int] | None):
   under the warm start or the policy `saved` (checkpoints folder, step) by
   a run (rates cached in `path`), embeddings by the warm start or, with
   --embed_policy, by that policy."""
-  task, model, params = trainer.warm_started_policy(cfg)
+  task, model, params = policy_lib.warm_started_policy(cfg)
   cached = os.path.exists(path)
   policy = params
   if saved is not None:
@@ -124,11 +124,11 @@ def measure(cfg, path: str, saved: tuple[str, int] | None):
       rates[s:s + batch] = (np.asarray(scored.rewards) > 0.5).mean(-1)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     np.savez(path, ids=ids, rates=rates)
-  embed = trainer._embed_fn(model, task)(  # pylint: disable=protected-access
+  embed = policy_lib.prompt_embed_fn(model, task)(  # pylint: disable=protected-access
       policy if _EMBED_POLICY.value else params, ids)
-  _, logits_fn = trainer.build_model(cfg, task.tokenizer.vocab_size)
-  loglik = trainer.reference_logprob_fn(
-      cfg, logits_fn, trainer.split_model(model), task, len(task.train))(
+  _, logits_fn = policy_lib.build_model(cfg, task.tokenizer.vocab_size)
+  loglik = policy_lib.reference_logprob_fn(
+      cfg, logits_fn, policy_lib.split_model(model), task, len(task.train))(
           policy, ids)
   return (rates, np.asarray(embed), np.asarray(task.train.num_steps)[ids],
           loglik)

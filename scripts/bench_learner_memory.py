@@ -28,7 +28,7 @@ import numpy as np
 from rlx import config as config_lib
 from rlx import learner
 from rlx import sharding
-from rlx import trainer
+from rlx import policy as policy_lib
 from rlx.models import transformer
 
 _VOCAB = flags.DEFINE_integer('vocab', 151936, 'Output vocabulary.')
@@ -74,10 +74,10 @@ def main(argv):
   for chunk in (int(x) for x in _CHUNKS.value):
     c.optim.logits_chunk = chunk
     cfg = config_lib.build(c)
-    model, logits_fn = trainer.build_model(cfg, _VOCAB.value)
+    model, logits_fn = policy_lib.build_model(cfg, _VOCAB.value)
     opt = learner.make_optimizer(cfg.optim)
     step = learner.make_train_step(logits_fn, opt, cfg,
-                                   split=trainer.split_model(model))
+                                   split=policy_lib.split_model(model))
     params = transformer.init_params(model.cfg, jax.random.key(0))
     state = learner.init_state(params, opt)
     stats = sharding.memory_stats(step, state, None, batch)

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlx import config as config_lib
-from rlx import trainer
+from rlx import policy as policy_lib
 from rlx.models import transformer
 from rlx.sampling import engine as en
 from rlx.sampling import partial
@@ -72,7 +72,7 @@ _SEEDS = flags.DEFINE_list('seeds', ['0', '1'], 'RL seeds (--rl_steps).')
 
 def _setup():
   cfg = config_lib.build(config_lib.default_config_dict())
-  return (cfg, *trainer.warm_started_policy(cfg))
+  return (cfg, *policy_lib.warm_started_policy(cfg))
 
 
 def _engine_cfg(cfg, task, *, chunk, stop=True) -> en.EngineConfig:

@@ -45,7 +45,7 @@ import jax
 import numpy as np
 
 from rlx import config as config_lib
-from rlx import trainer
+from rlx import policy as policy_lib
 from rlx.models import transformer
 from rlx.rewards import chain_arith as chain_arith_reward
 from rlx.sampling import sampler as sampler_lib
@@ -85,7 +85,7 @@ _SEEDS = flags.DEFINE_list('seeds', ['0', '1'], 'RL seeds (--rl_steps).')
 
 def _setup():
   cfg = config_lib.build(config_lib.default_config_dict())
-  return (cfg, *trainer.warm_started_policy(cfg))
+  return (cfg, *policy_lib.warm_started_policy(cfg))
 
 
 def _distinct(kind: str) -> bool:

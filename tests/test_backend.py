@@ -14,7 +14,7 @@ import pytest
 from rlx import backend
 from rlx import config as config_lib
 from rlx import testing
-from rlx import trainer
+from rlx import policy as policy_lib
 from rlx import warmstart
 from rlx.config import BackendConfig, ConfigError, ModelConfig
 
@@ -113,12 +113,12 @@ def test_unknown_attention_names_the_key():
 
 def test_build_model_resolves_attention(tmp_path):
   c = testing.tiny_config_dict(str(tmp_path))
-  model, _ = trainer.build_model(config_lib.build(c), vocab_size=30)
+  model, _ = policy_lib.build_model(config_lib.build(c), vocab_size=30)
   assert model.cfg.attention == 'einsum'  # auto on CPU.
   c.backend.attention = 'cudnn'
   cfg = config_lib.build(c)
   with pytest.raises(ConfigError, match='backend.attention'):
-    trainer.build_model(cfg, vocab_size=30)
+    policy_lib.build_model(cfg, vocab_size=30)
   # A runtime choice: the warm-start cache key ignores it.
   other = dataclasses.replace(cfg, backend=BackendConfig(attention='xla'))
   assert warmstart.cache_key(cfg) == warmstart.cache_key(other)

@@ -16,8 +16,9 @@ import pytest
 
 from rlx import config as config_lib
 from rlx import learner
+from rlx import objectives
+from rlx import policy
 from rlx import testing
-from rlx import trainer
 from rlx.models import transformer
 
 V = 20
@@ -45,7 +46,7 @@ def tmp_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def model(tmp_dir):
-  mod, logits_fn = trainer.build_model(_cfg(tmp_dir), vocab_size=V)
+  mod, logits_fn = policy.build_model(_cfg(tmp_dir), vocab_size=V)
   params = jax.jit(lambda k: transformer.init_params(mod.cfg, k))(
       jax.random.key(0))
   return logits_fn, params
@@ -333,6 +334,75 @@ def test_kl_in_reward_refuses_a_split_whitened_batch(tmp_dir):
     _cfg(tmp_dir, **{'objective.advantage': 'reinforce_pp',
                      'rl.num_minibatches': 2, 'objective.kl_beta': 0.1,
                      'objective.kl_in_reward': True})
+
+
+def _scaled_return(rewards, mask, *, values, scale):
+  """A user's estimator: A = scale * (r - v(x)), 0 on masked samples."""
+  return jnp.where(mask, scale * (rewards - values[:, None]), 0.0)
+
+
+@pytest.fixture
+def scaled_return():
+  """`_scaled_return` registered by this test file (removed afterwards):
+  its baseline from Batch.values, its scale from objective.xrpo_lam."""
+  objectives.ADVANTAGES.declare(
+      'test_scaled_return', inputs={'values': 'values'},
+      knobs={'scale': 'xrpo_lam'})(_scaled_return)
+  yield 'test_scaled_return'
+  objectives.ADVANTAGES.unregister('test_scaled_return')
+
+
+def test_a_registered_advantage_trains_with_its_declared_knobs(
+    tmp_dir, model, scaled_return):
+  logits_fn, params = model
+  cfg = _cfg(tmp_dir, **{'objective.advantage': scaled_return,
+                         'objective.xrpo_lam': 0.5})
+  step = learner.make_train_step(logits_fn, SGD, cfg)
+  batch = _batch(logits_fn, params, seed=14)
+  with pytest.raises(ValueError, match=f'the {scaled_return} advantage '
+                     'needs Batch.values'):
+    _run(step, params, batch)
+  values = np.random.default_rng(15).random(B).astype(np.float32)
+  batch = batch._replace(values=jnp.asarray(values))
+  grads, metrics = _run(step, params, batch)
+  adv = 0.5 * (np.asarray(batch.rewards) - values[:, None])
+  want_loss, want_grads = _reference_value_and_grad(
+      logits_fn, params, batch, jnp.asarray(adv, jnp.float32))
+  np.testing.assert_allclose(float(metrics['loss']), float(want_loss),
+                             rtol=1e-5, atol=1e-6)
+  assert _max_abs_diff(grads, want_grads) < 1e-5
+  np.testing.assert_allclose(float(metrics['adv/abs_max']),
+                             np.abs(adv).max(), rtol=1e-6)
+
+
+def test_mc_grpo_pivot_leaves_the_loss(tmp_dir, model, steps):
+  # The mc_grpo step trains as the plain step does on its advantages with
+  # each group's pivot (numpy: sorted rank (n - 1) // 2, ties by index)
+  # out of the group mask, so out of the token-mean denominator too.
+  logits_fn, params = model
+  rewards = np.array([[1, 0, 1, 1], [0, 0.5, 1, 0.5], [0, 1, 0, 0],
+                      [0.2, 0.9, 0.4, 0.7]], np.float32)
+  group_mask = np.ones((B, G), bool)
+  group_mask[3, 1] = False
+  batch = _batch(logits_fn, params, seed=16, rewards=rewards,
+                 group_mask=group_mask)
+  pivot = np.zeros((B, G), bool)
+  for b in range(B):
+    idx = np.flatnonzero(group_mask[b])
+    order = sorted(idx, key=lambda i: (rewards[b, i], i))
+    pivot[b, order[(len(idx) - 1) // 2]] = True
+  np.testing.assert_array_equal(np.flatnonzero(pivot.reshape(-1)),
+                                [0, 5, 10, 14])
+  step = learner.make_train_step(logits_fn, SGD, _cfg(
+      tmp_dir, **{'objective.advantage': 'mc_grpo'}))
+  grads, metrics = _run(step, params, batch)
+  adv = np.asarray(objectives.compute_advantages(
+      'mc_grpo', rewards, group_mask))
+  want, want_metrics = _run(steps[1], params, batch._replace(
+      group_mask=jnp.asarray(group_mask & ~pivot), advantages=adv))
+  assert _max_abs_diff(grads, want) < 1e-6
+  np.testing.assert_allclose(float(metrics['loss']),
+                             float(want_metrics['loss']), rtol=1e-6)
 
 
 def test_trim_batch_drops_only_padding(model):

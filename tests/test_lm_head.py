@@ -13,6 +13,7 @@ from rlx import lm_head
 from rlx import packing
 from rlx import sharding
 from rlx import testing
+from rlx import policy as policy_lib
 from rlx import trainer
 from rlx.logbook import read_metrics
 from rlx.models import transformer
@@ -25,7 +26,7 @@ def _model(tmp_path, *, tie=True, vocab=V, dtype='float32'):
   c.model.tie_embeddings = tie
   c.model.dtype = dtype
   cfg = config_lib.build(c)
-  mod, logits_fn = trainer.build_model(cfg, vocab_size=vocab)
+  mod, logits_fn = policy_lib.build_model(cfg, vocab_size=vocab)
   params = transformer.init_params(mod.cfg, jax.random.key(3))
   return cfg, mod, logits_fn, params
 
@@ -66,7 +67,7 @@ def test_position_stats_match_log_softmax():
 def test_chunked_packed_logprobs_and_gradients_equal_materialised(
     tmp_path, tie, chunk):
   _, mod, logits_fn, params = _model(tmp_path, tie=tie)
-  split = trainer.split_model(mod)
+  split = policy_lib.split_model(mod)
   prompt, prompt_mask, response, lengths = testing.random_responses(
       1, vocab=V)
   pk = packing.pack(prompt, prompt_mask, response, lengths, chunks=2)
@@ -98,7 +99,7 @@ def test_chunked_padded_logprobs_equal_materialised(tmp_path):
   args = (params, np.repeat(prompt, g, 0), np.repeat(prompt_mask, g, 0),
           response.reshape(b * g, t))
   got = learner.response_logprobs(logits_fn, *args, temperature=1.3,
-                                  split=trainer.split_model(mod),
+                                  split=policy_lib.split_model(mod),
                                   logits_chunk=10)
   ref = learner.response_logprobs(logits_fn, *args, temperature=1.3)
   for x, y in zip(got, ref):
@@ -110,10 +111,10 @@ def _train_setup(tmp_path, chunk, vocab=V):
   c.optim.logits_chunk = chunk
   c.rl.batch_prompts, c.rl.group_size = 2, 2
   cfg = config_lib.build(c)
-  mod, logits_fn = trainer.build_model(cfg, vocab_size=vocab)
+  mod, logits_fn = policy_lib.build_model(cfg, vocab_size=vocab)
   opt = learner.make_optimizer(cfg.optim)
   step = learner.make_train_step(logits_fn, opt, cfg,
-                                 split=trainer.split_model(mod))
+                                 split=policy_lib.split_model(mod))
   params = transformer.init_params(mod.cfg, jax.random.key(5))
   batch = learner.pack_batch(testing.two_group_batch(vocab=vocab))
   return step, learner.init_state(params, opt), batch
@@ -154,7 +155,7 @@ def test_logits_chunk_config_and_missing_split(tmp_path):
     config_lib.build(c)
   c.optim.logits_chunk = 4
   cfg = config_lib.build(c)
-  _, logits_fn = trainer.build_model(cfg, vocab_size=V)
+  _, logits_fn = policy_lib.build_model(cfg, vocab_size=V)
   with pytest.raises(ValueError, match='needs the model split'):
     learner.forward_logp(logits_fn, cfg, {}, testing.two_group_batch(
         vocab=V))

@@ -11,6 +11,7 @@ from rlx import packing
 from rlx import sharding
 from rlx import testing
 from rlx import config as config_lib
+from rlx import policy as policy_lib
 from rlx import trainer
 from rlx.models import transformer
 
@@ -86,7 +87,7 @@ def test_pack_nothing_to_train():
 @pytest.fixture(scope='module')
 def model(tmp_path_factory):
   c = testing.tiny_config_dict(str(tmp_path_factory.mktemp('packing')))
-  mod, logits_fn = trainer.build_model(config_lib.build(c), vocab_size=V)
+  mod, logits_fn = policy_lib.build_model(config_lib.build(c), vocab_size=V)
   params = transformer.init_params(mod.cfg, jax.random.key(1))
   return logits_fn, params
 

@@ -9,7 +9,7 @@ import pytest
 
 from rlx import config as config_lib
 from rlx import testing
-from rlx import trainer
+from rlx import policy as policy_lib
 from rlx.data.task import load_task
 from rlx.models import kv_cache
 from rlx.models import transformer
@@ -23,9 +23,9 @@ def _setup(tmp_path, logits_chunk=0, **sampling):
     c.sampling[k] = v
   cfg = config_lib.build(c)
   task = load_task(cfg.task)
-  model, logits_fn = trainer.build_model(cfg, task.tokenizer.vocab_size)
+  model, logits_fn = policy_lib.build_model(cfg, task.tokenizer.vocab_size)
   params = transformer.init_params(model.cfg, jax.random.key(0))
-  fn = trainer.reference_logprob_fn(cfg, logits_fn, trainer.split_model(model),
+  fn = policy_lib.reference_logprob_fn(cfg, logits_fn, policy_lib.split_model(model),
                                     task, len(task.train))
   return cfg, task, logits_fn, params, fn
 
@@ -83,4 +83,4 @@ def test_a_task_without_reference_solutions_is_refused(tmp_path):
       task, train=dataclasses.replace(task.train, solutions=solutions))
   with pytest.raises(config_lib.ConfigError,
                      match="'likelihood'.*1 of the 200"):
-    trainer.reference_logprob_fn(cfg, logits_fn, None, bare, 200)
+    policy_lib.reference_logprob_fn(cfg, logits_fn, None, bare, 200)

@@ -15,7 +15,10 @@ from rlx import trainer
 from rlx.actor import Actor
 from rlx.curriculum.controller import Curriculum, epoch_order
 from rlx.logbook import read_metrics
-from rlx.sampling import modes
+from rlx import policy as policy_lib
+from rlx import rollouts
+from rlx.rollouts import base as rollouts_base
+from rlx.rollouts import tree as tree_mode
 from rlx.types import FinishReason
 
 _NONDETERMINISTIC = ('time/',)
@@ -179,18 +182,18 @@ def test_latr_mix_anneals_linearly_then_holds(tmp_path):
                           'rollout.tree.mix': 1.0,
                           'rollout.tree.mix_end': 0.25,
                           'rollout.tree.mix_anneal_steps': 3})
-  np.testing.assert_allclose([modes.latr_mix(cfg, s) for s in range(6)],
+  np.testing.assert_allclose([tree_mode.latr_mix(cfg, s) for s in range(6)],
                              [1.0, 0.75, 0.5, 0.25, 0.25, 0.25])
 
 
 def test_april_data_order_continues_the_uniform_epoch_order():
   # APRIL admits 2B prompts, then B per step, along the same permutation.
-  got = np.concatenate([modes.data_order(3, 0, 8, 50),
-                        modes.data_order(3, 8, 4, 50)])
+  got = np.concatenate([rollouts_base.data_order(3, 0, 8, 50),
+                        rollouts_base.data_order(3, 8, 4, 50)])
   want = np.concatenate([epoch_order(3, s, 4, 50) for s in range(3)])
   np.testing.assert_array_equal(got, want)
   # Across an epoch boundary (50 prompts): each prompt once per epoch.
-  np.testing.assert_array_equal(np.sort(modes.data_order(3, 0, 50, 50)),
+  np.testing.assert_array_equal(np.sort(rollouts_base.data_order(3, 0, 50, 50)),
                                 np.arange(50))
 
 
@@ -210,7 +213,7 @@ def test_curriculum_drops_unused_tree_slots_and_carries_path_ids():
     lengths[0, 1] = 0
     mask = np.arange(t) < lengths[..., None]
     path = np.arange(r * n * n, dtype=np.int32).reshape(r, n, n)
-    ro = modes.TreeRows(
+    ro = tree_mode.TreeRows(
         tokens=np.where(mask, 7, 0).astype(np.int32), loss_mask=mask,
         logp=np.where(mask, -1.0, 0.0).astype(np.float32),
         entropy=np.zeros((r, n, t), np.float32), lengths=lengths,
@@ -272,29 +275,30 @@ def test_april_step_bookkeeping(base, resume):
   slots at the next step."""
   cfg = _cfg(base, **{'rollout.mode': 'april', 'rollout.off_policy': 'mask',
                       'rollout.resume': resume})
-  task, model, params = trainer.warm_started_policy(cfg)
+  task, model, params = policy_lib.warm_started_policy(cfg)
   cur = Curriculum(cfg.curriculum, cfg.rl, len(task.train), seed=cfg.seed)
   actor = Actor(model, task, cfg.sampling.max_new_tokens)
-  ro = modes.Rollouts(cfg, model=model, task=task, curriculum=cur,
-                      actor=actor)
+  mode_cls = rollouts.MODES.get('april')
+  ro = mode_cls(cfg, model=model, task=task, curriculum=cur, actor=actor)
   b, g = cfg.rl.batch_prompts, cfg.rl.group_size
-  state, cur_state = modes.init_partial(cfg, task), cur.init()
+  both = rollouts.RolloutState(cur.init(), mode_cls.init_state(cfg, task))
   returned, off, before, partial_rows = [], 0, 0, 0
   for step in range(3):
-    got, cur_state, state, m = ro.collect(
-        cur_state, state, params, jax.random.key(step), step)
+    got, both, m = ro.collect(params, both, rollouts.Request(
+        step=step, key=jax.random.key(step), version=step))
+    state = both.mode
     assert int(state['cursor']) == 2 * b + step * b
     assert int(state['buffer'].count) == b  # N' - N groups carried.
     version = got.extras['version']
     full = np.arange(got.tokens.shape[-1]) < got.lengths[..., None]
     np.testing.assert_array_equal(got.loss_mask, full & (version == step))
-    assert got.metrics['rollout/no_loss_group_frac'] == np.mean(
+    assert m['rollout/no_loss_group_frac'] == np.mean(
         ~(full & (version == step)).any(axis=(1, 2)))
     np.testing.assert_array_equal(version >= 0, full)
     off += int(np.sum(full & (version < step)))
     assert m['curriculum/zero_var_frac'] == np.mean(np.ptp(got.rewards, 1)
                                                     == 0)
-    assert got.metrics['rollout/off_policy_token_frac'] == pytest.approx(
+    assert m['rollout/off_policy_token_frac'] == pytest.approx(
         np.sum(full & (version < step)) / full.sum())
     assert np.all(got.finish != _RUNNING)
     held = state['buffer'].groups.tracks
@@ -304,7 +308,7 @@ def test_april_step_bookkeeping(base, resume):
       assert got.decoded_tokens == np.sum(version == step) + np.sum(
           held.version[:b] == step)
     else:  # Every partial response went on in its slot.
-      assert got.metrics['rollout/kept_kv_rows'] == partial_rows
+      assert m['rollout/kept_kv_rows'] == partial_rows
     partial_rows = np.sum((held.length[:b] > 0) &
                           (held.finish[:b] == _RUNNING))
     before = after
@@ -317,7 +321,7 @@ def test_april_step_bookkeeping(base, resume):
                                   task.train_prompts[got.ids])
     returned += got.ids.tolist()
   assert off > 0  # Resumed responses kept their earlier tokens.
-  admitted = modes.data_order(cfg.seed, 0, 4 * b, len(task.train))
+  admitted = rollouts_base.data_order(cfg.seed, 0, 4 * b, len(task.train))
   held_ids = state['buffer'].groups.prompt_id[:b].tolist()
   # Every admitted prompt is either returned once or still held.
   assert sorted(returned + held_ids) == sorted(admitted.tolist())
@@ -442,7 +446,7 @@ def test_tree_mode_trains_with_the_tree_advantage(base):
   result, rows, _ = _run(base, 'tree', **{'rollout.mode': 'tree',
                                           'objective.advantage': 'tree'})
   cfg = _cfg(base)
-  _, _, warm = trainer.warm_started_policy(cfg)
+  _, _, warm = policy_lib.warm_started_policy(cfg)
   changed = jax.tree.leaves(jax.tree.map(
       lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
       result['params'], warm))

@@ -15,7 +15,7 @@ from rlx import config as config_lib
 from rlx import learner
 from rlx import sharding
 from rlx import testing
-from rlx import trainer
+from rlx import policy as policy_lib
 from rlx.sampling import sampler as sampler_lib
 from rlx.models import transformer
 
@@ -37,7 +37,7 @@ def _cfg(tmp_dir, shape=(1, 1, 1)):
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
   cfg = _cfg(tmp_path_factory.mktemp('sharding'))
-  model, logits_fn = trainer.build_model(cfg, vocab_size=V)
+  model, logits_fn = policy_lib.build_model(cfg, vocab_size=V)
   params = transformer.init_params(model.cfg, jax.random.key(0))
   return cfg, model, logits_fn, jax.device_get(params)
 

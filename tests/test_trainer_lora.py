@@ -13,6 +13,7 @@ import pytest
 from rlx import checkpoint
 from rlx import config as config_lib
 from rlx import learner
+from rlx import policy as policy_lib
 from rlx import testing
 from rlx import trainer
 from rlx.actor import Actor
@@ -22,7 +23,7 @@ from rlx.logbook import read_metrics
 import rlx.models
 from rlx.models import hf_tokenizer
 from rlx.models import lora
-from rlx.sampling import modes
+from rlx.rollouts import tree as tree_mode
 
 # Qwen2 fixture: D=64, N=4, K=2, H=16, 2 layers, tied, V=320, ChatML.
 QWEN2 = os.path.join(os.path.dirname(__file__), 'fixtures', 'hf', 'qwen2')
@@ -184,7 +185,7 @@ def test_missing_model_dir_is_named(tmp_path):
 def test_sampler_stops_on_every_stop_id(tmp_path, tokenizer):
   cfg = _cfg(tmp_path)
   task = load_task(cfg.task, tokenizer)
-  model, _ = trainer.build_model(cfg, tokenizer.vocab_size)
+  model, _ = policy_lib.build_model(cfg, tokenizer.vocab_size)
   actor = Actor(model, task, 8)
   assert actor.stop_tokens == tokenizer.stop_ids
   assert tokenizer.token_to_id('<|im_end|>') in actor.stop_tokens
@@ -197,14 +198,17 @@ def test_sampler_stops_on_every_stop_id(tmp_path, tokenizer):
 def test_treepo_answer_rule_cuts_after_the_first_box(tmp_path, tokenizer):
   c = _config_dict(tmp_path)
   c.rollout.mode, c.rollout.tree.stop_on_answer = 'tree', True
-  stop_fn = modes.tree_stop_fn(config_lib.build(c), tokenizer)
+  cfg = config_lib.build(c)
+  # The math_files task supplies the rule (its first complete box).
+  stop_fn = tree_mode.tree_stop_fn(cfg, load_task(cfg.task, tokenizer))
   ids = np.asarray(tokenizer.encode('so \\boxed{12} and \\boxed{3}'))
   n = stop_fn(ids)
   assert tokenizer.decode(ids[:n]).endswith('\\boxed{12}')
   assert '}' not in tokenizer.decode(ids[:n - 1])
   assert stop_fn(ids[:n - 1]) == 0
   c.rollout.tree.stop_on_answer = False
-  assert modes.tree_stop_fn(config_lib.build(c), tokenizer) is None
+  cfg = config_lib.build(c)
+  assert tree_mode.tree_stop_fn(cfg, load_task(cfg.task, tokenizer)) is None
 
 
 def test_train_step_with_frozen_base(tmp_path):
@@ -213,7 +217,7 @@ def test_train_step_with_frozen_base(tmp_path):
   cfg = _cfg(tmp_path, **{'objective.kl_beta': 0.1})
   model, params, _ = rlx.models.from_pretrained(QWEN2, dtype='float32',
                                                 param_dtype='float32')
-  _, logits_fn = trainer.build_model(cfg, 320)
+  _, logits_fn = policy_lib.build_model(cfg, 320)
   lcfg = lora.LoraConfig(rank=2, alpha=4.0)
   adapters = lora.init_adapters(jax.random.key(0), params, lcfg)
   optimizer = learner.make_optimizer(cfg.optim)

@@ -1,40 +1,49 @@
 """One RL step's rollouts under a curriculum: select, allocate, filter.
 
-The host loop of DESIGN.md section 3 up to the learner:
+The host side of one RL step up to the learner:
 
   skip (optional)  -> eligible prompts (posterior says: not all-equal)
-  DOTS (optional)  -> reference rollouts, predicted pass rates
-  select           -> B prompt ids (jitted selector; likelihood: the B of
-                      K * B candidates whose reference solution the policy
-                      finds closest to even odds, one forward pass)
+  prepare          -> the selector's per-step work (DOTS: reference
+                      rollouts, embedding refresh)
+  select           -> B prompt ids (the selector, `selectors.Selector`;
+                      likelihood: the B of K * B candidates whose reference
+                      solution the policy finds closest to even odds)
   allocate         -> rollouts per prompt, one or two rounds
   filter (dapo)    -> all-equal groups replaced by fresh prompts (bounded)
-  update           -> estimator (every rollout is evidence), GDRO weights
+  update           -> estimator (every rollout is evidence), then the
+                      selector's own state (GDRO weights, DOTS history)
 
-Rollouts with variable group sizes are sampled as flat rows (one response
-per row, rows padded to a bucket so the sampler compiles once per bucket)
-and scattered back into [B, Gc, T] with a group mask, Gc the largest count
-rounded up to a multiple of 4.
+The analysis bounds (oracle_screen, dapo_free_refills) wrap the allocate
+and filter phase (oracles.py). Rollouts with variable group sizes are
+sampled as flat rows (one response per row, rows padded to a bucket so the
+sampler compiles once per bucket) and scattered back into [B, Gc, T] with a
+group mask, Gc the largest count rounded up to a multiple of 4.
 """
 
 import dataclasses
 import functools
-import time
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlx import errors
 from rlx.curriculum import allocators as alloc_lib
 from rlx.curriculum import estimators as est
+from rlx.curriculum import groups as groups_lib
+from rlx.curriculum import oracles
 from rlx.curriculum import selectors as sel
 from rlx.learner import round_up
-from rlx.types import FinishReason
 
 _ROW_BUCKET = 32  # Flat rollout rows are padded to a multiple of this.
 _GROUP_BUCKET = 4  # The group axis is padded to a multiple of this.
 NUM_HIST_BINS = 5  # Histogram of selected prompts' estimated pass rates.
+
+# Defined with the selectors and the groups; the rollout modes read them
+# here.
+epoch_order = sel.epoch_order
+zero_variance = groups_lib.zero_variance
 
 
 @dataclasses.dataclass
@@ -58,65 +67,13 @@ class Collected:
   # path_ids [B, Gc, D]), -1 where no response.
 
 
-@dataclasses.dataclass
-class _Groups:
-  """Growing per-prompt lists of sampled responses (host)."""
-  rows: list  # [B] lists of one response's rollout row (a NamedTuple)
-  rewards: list  # [B] lists of float
-
-  @classmethod
-  def empty(cls, b: int):
-    return cls([[] for _ in range(b)], [[] for _ in range(b)])
-
-  def counts(self) -> np.ndarray:
-    return np.array([len(r) for r in self.rewards])
-
-  def successes(self) -> np.ndarray:
-    return np.array([float(np.sum(r)) for r in self.rewards])
-
-
-@functools.lru_cache(maxsize=8)
-def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-  return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def epoch_order(seed: int, step: int, batch: int, n: int) -> np.ndarray:
-  """Prompts of step `step` in data order: slices of per-epoch permutations
-  of the n prompts (each prompt once per epoch), a function of (seed, step).
-  When `batch` does not divide n, a batch that spans two epochs can hold a
-  prompt twice (the end of one permutation and the start of the next; about
-  a (batch - a) / n repeats for a split at a), as with any
-  shuffle-and-repeat loader; the uniform baselines of every benchmark walk
-  this order, so it is kept.
-  """
-  pos = np.arange(step * batch, (step + 1) * batch)
-  return np.array([_epoch_permutation(seed, int(p // n), n)[p % n]
-                   for p in pos])
-
-
-def resolve_estimator(name: str, selector: str, advantage: str) -> str:
-  """'auto' -> the estimator each method's paper uses (else 'beta')."""
+def resolve_estimator(name: str, selector: str, needed: str = '') -> str:
+  """'auto' -> the estimator each method's paper uses: `needed` (the one
+  whose values the advantage reads, e.g. SPO's tracker; '' none), else the
+  selector's `default_estimator`."""
   if name != 'auto':
     return name
-  if selector == 'spo' or advantage == 'spo':
-    return 'spo'
-  return {'vade': 'vade', 'cures': 'count'}.get(selector, 'beta')
-
-
-def dots_remember(dots: sel.DotsState, ids) -> sel.DotsState:
-  """DOTS history: `ids` (this step's prompts) become the newest
-  references; older copies of them and the oldest beyond the buffer go."""
-  ids = np.unique(np.asarray(ids, np.int32))
-  old = np.asarray(dots.ref_ids)
-  old = old[(old >= 0) & ~np.isin(old, ids)]
-  refs = np.concatenate([ids, old])[:len(dots.ref_ids)]
-  refs = np.pad(refs, (0, len(dots.ref_ids) - len(refs)), constant_values=-1)
-  return dots._replace(ref_ids=jnp.asarray(refs, jnp.int32))
-
-
-def zero_variance(rewards: list) -> bool:
-  """Whether a group's rewards are all equal (no GRPO signal)."""
-  return len(rewards) == 0 or float(np.ptp(rewards)) == 0.0
+  return needed or sel.SELECTORS.get(selector).default_estimator
 
 
 class Curriculum:
@@ -126,35 +83,28 @@ class Curriculum:
     cfg: the curriculum config (rlx.config.CurriculumConfig).
     rl: the RL config (batch_prompts B, group_size G).
     pool: N, the number of train prompts selectable.
-    embed_fn: (params, prompt ids [n]) -> [n, D] prompt embeddings (DOTS).
+    embed_fn: (params, prompt ids [n]) -> [n, D] prompt embeddings (called
+      only by a selector that reads them: DOTS).
     score_fn: (params, prompt ids [n]) -> [n] log-probability of each
-      prompt's reference solution under the policy (the likelihood
-      selector).
+      prompt's reference solution under the policy (called only by the
+      likelihood selector, which needs it).
+    values_estimator: the estimator whose per-prompt values the advantage
+      reads (the objective's declaration, e.g. 'spo'); '' none.
   """
 
-  def __init__(self, cfg, rl, pool: int, *, advantage: str = 'grpo',
+  def __init__(self, cfg, rl, pool: int, *, values_estimator: str = '',
                embed_fn: Optional[Callable] = None,
                score_fn: Optional[Callable] = None, seed: int = 0):
     self.cfg, self.rl, self.pool, self.seed = cfg, rl, pool, seed
     g = rl.group_size
     self.estimator_name = resolve_estimator(cfg.estimator, cfg.selector,
-                                            advantage)
+                                            values_estimator)
     self.max_group = cfg.max_group or 2 * g
     self.estimator = est.make(
         self.estimator_name, lam=cfg.discount, gamma=cfg.vade_decay,
         rho=cfg.spo_discount, alpha0=cfg.prior_alpha, beta0=cfg.prior_beta)
-    self.dots_history = cfg.selector == 'dots' and cfg.dots_refs == 'history'
-    dots = dict(history=self.dots_history, scale=self._dots_scale(),
-                prior=cfg.dots_prior, alpha0=cfg.prior_alpha,
-                beta0=cfg.prior_beta,
-                ridge=cfg.dots_ridge if cfg.dots_readout == 'ridge' else None,
-                halflife=cfg.dots_ref_halflife if self.dots_history else 0.0)
-    self._select = jax.jit(
-        sel.make(cfg.selector, mmr1_mix=cfg.mmr1_mix,
-                 spo_floor=cfg.spo_floor, dots_tau=cfg.dots_tau,
-                 dots_explore=cfg.dots_explore, **dots),
-        static_argnums=2)
-    self._dots_predict = jax.jit(sel.dots_predictor(**dots))
+    self.selector = sel.make(cfg, self.estimator, seed=seed,
+                             score_fn=score_fn)
     self.allocator = alloc_lib.make(
         cfg.allocator, group_size=rl.group_size, min_group=cfg.min_group,
         max_group=self.max_group,
@@ -164,57 +114,38 @@ class Curriculum:
     self._update = jax.jit(self.estimator.update)
     self._prob_same = jax.jit(est.prob_all_same, static_argnums=2)
     self.embed_fn = embed_fn
-    if cfg.selector == 'likelihood' and score_fn is None:
-      raise ValueError('the likelihood selector needs score_fn (the '
-                       "policy's log-probability of reference solutions)")
-    self.score_fn = score_fn
-    self._likelihood_pick = jax.jit(sel.likelihood_pick, static_argnums=2)
-    self._scored = [0, 0.0]  # Candidates scored this step, seconds.
     self.filters = set(cfg.filter.split('+')) - {'none'}
+    # The allocate-and-filter phase; the analysis bounds wrap it.
+    self._groups = self._allocate_and_filter
+    if oracles.enabled(cfg):
+      self._groups = oracles.Oracles(cfg, g, pool, self._groups)
 
   # State -----------------------------------------------------------------
 
   def init(self, params=None) -> sel.CurriculumState:
-    """The initial state; DOTS embeds the pool with `params` here."""
-    embed = self.embed_pool(params) if self.cfg.selector == 'dots' else None
-    return self._init(embed)
+    """The initial state; a selector that reads prompt embeddings (DOTS)
+    embeds the pool with `params` here."""
+    return self._init(functools.partial(self.embed_pool, params))
 
   def abstract(self, embed_dim: int):
     """Shapes of the state, for restoring a checkpoint."""
     embed = jnp.zeros((self.pool, embed_dim))
-    return jax.eval_shape(lambda: self._init(
-        embed if self.cfg.selector == 'dots' else None))
+    return jax.eval_shape(lambda: self._init(lambda: embed))
 
-  def _dots_scale(self) -> Optional[float]:
-    """Attention inverse temperature (None: the card's 1 / sqrt(D))."""
-    cosine = self.cfg.dots_similarity == 'cosine'
-    return self.cfg.dots_cosine_scale if cosine else None
-
-  def _init(self, embed) -> sel.CurriculumState:
-    refs = 1
-    if embed is not None:
-      refs = (self.cfg.dots_history_refs if self.dots_history
-              else self.cfg.dots_ref_prompts)
-    dots = sel.DotsState(
-        embed=jnp.zeros((1, 1)) if embed is None else embed,
-        ref_ids=jnp.full((refs,), -1, jnp.int32),
-        ref_rates=jnp.zeros((refs,)))
-    return sel.CurriculumState(stats=self.estimator.init(self.pool),
-                               gdro=sel.gdro_init(self.cfg.gdro_bins),
-                               dots=dots)
+  def _init(self, embed: Callable[[], jax.Array]) -> sel.CurriculumState:
+    state = sel.default_state(self.estimator.init(self.pool),
+                              self.cfg.gdro_bins)
+    return state._replace(**self.selector.init(embed))
 
   def embed_pool(self, params) -> jax.Array:
-    """[N, D] prompt embeddings of the whole pool (DOTS)."""
+    """[N, D] float32 prompt embeddings of the whole pool by `params`."""
     if self.embed_fn is None or params is None:
-      raise ValueError('the dots selector needs prompt embeddings: pass '
-                       'embed_fn and params')
+      raise ValueError(f'the {self.cfg.selector} selector needs prompt '
+                       'embeddings: pass embed_fn and params')
     chunk = 1024
     parts = [self.embed_fn(params, np.arange(i, min(i + chunk, self.pool)))
              for i in range(0, self.pool, chunk)]
-    embed = jnp.concatenate(parts).astype(jnp.float32)
-    if self.cfg.dots_similarity == 'cosine':
-      embed = sel.centre_and_normalise(embed)
-    return embed
+    return jnp.concatenate(parts).astype(jnp.float32)
 
   def eligible(self, state) -> Optional[jax.Array]:
     """Pre-rollout skip: prompts whose group is not predicted all-equal."""
@@ -231,148 +162,90 @@ class Curriculum:
 
     Args:
       state: CurriculumState.
-      params: policy parameters (DOTS embedding refreshes).
+      params: policy parameters (the selector's per-step work: DOTS'
+        embedding refreshes, the likelihood selector's scores).
       key: this step's key.
       rollout_fn: (params, prompt ids [R], key, num_samples) -> (sampler
         Rollout [R, num_samples, ...], rewards [R, num_samples]); ids may
         repeat. The rollout may be any NamedTuple with the Rollout's
         fields and more (carried to `Collected.extras`); a response still
         RUNNING is no response (an unused tree slot) and is left out.
-      step: the RL step (embedding refresh schedule).
+      step: the RL step (data order, embedding refresh schedule).
 
     Returns:
       (Collected, new state, metrics dict).
     """
-    cfg, b = self.cfg, self.rl.batch_prompts
     # The first round samples with `key` itself; the rest fold it in.
-    k1 = key
     k_ref, k_sel, k2, k_dapo = (jax.random.fold_in(key, i)
                                 for i in range(1, 5))
-    metrics, evidence = {}, []
-    spent = [0, 0]  # rollouts, tokens
-    free = [0, 0]  # the same, uncharged (curriculum.dapo_free_refills)
-
-    sample = lambda ids, key, per_id, tally=spent: self._sample_rows(
-        params, ids, key, rollout_fn, tally, per_id)
-    # Reads `state` when called: after the DOTS refresh below, as before.
-    pick = lambda key, n, tiers: self._pick(state, params, key, n, tiers)[0]
-    self._scored = [0, 0.0]
-
     eligible = self.eligible(state)
+    run = groups_lib.StepRun(
+        sampler=lambda tally: functools.partial(self._sample_rows, params,
+                                                rollout_fn, tally),
+        keys=(key, k2, k_dapo), eligible=eligible,
+        values=np.asarray(est.mean(state.stats)))
     if eligible is not None:
-      metrics['curriculum/eligible_frac'] = float(jnp.mean(eligible))
-    if cfg.selector == 'dots':
-      state = self._dots_refresh(state, params, k_ref, eligible, sample,
-                                 evidence, step, metrics)
-    if cfg.selector == 'uniform' and eligible is None:
-      # Plain data order: a seeded permutation of the pool per epoch.
-      ids, p_sel = epoch_order(self.seed, step, b, self.pool), None
-    else:
-      ids, p_sel = self._pick(state, params, k_sel, b, eligible)
-    if p_sel is None:  # The likelihood selector's estimate, else the
-      # estimator's.
-      p_sel = np.asarray(est.mean(state.stats))[ids]
-    if cfg.selector == 'dots':  # What DOTS predicted for its picks.
-      metrics['curriculum/dots_pred_mean'] = float(
-          np.mean(np.asarray(self._dots_predict(state))[ids]))
-    screen = functools.partial(self._screen, pick, key=k_dapo, sample=(
-        functools.partial(sample, tally=free)), evidence=evidence,
-                               metrics=metrics)
-    if cfg.oracle_screen > 1 and cfg.oracle_probe:
-      # Difficulty oracle: choose by free probes, then roll out afresh.
-      ids, _ = screen(ids, None)
-      p_sel = np.asarray(est.mean(state.stats))[ids]
-    groups = _Groups.empty(b)
+      run.metrics['curriculum/eligible_frac'] = float(jnp.mean(eligible))
+    ctx = sel.Step(params=params, step=step, key=k_ref, eligible=eligible,
+                   embed=functools.partial(self.embed_pool, params),
+                   rollout=functools.partial(self._rollout, run),
+                   metrics=run.metrics)
+    state = self.selector.prepare(state, ctx)
+    ids, p_sel = self.selector.batch(state, ctx, k_sel, self.rl.batch_prompts)
+    if p_sel is None:  # The estimator's, unless the selector has its own.
+      p_sel = run.values[ids]
+    run.pick = lambda key, n, tiers: self.selector.pick(state, ctx, key, n,
+                                                        tiers)[0]
+    ids, groups, keep, p_sel = self._groups(ids, p_sel, run)
+    stats_before = state.stats
+    state = state._replace(stats=self._observe(state.stats, run.evidence))
+    state = self.selector.observe(state, stats_before, run.evidence)
+    out = self._assemble(ids, groups, keep, run.values[ids], run.spent)
+    run.metrics.update(self._metrics(p_sel, out))
+    return out, state, run.metrics
+
+  def _allocate_and_filter(self, ids, p_sel, run: groups_lib.StepRun):
+    """The groups of `ids`: the allocator's rounds, then DAPO's refills.
+
+    Returns:
+      (ids [B] after refills, their Groups, keep [B] bool: the groups the
+      loss sees, p_sel [B]).
+    """
+    k1, k2, k_dapo = run.keys
+    groups = groups_lib.Groups.empty(len(ids))
     counts, m = self.allocator.first(p_sel)
-    metrics.update({f'curriculum/{k}': v for k, v in m.items()})
-    self._extend(groups, ids, counts, k1, sample)
+    run.metrics.update({f'curriculum/{k}': v for k, v in m.items()})
+    groups_lib.extend(groups, ids, counts, k1, run.sample)
     if self.allocator.second is not None:
       extra, m = self.allocator.second(groups.successes(), groups.counts())
-      metrics.update({f'curriculum/{k}': v for k, v in m.items()})
-      self._extend(groups, ids, extra, k2, sample)
+      run.metrics.update({f'curriculum/{k}': v for k, v in m.items()})
+      groups_lib.extend(groups, ids, extra, k2, run.sample)
     zero = np.array([zero_variance(r) for r in groups.rewards])
-    metrics['curriculum/zero_var_frac'] = float(zero.mean())
-    evidence.append((ids, groups.successes(), groups.counts()))
-    keep = np.ones(b, bool)
-    if 'dapo' in self.filters or cfg.allocator == 'dars':
-      refill = (functools.partial(sample, tally=free)
-                if cfg.dapo_free_refills else sample)
-      ids, groups, keep = self._refill(pick, ids, groups, zero, eligible,
-                                       k_dapo, refill, evidence, metrics)
-    if cfg.oracle_screen > 1 and not cfg.oracle_probe:
-      # Outcome oracle: train on the most mixed of the groups themselves.
-      ids, groups = screen(ids, groups)
-      p_sel = np.asarray(est.mean(state.stats))[ids]  # Of the trained ids.
-      metrics['curriculum/screen_zero_frac'] = float(np.mean(
-          [zero_variance(r) for r in groups.rewards]))
-      # Only the trained groups are charged; the rest moves to `free`.
-      trained = [int(groups.counts().sum()),
-                 sum(int(r.lengths) for rows in groups.rows for r in rows)]
-      free[:] = [f + s - t for f, s, t in zip(free, spent, trained)]
-      spent[:] = trained
-    if cfg.dapo_free_refills or cfg.oracle_screen > 1:
-      metrics['curriculum/uncharged_rollouts'] = free[0]
-    if cfg.selector == 'likelihood':
-      metrics['curriculum/likelihood_scored'] = self._scored[0]
-      metrics['time/likelihood_score_s'] = self._scored[1]
-    stats_before = state.stats
-    state = state._replace(stats=self._observe(state.stats, evidence))
-    if self.dots_history:
-      seen = np.concatenate([i[np.asarray(n) > 0] for i, _, n in evidence])
-      state = state._replace(dots=dots_remember(state.dots, seen))
-    if cfg.selector == 'prompt_gdro':
-      # Every group the selector drew this step, the all-equal ones DAPO
-      # replaced included (they are the bins' hardest and easiest evidence).
-      drawn = np.concatenate([i for i, _, _ in evidence])
-      succ = np.concatenate([s for _, s, _ in evidence])
-      cnt = np.concatenate([np.asarray(n) for _, _, n in evidence])
-      rolled = cnt > 0
-      fail = 1.0 - succ[rolled] / cnt[rolled]
-      state = state._replace(gdro=sel.gdro_update(
-          state.gdro, stats_before, jnp.asarray(drawn[rolled]),
-          jnp.asarray(fail),
-          eta=cfg.gdro_eta, decay=cfg.gdro_ema, explore=cfg.gdro_explore))
-    out = self._assemble(ids, groups, keep,
-                         np.asarray(est.mean(stats_before))[ids], spent)
-    metrics.update(self._metrics(p_sel, out))
-    return out, state, metrics
+    run.metrics['curriculum/zero_var_frac'] = float(zero.mean())
+    run.evidence.append((ids, groups.successes(), groups.counts()))
+    keep = np.ones(len(ids), bool)
+    if 'dapo' in self.filters or self.cfg.allocator == 'dars':
+      ids, groups, keep = self._refill(ids, groups, zero, k_dapo, run)
+    return ids, groups, keep, p_sel
 
-  def _pick(self, state, params, key, n: int, tiers):
-    """n distinct prompt ids by the selector, tier by tier (`tiers`: the
-    skip filter's eligible mask, a refill's int tiers, or None), and for
-    the likelihood selector their estimated pass rates (else None).
+  def _rollout(self, run: groups_lib.StepRun, ids, key, per_id: int):
+    """per_id charged responses to each of `ids`, observed as evidence:
+    (successes [R], counts [R]) (`selectors.Step.rollout`)."""
+    got = groups_lib.Groups.empty(len(ids))
+    groups_lib.extend(got, ids, np.full(len(ids), per_id), key, run.sample)
+    run.evidence.append((ids, got.successes(), got.counts()))
+    return got.successes(), got.counts()
 
-    likelihood: K * n candidates (K = curriculum.likelihood_candidates, at
-    most the pool) drawn uniformly within the tiers, scored by the policy's
-    log-probability of their reference solutions (`score_fn`, one forward
-    pass each, no rollout), combined with each candidate's own evidence
-    (`selectors.likelihood_estimate`); the n with p_hat nearest 0.5 are
-    kept, the tiers still first.
-    """
-    cfg = self.cfg
-    if cfg.selector != 'likelihood':
-      return np.asarray(self._select(state, key, n, tiers)), None
-    k_draw, k_pick = jax.random.split(key)
-    m = min(cfg.likelihood_candidates * n, self.pool)
-    cand = np.asarray(self._select(state, k_draw, m, tiers))
-    start = time.time()
-    loglik = np.asarray(self.score_fn(params, cand), np.float32)
-    self._scored[0] += m
-    self._scored[1] += time.time() - start
-    succ, fail = self.estimator.evidence(state.stats)
-    p_hat = np.asarray(sel.likelihood_estimate(
-        jnp.asarray(loglik), succ[cand], fail[cand], cfg.likelihood_prior))
-    cand_tiers = None if tiers is None else jnp.asarray(tiers)[cand]
-    pos = np.asarray(self._likelihood_pick(k_pick, jnp.asarray(p_hat), n,
-                                           cand_tiers))
-    return cand[pos], p_hat[pos]
-
-  def _sample_rows(self, params, ids, key, rollout_fn, spent, per_id=1):
-    """Rolls out `per_id` responses per id, flattened id-major.
+  def _sample_rows(self, params, rollout_fn, spent, ids, key, per_id=1):
+    """Rolls out `per_id` responses per id, flattened id-major, charged to
+    the tally `spent` ([rollouts, tokens], updated).
 
     With per_id == 1 (ragged groups flattened to rows) the rows are padded
     to a bucket so the sampler compiles once per bucket; equal groups are
     sampled as groups (one prefill per prompt).
+
+    Returns:
+      (rollout rows [R * per_id, ...], rewards [R * per_id]).
     """
     r = len(ids)
     padded = r if per_id > 1 else round_up(r, _ROW_BUCKET, 1 << 30)
@@ -384,24 +257,8 @@ class Curriculum:
     spent[1] += int(ro.lengths.sum())
     return ro, flat(np.asarray(rewards))
 
-  def _extend(self, groups: _Groups, ids, counts, key, sample):
-    """Adds counts[i] responses to prompt slot i."""
-    counts = np.asarray(counts, int)
-    if counts.sum() == 0:
-      return
-    slot = np.repeat(np.arange(len(ids)), counts)
-    if np.all(counts == counts[0]):
-      ro, rewards = sample(np.asarray(ids), key, int(counts[0]))
-    else:
-      ro, rewards = sample(np.asarray(ids)[slot], key, 1)
-    running = np.asarray(ro.finish) == int(FinishReason.RUNNING)
-    for j, i in enumerate(slot):
-      if not running[j]:
-        groups.rows[i].append(type(ro)(*(np.asarray(x)[j] for x in ro)))
-        groups.rewards[i].append(float(rewards[j]))
-
-  def _refill(self, pick, ids, groups, zero, eligible, key, sample,
-              evidence, metrics):
+  def _refill(self, ids, groups: groups_lib.Groups, zero, key,
+              run: groups_lib.StepRun):
     """DAPO dynamic sampling: replace all-equal groups, bounded retries.
 
     Replacement prompts come from the same selector with G rollouts each,
@@ -411,9 +268,13 @@ class Curriculum:
     `dapo_max_retries` rounds stay in the batch with their mask off.
     With the DARS allocator (without 'dapo') no resampling happens: the
     card's merged groups with accuracy 0 or 1 are just dropped.
+
+    Returns:
+      (ids [B], Groups, keep [B] bool).
     """
     cfg, g = self.cfg, self.rl.group_size
     retries = cfg.dapo_max_retries if 'dapo' in self.filters else 0
+    sample = run.refill_sample or run.sample
     used = np.zeros(self.pool, bool)
     used[ids] = True
     ids = ids.copy()
@@ -423,74 +284,19 @@ class Curriculum:
       if not len(holes):
         break
       done = attempt + 1
-      new, fresh = self._draw_unused(pick, used, len(holes), key, attempt,
-                                     g, sample, evidence, eligible)
+      new, fresh = groups_lib.draw_unused(
+          run.pick, used, len(holes), key, attempt, g, sample, run.evidence,
+          run.eligible)
       for hole, j in zip(holes, range(len(new))):
         if not zero_variance(fresh.rewards[j]):
           ids[hole] = new[j]
           groups.rows[hole] = fresh.rows[j]
           groups.rewards[hole] = fresh.rewards[j]
           zero[hole] = False
-    metrics['curriculum/dapo_retries'] = done
-    metrics['curriculum/dapo_bound_hit'] = float(retries > 0 and zero.any())
+    run.metrics['curriculum/dapo_retries'] = done
+    run.metrics['curriculum/dapo_bound_hit'] = float(retries > 0 and
+                                                     zero.any())
     return ids, groups, ~zero
-
-  def _draw_unused(self, pick, used, n, key, attempt, per_id, sample,
-                   evidence, eligible=None):
-    """n more prompts by the selector (`pick`: (key, n, tiers) -> ids),
-    none of them `used` (updated), with `per_id` rollouts each (keys folded
-    from `attempt`), as evidence.
-
-    Tiers: eligible and unused first, then unused, used ones last.
-    """
-    tiers = np.where(used, 2, 0 if eligible is None else
-                     np.where(np.asarray(eligible), 0, 1)).astype(np.int32)
-    new = pick(jax.random.fold_in(key, attempt), n, jnp.asarray(tiers))
-    used[new] = True
-    fresh = _Groups.empty(len(new))
-    self._extend(fresh, new, np.full(len(new), per_id),
-                 jax.random.fold_in(key, 1000 + attempt), sample)
-    evidence.append((new, fresh.successes(), fresh.counts()))
-    return new, fresh
-
-  def _screen(self, pick, ids, first, *, key, sample, evidence, metrics):
-    """The oracle screen (analysis): the B most mixed of K * B groups.
-
-    (K - 1) * B more prompts, never one already drawn this step, get G
-    rollouts each (curriculum.oracle_probe > 0: that many; and so do `ids`
-    when `first`, their groups, is None); of all K * B groups the B with
-    the largest reward variance are kept, ties broken at random. Every
-    group is evidence. Returns their ids and groups.
-    """
-    b, k = len(ids), self.cfg.oracle_screen
-    g = self.cfg.oracle_probe or self.rl.group_size
-    if first is None:
-      first = _Groups.empty(b)
-      self._extend(first, ids, np.full(b, g), jax.random.fold_in(key, 3000),
-                   sample)
-      evidence.append((np.asarray(ids), first.successes(), first.counts()))
-    used = np.zeros(self.pool, bool)
-    used[ids] = True
-    cand_ids, cand = [np.asarray(ids)], [first]
-    for r in range(k - 1):
-      if used.all():
-        break
-      new, fresh = self._draw_unused(pick, used, min(b, int(np.sum(~used))),
-                                     key, r, g, sample, evidence)
-      cand_ids.append(new)
-      cand.append(fresh)
-    all_ids = np.concatenate(cand_ids)
-    rows = [x for c in cand for x in c.rows]
-    rewards = [x for c in cand for x in c.rewards]
-    # Sorted: groups with the same rewards get bit-equal variances (a tie).
-    var = np.array([np.var(np.sort(r)) if r else -1.0 for r in rewards])
-    tie = np.asarray(jax.random.uniform(jax.random.fold_in(key, 2000),
-                                        (len(var),)))
-    best = np.lexsort((tie, -var))[:b]  # Largest variance first.
-    metrics['curriculum/screen_candidates'] = len(var)
-    metrics['curriculum/screen_var_mean'] = float(np.mean(var[best]))
-    return all_ids[best], _Groups([rows[i] for i in best],
-                                  [rewards[i] for i in best])
 
   def observe(self, state, ids, successes, counts):
     """The state after observing groups sampled outside `collect` (e.g.
@@ -510,28 +316,7 @@ class Curriculum:
     return self._update(stats, jnp.asarray(uniq), jnp.asarray(s),
                         jnp.asarray(n))
 
-  def _dots_refresh(self, state, params, key, eligible, sample, evidence,
-                    step, metrics):
-    """DOTS: roll out a random reference set, store its pass rates."""
-    cfg = self.cfg
-    dots = state.dots
-    if cfg.dots_embed_every and step and step % cfg.dots_embed_every == 0:
-      dots = dots._replace(embed=self.embed_pool(params))
-    if self.dots_history:  # The references are the trained prompts.
-      return state._replace(dots=dots)
-    k1, k2 = jax.random.split(key)
-    ref = np.asarray(sel.uniform(state, k1, cfg.dots_ref_prompts, eligible))
-    groups = _Groups.empty(len(ref))
-    self._extend(groups, ref, np.full(len(ref), cfg.dots_ref_samples), k2,
-                 sample)
-    rates = groups.successes() / groups.counts()
-    evidence.append((ref, groups.successes(), groups.counts()))
-    dots = dots._replace(ref_ids=jnp.asarray(ref, jnp.int32),
-                         ref_rates=jnp.asarray(rates, jnp.float32))
-    metrics['curriculum/dots_ref_pass_mean'] = float(rates.mean())
-    return state._replace(dots=dots)
-
-  def _assemble(self, ids, groups: _Groups, keep, values, spent):
+  def _assemble(self, ids, groups: groups_lib.Groups, keep, values, spent):
     counts = groups.counts()
     gc = round_up(int(counts.max()), _GROUP_BUCKET, 1 << 30)
     b = len(ids)
@@ -576,3 +361,44 @@ class Curriculum:
     for i, h in enumerate(hist):
       row[f'curriculum/selected_pass_hist/{i}'] = int(h)
     return row
+
+
+@sel.SELECTORS.check
+def _check_curriculum(cfg) -> None:
+  """The curriculum section's own knobs: estimator, allocator, filter and
+  the rollout budget (the selectors' are checked with them)."""
+  cur, g = cfg.curriculum, cfg.rl.group_size
+  require = errors.require
+  for key, value, known in (
+      ('allocator', cur.allocator, alloc_lib.ALLOCATORS),
+      ('estimator', cur.estimator, ('auto',) + est.ESTIMATORS),
+      ('dars_schedule', cur.dars_schedule, ('et', 'hw'))):
+    require(value in known, f'curriculum.{key}',
+            f'{value!r} is not one of {list(known)}')
+  parts = cur.filter.split('+')
+  require(cur.filter == 'none' or (
+      set(parts) <= {'dapo', 'skip'} and len(set(parts)) == len(parts)),
+          'curriculum.filter', f'{cur.filter!r} is not one of [none, dapo, '
+          'skip, dapo+skip]')
+  max_group = cur.max_group or 2 * g
+  require(1 <= cur.min_group <= g <= max_group, 'curriculum.min_group',
+          f'need 1 <= min_group ({cur.min_group}) <= rl.group_size ({g}) '
+          f'<= max_group ({max_group}) so the budget B * G fits')
+  first = cur.first_round or max(g // 2, cur.min_group)
+  require(cur.min_group <= first <= g, 'curriculum.first_round',
+          f'{first} must be in [min_group={cur.min_group}, '
+          f'rl.group_size={g}]')
+  require(cur.pool_size == 0 or cfg.rl.batch_prompts <= cur.pool_size <=
+          cfg.task.num_train, 'curriculum.pool_size',
+          f'{cur.pool_size} must be 0 or in [rl.batch_prompts='
+          f'{cfg.rl.batch_prompts}, task.num_train={cfg.task.num_train}]')
+  require(0 < cur.spo_discount <= 1, 'curriculum.spo_discount',
+          f'{cur.spo_discount} not in (0, 1] (0 would keep no evidence)')
+  for key in ('discount', 'vade_decay', 'skip_threshold'):
+    value = getattr(cur, key)
+    require(0 <= value <= 1, f'curriculum.{key}', f'{value} not in [0, 1]')
+  for key in ('prior_alpha', 'prior_beta'):
+    require(getattr(cur, key) > 0, f'curriculum.{key}', 'must be > 0')
+  require(cur.dapo_max_retries >= 0, 'curriculum.dapo_max_retries',
+          'must be >= 0')
+  require(cfg.rl.max_rollouts >= 0, 'rl.max_rollouts', 'must be >= 0')

@@ -1,28 +1,49 @@
-"""Prompt selectors: pure `(state, key, k, eligible) -> prompt ids [k]`.
+"""Prompt selectors: the protocol, its registry and the posterior selectors.
 
-Each selector turns the curriculum state into either per-prompt sampling
-weights (drawn without replacement by the Gumbel-top-k trick, which equals
-sequential weighted sampling) or per-prompt scores (the k best, ties broken
-by the key). `eligible [N] bool` removes prompts (the pre-rollout skip); when
-fewer than k are eligible the rest are drawn from the ineligible ones by the
-same rule (weights or scores, randomised by the key), so a selector always
-returns k distinct ids. `eligible` may instead be int tiers [N] (0 first, then
-1, ...): DAPO's refills put the prompts already used in a step last, so they
-come back only when nothing else is left. Same state and key, same ids.
-Formulas: ALGORITHMS.md section C; the choices the cards leave open are in
-each docstring.
+A selector is a `Selector` subclass registered in SELECTORS under its
+`curriculum.selector` name where it is implemented (here; DOTS in dots.py,
+the likelihood selector in likelihood.py). The controller builds one per
+run and calls, each step:
+
+  prepare(state, step)          per-step work before selecting that uses
+                                the policy or rollouts (DOTS' references)
+  batch(state, step, key, B)    the step's B prompts (host side)
+  pick(state, step, key, n, t)  n more (DAPO's refills), tier by tier
+  observe(state, before, ev)    its part of the state after the step's
+                                evidence (GDRO's weights, DOTS' history)
+
+Its state is its part of the curriculum state (`init`); the object holds
+configuration only. Behind `pick` is the pure `select`, `(state, key, k,
+eligible) -> prompt ids [k]` (jitted, k static): it turns the curriculum
+state into either per-prompt sampling weights (drawn without replacement by
+the Gumbel-top-k trick, which equals sequential weighted sampling) or
+per-prompt scores (the k best, ties broken by the key). `eligible [N] bool`
+removes prompts (the pre-rollout skip); when fewer than k are eligible the
+rest are drawn from the ineligible ones by the same rule (weights or scores,
+randomised by the key), so a selector always returns k distinct ids.
+`eligible` may instead be int tiers [N] (0 first, then 1, ...): DAPO's
+refills put the prompts already used in a step last, so they come back only
+when nothing else is left. Same state and key, same ids. Formulas:
+ALGORITHMS.md section C; the choices the cards leave open are in each
+docstring.
 """
 
-from typing import Callable, NamedTuple
+import functools
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from rlx import errors
+from rlx import registry
 from rlx.curriculum import estimators as est
 from rlx.types import Array
 
-SELECTORS = ('uniform', 'vade', 'insight', 'cures', 'mmr1_vas', 'prompt_gdro',
-             'spo', 'dots', 'likelihood')
+# Name -> Selector subclass. An unknown curriculum.selector is reported
+# with the known names; the chosen selector's own `check` runs too.
+SELECTORS = registry.Registry('curriculum.selector',
+                              selected='curriculum.selector')
 
 _TAKEN = 1 << 20  # Tier of ids already drawn: after every other tier.
 
@@ -36,7 +57,7 @@ class GdroState(NamedTuple):
 
 class DotsState(NamedTuple):
   """DOTS: prompt embeddings and the reference prompts."""
-  embed: Array  # [N, D] float32 (D = 0 when DOTS is off).
+  embed: Array  # [N, D] float32 ([1, 1] zeros when DOTS is off).
   ref_ids: Array  # [R] int32 reference prompts (-1: none yet): this step's
   # reference set, or (dots_refs=history) the prompts trained on most
   # recently, newest first.
@@ -45,9 +66,139 @@ class DotsState(NamedTuple):
 
 
 class CurriculumState(NamedTuple):
+  """The curriculum's checkpointed state. Every selector's has every part
+  (a selector's `init` replaces its own), so that the structure of a
+  checkpoint does not depend on the selector."""
   stats: est.PromptStats
   gdro: GdroState
   dots: DotsState
+
+
+def default_state(stats: est.PromptStats, num_bins: int) -> CurriculumState:
+  """The state of a selector that owns no part: `stats`, uniform GDRO
+  weights over num_bins bins and an empty [1, 1] DOTS part."""
+  dots = DotsState(embed=jnp.zeros((1, 1)),
+                   ref_ids=jnp.full((1,), -1, jnp.int32),
+                   ref_rates=jnp.zeros((1,)))
+  return CurriculumState(stats=stats, gdro=gdro_init(num_bins), dots=dots)
+
+
+# Evidence: one (ids [n], successes [n], responses [n]) per batch of groups
+# observed in a step, in the order they were sampled.
+Evidence = list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+class Step(NamedTuple):
+  """What a selector may use of one RL step (host side)."""
+  params: Any  # The policy's parameters.
+  step: int  # The RL step.
+  key: jax.Array  # The selector's own key of the step (for `prepare`).
+  eligible: Optional[Array]  # [N] bool, the skip filter's mask, or None.
+  embed: Callable[[], Array]  # () -> [N, D] float32 prompt embeddings of
+  # the pool by `params` (raises without an embed_fn).
+  rollout: Callable  # (ids [R], key, per_id) -> (successes [R], counts
+  # [R]): per_id responses to each id, charged to the step and observed by
+  # the estimator.
+  metrics: dict  # The step's metrics, to which a selector adds its own.
+
+
+class Selector:
+  """A prompt selector (see the module docstring); subclasses override
+  `select` and whichever other parts they need.
+
+  Args:
+    cfg: the curriculum config (rlx.config.CurriculumConfig).
+    estimator: the curriculum's estimator (its `evidence` for selectors
+      that read a prompt's own outcomes).
+    seed: the run's seed (the data order).
+    score_fn: (params, prompt ids [n]) -> [n] log-probability of each
+      prompt's reference solution (used by the likelihood selector only).
+  """
+
+  # The posterior its paper keeps: curriculum.estimator='auto' uses it.
+  default_estimator = 'beta'
+
+  def __init__(self, cfg, estimator: est.Estimator, *, seed: int = 0,
+               score_fn: Optional[Callable] = None):
+    del score_fn  # Unused but by the likelihood selector.
+    self.cfg, self.estimator, self.seed = cfg, estimator, seed
+    self._select = jax.jit(self.select, static_argnums=2)
+
+  @classmethod
+  def check(cls, cfg) -> None:
+    """Config checks of this selector when it is the one chosen
+    (`errors.require`); `cfg` is the whole rlx Config."""
+    del cfg
+
+  @classmethod
+  def group_sizes(cls, cfg) -> list[tuple[str, int]]:
+    """(config key, responses per group) of the groups it rolls out itself
+    in `prepare`, beyond the curriculum's rl.group_size ones."""
+    del cfg
+    return []
+
+  def init(self, embed: Callable[[], Array]) -> dict:
+    """Its parts of the initial CurriculumState, {field: value} (the
+    others stay `default_state`'s); `embed()` gives the pool's [N, D]
+    prompt embeddings."""
+    del embed
+    return {}
+
+  def select(self, state: CurriculumState, key, k: int,
+             eligible=None) -> Array:
+    """k distinct prompt ids [k] int32, tier by tier (pure, jit-able)."""
+    raise NotImplementedError
+
+  def prepare(self, state: CurriculumState, step: Step) -> CurriculumState:
+    """The state to select from this step (after per-step work)."""
+    del step
+    return state
+
+  def pick(self, state: CurriculumState, step: Step, key, n: int, tiers
+           ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """n distinct prompt ids [n] by the selector, tier by tier (`tiers`:
+    the skip filter's eligible mask, a refill's int tiers, or None), and
+    the selector's own estimate of their pass rates [n] (None: the
+    estimator's posterior mean is used)."""
+    del step
+    return np.asarray(self._select(state, key, n, tiers)), None
+
+  def batch(self, state: CurriculumState, step: Step, key, b: int
+            ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """The step's b prompts, as `pick` returns them."""
+    return self.pick(state, step, key, b, step.eligible)
+
+  def observe(self, state: CurriculumState, stats_before: est.PromptStats,
+              evidence: Evidence) -> CurriculumState:
+    """Its part of the state after the step. `state.stats` has seen the
+    evidence already; `stats_before` is what the step selected with."""
+    del stats_before, evidence
+    return state
+
+
+def make(cfg, estimator: est.Estimator, *, seed: int = 0,
+         score_fn: Optional[Callable] = None) -> Selector:
+  """The selector `cfg.selector` names (cfg: the CurriculumConfig).
+
+  Raises:
+    ConfigError: an unknown name, listing the known ones.
+  """
+  return SELECTORS.get(cfg.selector)(cfg, estimator, seed=seed,
+                                     score_fn=score_fn)
+
+
+def group_sizes(cfg) -> list[tuple[str, int]]:
+  """(config key, responses per group) of every group size the curriculum
+  asks a rollout for: ('rl.group_size', G), then the selector's own (DOTS'
+  fresh references: ('curriculum.dots_ref_samples', n)). `cfg` is the
+  whole rlx Config; an unknown selector adds none (the registry's check
+  names it)."""
+  name = cfg.curriculum.selector
+  own = SELECTORS.get(name).group_sizes(cfg) if name in SELECTORS else []
+  return [('rl.group_size', cfg.rl.group_size)] + own
+
+
+# Drawing ids -------------------------------------------------------------
 
 
 def _tiers(eligible, n: int) -> Array:
@@ -90,30 +241,6 @@ def top_scores(key, scores: Array, k: int, eligible=None) -> Array:
   return order[:k].astype(jnp.int32)
 
 
-def uniform(state: CurriculumState, key, k: int, eligible=None) -> Array:
-  """k distinct prompts uniformly at random."""
-  return sample_weighted(key, jnp.ones_like(state.stats.alpha), k, eligible)
-
-
-def vade(state: CurriculumState, key, k: int, eligible=None) -> Array:
-  """VADE: Thompson draw p ~ Beta, the k largest p (1 - p)."""
-  k1, k2 = jax.random.split(key)
-  p = est.thompson(state.stats, k1)
-  return top_scores(k2, p * (1 - p), k, eligible)
-
-
-def insight(state: CurriculumState, key, k: int, eligible=None) -> Array:
-  """InSight: the k largest weighted mutual informations (posterior mean)."""
-  s = state.stats
-  return top_scores(key, est.insight_score(s.alpha, s.beta), k, eligible)
-
-
-def cures(state: CurriculumState, key, k: int, eligible=None) -> Array:
-  """CurES: P(prompt) proportional to sqrt(p_hat (1 - p_hat))."""
-  p = est.mean(state.stats)
-  return sample_weighted(key, jnp.sqrt(p * (1 - p)), k, eligible)
-
-
 def weighted_then_uniform(key, weights: Array, k: int, n_weighted: int,
                           eligible=None) -> Array:
   """k distinct ids: n_weighted drawn with P proportional to `weights`, the
@@ -126,13 +253,99 @@ def weighted_then_uniform(key, weights: Array, k: int, n_weighted: int,
   return jnp.concatenate([first, second])
 
 
-def make_mmr1_vas(mix: float) -> Callable:
-  """MMR1-VAS: round(mix * k) drawn by VPS = p (1 - p), the rest uniform."""
-  def select(state, key, k, eligible=None):
+@functools.lru_cache(maxsize=8)
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def epoch_order(seed: int, step: int, batch: int, n: int) -> np.ndarray:
+  """Prompts of step `step` in data order: slices of per-epoch permutations
+  of the n prompts (each prompt once per epoch), a function of (seed, step).
+  When `batch` does not divide n, a batch that spans two epochs can hold a
+  prompt twice (the end of one permutation and the start of the next; about
+  a (batch - a) / n repeats for a split at a), as with any
+  shuffle-and-repeat loader; the uniform baselines of every benchmark walk
+  this order, so it is kept.
+  """
+  pos = np.arange(step * batch, (step + 1) * batch)
+  return np.array([_epoch_permutation(seed, int(p // n), n)[p % n]
+                   for p in pos])
+
+
+# The selectors -----------------------------------------------------------
+
+
+def uniform(state: CurriculumState, key, k: int, eligible=None) -> Array:
+  """k distinct prompts uniformly at random."""
+  return sample_weighted(key, jnp.ones_like(state.stats.alpha), k, eligible)
+
+
+@SELECTORS.register('uniform')
+class Uniform(Selector):
+  """Uniform: a step's batch walks the data order (`epoch_order`); with the
+  skip filter, and for refills, prompts are drawn uniformly at random."""
+
+  select = staticmethod(uniform)
+
+  def batch(self, state, step, key, b):
+    if step.eligible is not None:
+      return super().batch(state, step, key, b)
+    # Plain data order: a seeded permutation of the pool per epoch.
+    pool = state.stats.alpha.shape[0]
+    return epoch_order(self.seed, step.step, b, pool), None
+
+
+def vade(state: CurriculumState, key, k: int, eligible=None) -> Array:
+  """VADE: Thompson draw p ~ Beta, the k largest p (1 - p)."""
+  k1, k2 = jax.random.split(key)
+  p = est.thompson(state.stats, k1)
+  return top_scores(k2, p * (1 - p), k, eligible)
+
+
+@SELECTORS.register('vade')
+class Vade(Selector):
+  """VADE (`vade`), over VADE's two-scale posterior by default."""
+
+  default_estimator = 'vade'
+  select = staticmethod(vade)
+
+
+def insight(state: CurriculumState, key, k: int, eligible=None) -> Array:
+  """InSight: the k largest weighted mutual informations (posterior mean)."""
+  s = state.stats
+  return top_scores(key, est.insight_score(s.alpha, s.beta), k, eligible)
+
+
+@SELECTORS.register('insight')
+class Insight(Selector):
+  """InSight (`insight`)."""
+
+  select = staticmethod(insight)
+
+
+def cures(state: CurriculumState, key, k: int, eligible=None) -> Array:
+  """CurES: P(prompt) proportional to sqrt(p_hat (1 - p_hat))."""
+  p = est.mean(state.stats)
+  return sample_weighted(key, jnp.sqrt(p * (1 - p)), k, eligible)
+
+
+@SELECTORS.register('cures')
+class Cures(Selector):
+  """CurES (`cures`), over CurES' counts by default."""
+
+  default_estimator = 'count'
+  select = staticmethod(cures)
+
+
+@SELECTORS.register('mmr1_vas')
+class Mmr1Vas(Selector):
+  """MMR1-VAS: round(mix * k) drawn by VPS = p (1 - p), the rest uniform
+  (mix: curriculum.mmr1_mix)."""
+
+  def select(self, state, key, k, eligible=None):
     p = est.mean(state.stats)
-    return weighted_then_uniform(key, p * (1 - p), k, int(round(mix * k)),
-                                 eligible)
-  return select
+    return weighted_then_uniform(key, p * (1 - p), k,
+                                 int(round(self.cfg.mmr1_mix * k)), eligible)
 
 
 def gdro_bins(stats: est.PromptStats, num_bins: int) -> Array:
@@ -157,6 +370,7 @@ def prompt_gdro(state: CurriculumState, key, k: int, eligible=None) -> Array:
 
 
 def gdro_init(num_bins: int) -> GdroState:
+  """Uniform weights over num_bins bins, no hardness observed yet."""
   return GdroState(log_q=jnp.full((num_bins,), -jnp.log(num_bins)),
                    ema=jnp.zeros((num_bins,), jnp.float32),
                    updates=jnp.zeros((num_bins,), jnp.int32))
@@ -179,6 +393,9 @@ def gdro_update(gdro: GdroState, stats_before: est.PromptStats, ids: Array,
     ids: [B] selected prompt ids.
     fail_rate: [B] 1 - mean reward of each prompt's group.
     eta, decay, explore: step size, EMA decay, uniform mix.
+
+  Returns:
+    The new GdroState ([bins] arrays).
   """
   num_bins = gdro.log_q.shape[0]
   bins = gdro_bins(stats_before, num_bins)[ids]
@@ -198,211 +415,51 @@ def gdro_update(gdro: GdroState, stats_before: est.PromptStats, ids: Array,
   return GdroState(log_q=jnp.log(q), ema=ema, updates=updates)
 
 
-def make_spo(floor: float) -> Callable:
-  """SPO priority sampling: P proportional to sqrt(v (1 - v)) + floor."""
-  def select(state, key, k, eligible=None):
+@SELECTORS.register('prompt_gdro')
+class PromptGdro(Selector):
+  """Prompt-GDRO (`prompt_gdro`); its state is the bins' weights, moved by
+  `gdro_update` after each step (curriculum.gdro_*)."""
+
+  select = staticmethod(prompt_gdro)
+
+  def init(self, embed):
+    del embed
+    return {'gdro': gdro_init(self.cfg.gdro_bins)}
+
+  def observe(self, state, stats_before, evidence):
+    # Every group the selector drew this step, the all-equal ones DAPO
+    # replaced included (they are the bins' hardest and easiest evidence).
+    drawn = np.concatenate([i for i, _, _ in evidence])
+    succ = np.concatenate([s for _, s, _ in evidence])
+    cnt = np.concatenate([np.asarray(n) for _, _, n in evidence])
+    rolled = cnt > 0
+    fail = 1.0 - succ[rolled] / cnt[rolled]
+    cfg = self.cfg
+    return state._replace(gdro=gdro_update(
+        state.gdro, stats_before, jnp.asarray(drawn[rolled]),
+        jnp.asarray(fail), eta=cfg.gdro_eta, decay=cfg.gdro_ema,
+        explore=cfg.gdro_explore))
+
+
+@SELECTORS.register('spo')
+class Spo(Selector):
+  """SPO priority sampling: P proportional to sqrt(v (1 - v)) + floor
+  (curriculum.spo_floor), v from SPO's value tracker by default."""
+
+  default_estimator = 'spo'
+
+  def select(self, state, key, k, eligible=None):
     v = est.mean(state.stats)
-    return sample_weighted(key, jnp.sqrt(v * (1 - v)) + floor, k, eligible)
-  return select
+    return sample_weighted(key, jnp.sqrt(v * (1 - v)) + self.cfg.spo_floor,
+                           k, eligible)
 
 
-def dots_predict(dots: DotsState, scale: float | None = None, *,
-                 ridge: float | None = None) -> Array:
-  """DOTS pass-rate prediction [N] from the reference set.
-
-  The card's readout (ridge None) is attention: p_hat_i = sum_r softmax_r(
-  scale <e_i, e_r>) rate_r over the valid references (ref_ids >= 0); scale
-  defaults to 1 / sqrt(D). With ridge = lambda the readout is a linear probe
-  instead (`ridge_readout`). With no references yet, 0.5 everywhere.
-  """
-  valid = dots.ref_ids >= 0
-  if ridge is not None:
-    return ridge_readout(dots.embed, dots.ref_ids, dots.ref_rates, valid,
-                         ridge)[0]
-  attn = _attention(dots.embed, dots.ref_ids, valid[None], scale)
-  return jnp.where(jnp.any(valid), attn @ dots.ref_rates, 0.5)
-
-
-def centre_and_normalise(embed: Array) -> Array:
-  """Embeddings centred over the pool and scaled to unit norm
-  (`dots_similarity=cosine`; the ridge readout's lambda is on this
-  scale)."""
-  embed = embed - jnp.mean(embed, axis=0)
-  return embed / jnp.maximum(
-      jnp.linalg.norm(embed, axis=-1, keepdims=True), 1e-6)
-
-
-def _attention(embed: Array, refs: Array, valid: Array, scale) -> Array:
-  """[N, R] softmax over the valid references of scale <e_i, e_r> (scale
-  None: 1 / sqrt(D)); a row with no valid reference is all zero."""
-  keys = embed[jnp.maximum(refs, 0)]  # [R, D]
-  if scale is None:
-    scale = 1.0 / jnp.sqrt(embed.shape[-1])
-  logits = jnp.where(valid, embed @ keys.T * scale, -jnp.inf)
-  return jnp.nan_to_num(jax.nn.softmax(logits, axis=-1))
-
-
-def ridge_readout(embed: Array, refs: Array, rates: Array, valid: Array,
-                  lam: float, weight: Array | None = None
-                  ) -> tuple[Array, Array]:
-  """A linear probe of pass rates on prompt embeddings (`dots_readout=ridge`).
-
-  Ridge regression of the valid references' rates, centred at 0.5, on
-  [e_r, 1]: w = (X^T X + lam I)^-1 X^T (y - 0.5), so that little evidence
-  shrinks every prediction toward 0.5 (the uninformed value). Returns
-  0.5 + x_i^T w for every prompt [N] and each reference's leave-one-out
-  prediction [R] (the fit without that reference: 0.5 + (x_r^T w - h_r
-  (y_r - 0.5)) / (1 - h_r), h_r = x_r^T (X^T X + lam I)^-1 x_r its
-  leverage; 0.5 for invalid slots), both clipped to [0, 1]. The references
-  must be distinct prompts for the leave-one-out value to leave the prompt
-  out entirely.
-
-  `weight` [R] (optional, > 0) makes it weighted least squares: reference r's
-  squared error counts weight_r times, w = (X^T W X + lam I)^-1 X^T W (y -
-  0.5), and its leverage is weight_r x_r^T (X^T W X + lam I)^-1 x_r (the
-  leave-one-out formula is unchanged).
-  """
-  x = jnp.concatenate([embed, jnp.ones_like(embed[:, :1])], axis=-1)
-  xr = x[jnp.maximum(refs, 0)] * valid[:, None]  # [R, D + 1], invalid: 0.
-  y = jnp.where(valid, rates - 0.5, 0.0)
-  wr = xr if weight is None else xr * weight[:, None]  # W X
-  gram = wr.T @ xr + lam * jnp.eye(x.shape[-1], dtype=x.dtype)
-  factor = jax.scipy.linalg.cho_factor(gram)
-  w = jax.scipy.linalg.cho_solve(factor, wr.T @ y)
-  lever = jnp.sum(wr * jax.scipy.linalg.cho_solve(factor, xr.T).T, -1)
-  loo = (xr @ w - lever * y) / (1.0 - lever)
-  return (jnp.clip(0.5 + x @ w, 0.0, 1.0),
-          jnp.where(valid, jnp.clip(0.5 + loo, 0.0, 1.0), 0.5))
-
-
-def dots_history_predict(state: CurriculumState, scale: float | None = None,
-                         *, prior: float = 2.0, alpha0: float = 1.0,
-                         beta0: float = 1.0, ridge: float | None = None,
-                         halflife: float = 0.0) -> Array:
-  """DOTS over the training history (`curriculum.dots_refs=history`).
-
-  The references are the prompts trained on most recently (`dots.ref_ids`,
-  -1: empty slot); no extra rollouts. With s_i = alpha_i - alpha0 and
-  f_i = beta_i - beta0 the estimator's (discounted) successes and failures,
-  a reference's rate is s / (s + f) (0.5 with no evidence left). Every
-  prompt gets an embedding prediction m_i by attention over the references
-  other than itself (0.5 with none), which then serves as the prior of its
-  own evidence:
-
-    p_hat_i = (s_i + prior m_i) / (s_i + f_i + prior).
-
-  An unseen prompt is predicted from similar prompts; a prompt with many
-  observations by its own pass rate. With ridge = lambda, m_i is the linear
-  probe's prediction (`ridge_readout` over the references' rates; a
-  reference's own m_i is its leave-one-out prediction, so its evidence is
-  not counted twice). With halflife > 0 the probe is fitted on recent
-  evidence: the k-th newest reference (k = 0, 1, ...) weighs 0.5^(k /
-  halflife) in its least squares, so that rates measured many policy
-  updates ago count less.
-  """
-  s, dots = state.stats, state.dots
-  n = s.alpha.shape[0]
-  refs = dots.ref_ids
-  succ, fail = est.evidence_less_prior(s, alpha0, beta0)
-  seen = succ + fail
-  rate = jnp.where(seen > 0, succ / jnp.maximum(seen, 1e-9), 0.5)
-  ref_rate = rate[jnp.maximum(refs, 0)]
-  if ridge is not None:
-    is_ref = refs >= 0
-    weight = None
-    if halflife > 0:
-      weight = 0.5 ** (jnp.arange(refs.shape[0]) / halflife)
-    pred, loo = ridge_readout(dots.embed, refs, ref_rate, is_ref, ridge,
-                              weight)
-    # A reference takes its leave-one-out prediction (0.5 when it is the
-    # only one; every prediction is 0.5 with no references).
-    m = pred.at[jnp.where(is_ref, refs, n)].set(loo, mode='drop')
-  else:
-    own = refs[None, :] == jnp.arange(n)[:, None]  # [N, R]
-    valid = (refs >= 0)[None] & ~own
-    attn = _attention(dots.embed, refs, valid, scale)
-    m = jnp.where(jnp.any(valid, -1), attn @ ref_rate, 0.5)
-  return (succ + prior * m) / (succ + fail + prior)
-
-
-def dots_predictor(*, history: bool = False, scale: float | None = None,
-                   prior: float = 2.0, alpha0: float = 1.0,
-                   beta0: float = 1.0, ridge: float | None = None,
-                   halflife: float = 0.0) -> Callable:
-  """state -> DOTS' p_hat [N]: from fresh reference rollouts
-  (`dots_predict`) or the history (`dots_history_predict`, whose ridge
-  probe weighs references by recency when halflife > 0), read out by
-  attention (ridge None, the card's) or by a ridge probe with that
-  lambda."""
-  if halflife > 0 and not (history and ridge is not None):
-    raise ValueError('a reference half-life needs the history references '
-                     'and the ridge readout')
-
-  def predict(state):
-    if history:
-      return dots_history_predict(state, scale, prior=prior, alpha0=alpha0,
-                                  beta0=beta0, ridge=ridge,
-                                  halflife=halflife)
-    return dots_predict(state.dots, scale, ridge=ridge)
-  return predict
-
-
-def make_dots(tau: float, explore: float = 0.0, **predictor) -> Callable:
-  """DOTS: P proportional to exp(-|p_hat - 0.5| / tau), p_hat from
-  `dots_predictor(**predictor)`. With explore > 0, round(explore * k) of
-  the k prompts are drawn uniformly from the rest instead (with history
-  references, so that they span every difficulty, not only the band DOTS
-  already picks)."""
-  predict = dots_predictor(**predictor)
-
-  def select(state, key, k, eligible=None):
-    p = predict(state)
-    weight = jnp.exp(-jnp.abs(p - 0.5) / tau)
-    n_uniform = int(round(explore * k))
-    if not n_uniform:  # The same draws as before the option existed.
-      return sample_weighted(key, weight, k, eligible)
-    return weighted_then_uniform(key, weight, k, k - n_uniform, eligible)
-  return select
-
-
-def likelihood_estimate(loglik: Array, succ: Array, fail: Array,
-                        prior: float) -> Array:
-  """The likelihood selector's pass-rate estimate of each candidate.
-
-  q = exp(loglik) is the probability that the policy samples the prompt's
-  reference solution (and its eos) exactly, at the sampling temperature:
-  under the full softmax a lower bound on its pass rate (not with top-k or
-  top-p sampling), which on a task with one canonical solution path is
-  most of it. q is the prior, worth `prior` rollouts,
-  of the prompt's own evidence (s successes, f failures):
-
-    p_hat = (s + prior q) / (s + f + prior).
-  """
-  q = jnp.exp(jnp.minimum(loglik, 0.0))
-  return (succ + prior * q) / (succ + fail + prior)
-
-
-def likelihood_pick(key, p_hat: Array, k: int, tiers=None) -> Array:
-  """Positions of the k candidates with the largest p_hat (1 - p_hat) (the
-  most mixed groups expected), tier by tier (`_tiers`), exact ties broken
-  by `key`."""
-  return top_scores(key, p_hat * (1.0 - p_hat), k, tiers)
-
-
-def make(name: str, *, mmr1_mix: float, spo_floor: float,
-         dots_tau: float, dots_explore: float = 0.0,
-         **dots_kwargs) -> Callable:
-  """The selector registered under `name` (see SELECTORS). For
-  'likelihood' it is the candidate draw (uniform; the controller scores the
-  candidates by the policy and keeps the best, `likelihood_pick`)."""
-  fixed = {'uniform': uniform, 'vade': vade, 'insight': insight,
-           'cures': cures, 'prompt_gdro': prompt_gdro, 'likelihood': uniform}
-  if name in fixed:
-    return fixed[name]
-  if name == 'mmr1_vas':
-    return make_mmr1_vas(mmr1_mix)
-  if name == 'spo':
-    return make_spo(spo_floor)
-  if name == 'dots':
-    return make_dots(dots_tau, dots_explore, **dots_kwargs)
-  raise ValueError(f'unknown selector {name!r}; known: {list(SELECTORS)}')
+@SELECTORS.check
+def _check_selector_knobs(cfg) -> None:
+  """The knobs of the selectors above (checked whichever is chosen)."""
+  cur = cfg.curriculum
+  for key in ('mmr1_mix', 'gdro_ema', 'gdro_explore'):
+    value = getattr(cur, key)
+    errors.require(0 <= value <= 1, f'curriculum.{key}',
+                   f'{value} not in [0, 1]')
+  errors.require(cur.gdro_bins >= 1, 'curriculum.gdro_bins', 'must be >= 1')

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlx import errors
+from rlx import registry
 from rlx.types import Array, Params, PRNGKey
 
 # Target name -> number of leading kernel axes that are inputs.
@@ -62,6 +64,20 @@ class LoraConfig:
   @property
   def modules(self) -> frozenset[str]:
     return frozenset(_ALIASES.get(t, t) for t in self.targets)
+
+
+@registry.config_check
+def _check_lora_section(cfg) -> None:
+  """The config's lora.* section (`cfg`: the whole rlx Config)."""
+  lo = cfg.lora
+  errors.require(lo.rank >= 0, 'lora.rank',
+                 'must be >= 0 (0: full fine-tuning)')
+  if lo.rank:
+    errors.require(lo.alpha > 0, 'lora.alpha', 'must be > 0')
+    try:
+      LoraConfig(rank=lo.rank, alpha=lo.alpha, targets=lo.targets)
+    except ValueError as e:  # Its message names lora.targets.
+      raise errors.ConfigError(str(e)) from e
 
 
 def _targets(params: Params, cfg: LoraConfig) -> dict[tuple, Array]:

@@ -6,25 +6,33 @@ Entry points:
   policy_loss(name, logp, old_logp, advantages, loss_mask, *,
               behaviour_logp=None, correction='none', **kwargs)
       -> (scalar loss, metrics dict)
-Unknown names fail with the list of known ones. Policy losses: `LOSSES`
-(ppo_clip, dapo, dual_clip, gspo, gppo, cispo, decoupled); train / sampler
-mismatch corrections: `CORRECTIONS` (none, tis, icepop).
+Unknown names fail with the list of known ones. Advantage estimators:
+`ADVANTAGES`; policy losses: `LOSSES` (ppo_clip, dapo, dual_clip, gspo,
+gppo, cispo, decoupled); both are registries (rlx/objectives/entries.py)
+whose entries declare what they take, iterable as their names. Train /
+sampler mismatch corrections: `CORRECTIONS` (none, tis, icepop).
+
+Importing this package registers the estimators and losses and their
+config checks (`config.build` runs them). It does not import rlx.config.
 """
 
 import jax.numpy as jnp
 
-from rlx.config import ConfigError
+from rlx.errors import ConfigError
+from rlx.objectives import entries
 from rlx.objectives.advantages import ADVANTAGES
-from rlx.objectives.advantages import BATCH_WHITENED
 from rlx.objectives.advantages import batch_whiten
 from rlx.objectives.advantages import d3s_keep_ratio
 from rlx.objectives.advantages import d3s_sample_mask
 from rlx.objectives.advantages import d3s_token_mask
 from rlx.objectives.advantages import mc_grpo_pivot
+from rlx.objectives.advantages import mean_sampler_logp
+from rlx.objectives.advantages import reads
 from rlx.objectives.losses import aggregate
 from rlx.objectives.losses import AGGREGATIONS
 from rlx.objectives.losses import CORRECTIONS
 from rlx.objectives.losses import kl_penalty
+from rlx.objectives.losses import KL_ESTIMATORS
 from rlx.objectives.losses import LOSSES
 from rlx.objectives.losses import masked_max
 from rlx.objectives.losses import masked_mean
@@ -32,10 +40,10 @@ from rlx.objectives.losses import mismatch_correction
 from rlx.objectives.losses import token_entropy
 
 
-def _lookup(registry: dict, kind: str, name: str):
+def _lookup(registry: entries.Registry, kind: str, name: str):
   if name not in registry:
     raise ValueError(f'unknown {kind} {name!r}; known: {sorted(registry)}')
-  return registry[name]
+  return registry.get(name)
 
 
 def compute_advantages(name: str, rewards, mask, **kwargs):
@@ -51,7 +59,7 @@ def policy_loss(name: str, logp, old_logp, advantages, loss_mask, *,
                 **hparams):
   """Aggregated policy loss and its metrics (masked means over tokens).
 
-  The per-token loss of `LOSSES[name]` is multiplied by the mismatch
+  The per-token loss of `LOSSES.get(name)` is multiplied by the mismatch
   correction's factor (`mismatch_correction`), then aggregated; tokens
   IcePop drops stay in the denominator. For GSPO's sequence form, whose
   per-token loss is the sequence loss broadcast, a response's gradient is
@@ -60,7 +68,7 @@ def policy_loss(name: str, logp, old_logp, advantages, loss_mask, *,
   aggregation) from this loss.
 
   Args:
-    name: a key of `LOSSES`.
+    name: a name in `LOSSES`.
     logp, old_logp: [B, G, T] log-probs of the sampled tokens under the
       current and the old policy.
     advantages: [B, G] or [B, G, T] (`gspo`: [B, G] only).
@@ -84,7 +92,7 @@ def policy_loss(name: str, logp, old_logp, advantages, loss_mask, *,
     ValueError: for an unknown loss or correction, or a missing
       behaviour_logp.
   """
-  fn = _lookup(LOSSES, 'policy loss', name)
+  fn = _lookup(LOSSES, 'policy loss', name).fn
   if correction not in CORRECTIONS:
     raise ValueError(f'unknown correction {correction!r}; known: '
                      f'{list(CORRECTIONS)}')
@@ -121,7 +129,8 @@ def policy_loss(name: str, logp, old_logp, advantages, loss_mask, *,
 
 
 def check_names(objective_cfg) -> None:
-  """Raises naming the config key if an objective name is unknown."""
+  """Raises naming the config key if an objective name is unknown (the
+  config checks of `ADVANTAGES` and `LOSSES` report the same)."""
   for key, registry in (('advantage', ADVANTAGES), ('loss', LOSSES)):
     name = getattr(objective_cfg, key)
     if name not in registry:

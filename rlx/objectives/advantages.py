@@ -10,14 +10,26 @@ batch-whitened ones (`reinforce_pp`, `spo`, `tree`) give exactly 0 when no
 valid entry of the batch differs from another, and otherwise shift such
 groups by the batch mean like any other entry.
 
-Registry convention: `ADVANTAGES[name](rewards [B, G], mask [B, G] bool,
-**kwargs) -> [B, G]` (`[B, G, T]` for token-level estimators, `d3s` and
-`treerl`); each estimator takes exactly its documented keyword arguments.
+Registry: each estimator is registered in `ADVANTAGES` (rlx/objectives/
+entries.py) with what it takes: `ADVANTAGES.get(name)` is an `Advantage`
+called as `(rewards [B, G], mask [B, G] bool, **kwargs) -> [B, G]`
+(`[B, G, T]` for the token-level `d3s` and `treerl`), whose declarations
+say which Batch fields and ObjectiveConfig knobs become those keyword
+arguments, whether it is group-relative or whitened over the batch, and
+which samples and tokens enter the loss. Each estimator takes exactly its
+documented keyword arguments. The config checks of the estimators are
+`ADVANTAGES.check`s here.
 """
 
 import jax.numpy as jnp
 
+from rlx import errors
+from rlx.objectives import entries
 from rlx.types import Array
+
+ADVANTAGES = entries.Registry('objective.advantage', entries.Advantage)
+
+_EPS = {'eps': 'adv_eps'}  # The knob of every estimator with a std eps.
 
 # Slack against float32 round-off in `keep * count` before round/ceil: a
 # product that is mathematically an integer (or a .5) may land a few ulps on
@@ -108,6 +120,7 @@ def batch_whiten(x: Array, mask: Array, *, eps: float = 1e-6) -> Array:
   return jnp.where(informative, centred / (std + eps), 0.0)
 
 
+@ADVANTAGES.declare('grpo', knobs=_EPS, group_relative=True)
 def grpo(rewards: Array, mask: Array, *, eps: float = 1e-6) -> Array:
   """GRPO (Shao et al. 2024, DeepSeekMath): A = (r - mean) / (std + eps).
 
@@ -136,6 +149,7 @@ def grpo(rewards: Array, mask: Array, *, eps: float = 1e-6) -> Array:
   return jnp.where(informative, centred / (jnp.sqrt(var) + eps), 0.0)
 
 
+@ADVANTAGES.declare('dr_grpo', group_relative=True)
 def dr_grpo(rewards: Array, mask: Array) -> Array:
   """Dr.GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training").
 
@@ -152,6 +166,7 @@ def dr_grpo(rewards: Array, mask: Array) -> Array:
   return _centre(*_inputs(rewards, mask))
 
 
+@ADVANTAGES.declare('rloo', group_relative=True)
 def rloo(rewards: Array, mask: Array) -> Array:
   """RLOO (Ahmadian et al. 2024, "Back to Basics"): leave-one-out baseline.
 
@@ -173,6 +188,8 @@ def rloo(rewards: Array, mask: Array) -> Array:
   return jnp.where(informative, rewards - baseline, 0.0)
 
 
+@ADVANTAGES.declare('reinforce_pp', knobs=_EPS, group_relative=True,
+                    whole_batch=True)
 def reinforce_pp(rewards: Array, mask: Array, *, eps: float = 1e-6) -> Array:
   """REINFORCE++-baseline (Hu 2025, REINFORCE++).
 
@@ -209,9 +226,25 @@ def mc_grpo_pivot(rewards: Array, mask: Array) -> Array:
   return _lower_median_mask(*_inputs(rewards, mask))
 
 
+def _mc_grpo_loss_masks(rewards: Array, group_mask: Array,
+                        loss_mask: Array, kwargs: dict):
+  """MC-GRPO's `LossMasks` hook: the pivot leaves the group mask.
+
+  Its advantage is 0 by construction, but as a member of the group mask it
+  would still count in the loss's token and sequence denominators.
+
+  Returns:
+    (group_mask [B, G] without each group's pivot, loss_mask unchanged).
+  """
+  del kwargs
+  return group_mask & ~mc_grpo_pivot(rewards, group_mask), loss_mask
+
+
 MC_GRPO_SCALES = ('none', 'std', 'mad')
 
 
+@ADVANTAGES.declare('mc_grpo', knobs={'scale': 'mc_scale', **_EPS},
+                    group_relative=True, loss_masks=_mc_grpo_loss_masks)
 def mc_grpo(rewards: Array, mask: Array, *, scale: str = 'none',
             eps: float = 1e-6) -> Array:
   """MC-GRPO (Kim 2026, Median-Centered GRPO for small rollout budgets).
@@ -262,6 +295,9 @@ def mc_grpo(rewards: Array, mask: Array, *, scale: str = 'none',
   return jnp.where(adv != 0, adv / jnp.where(denom > 0, denom, 1.0), 0.0)
 
 
+@ADVANTAGES.declare('spo', inputs={'values': 'values'}, knobs=_EPS,
+                    whole_batch=True, estimator='spo',
+                    hint="the curriculum's per-prompt value tracker")
 def spo(rewards: Array, mask: Array, *, values: Array,
         eps: float = 1e-6) -> Array:
   """Single-stream SPO (Xu et al. 2025, Single-stream Policy Optimization).
@@ -288,6 +324,8 @@ def spo(rewards: Array, mask: Array, *, values: Array,
 TREE_WEIGHTINGS = ('size', 'mean')
 
 
+@ADVANTAGES.declare('tree', inputs={'path_ids': 'path_ids'}, knobs=_EPS,
+                    whole_batch=True, hint='tree rollouts')
 def tree(rewards: Array, mask: Array, *, path_ids: Array,
          weighting: str = 'size', eps: float = 1e-6) -> Array:
   """TreePO ancestor-group advantage (Li et al. 2025, TreePO).
@@ -342,6 +380,9 @@ def tree(rewards: Array, mask: Array, *, path_ids: Array,
   return batch_whiten(jnp.where(total > 0, raw, 0.0), mask, eps=eps)
 
 
+@ADVANTAGES.declare('treerl', inputs={
+    'path_ids': 'path_ids', 'depth_start': 'depth_start',
+    'loss_mask': 'loss_mask'}, knobs=_EPS, hint='tree rollouts')
 def treerl(rewards: Array, mask: Array, *, path_ids: Array,
            depth_start: Array, loss_mask: Array, whiten: bool = False,
            eps: float = 1e-6) -> Array:
@@ -398,6 +439,27 @@ def treerl(rewards: Array, mask: Array, *, path_ids: Array,
   return batch_whiten(adv, valid, eps=eps) if whiten else adv
 
 
+def mean_sampler_logp(old_logp: Array, behaviour_logp: Array | None,
+                      loss_mask: Array) -> Array:
+  """Each response's mean log-prob under the sampler, `[B, G]`.
+
+  Args:
+    old_logp: [B, G, T] log-probs of the policy that sampled.
+    behaviour_logp: [B, G, T] sampler log-probs, or None (= old_logp).
+    loss_mask: [B, G, T] bool, response tokens.
+
+  Returns:
+    [B, G] float32 masked mean over T (0 for an empty response).
+  """
+  mask = loss_mask.astype(jnp.float32)
+  logp = old_logp if behaviour_logp is None else behaviour_logp
+  return jnp.sum(logp * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
+
+
+@ADVANTAGES.declare('xrpo_sharpen', inputs={'mean_logp': entries.Derived(
+    ('old_logp', 'behaviour_logp', 'loss_mask'), mean_sampler_logp)},
+                    knobs={'lam': 'xrpo_lam', 'clip': 'xrpo_clip', **_EPS},
+                    group_relative=True)
 def xrpo_sharpen(rewards: Array, mask: Array, *, mean_logp: Array,
                  lam: float = 0.1, clip: float = 1.0,
                  eps: float = 1e-6) -> Array:
@@ -515,6 +577,44 @@ def d3s_token_mask(advantages: Array, *, token_entropy: Array,
   return loss_mask & (rank < count)
 
 
+def _d3s_loss_masks(rewards: Array, group_mask: Array, loss_mask: Array,
+                    kwargs: dict):
+  """D^3S's `LossMasks` hook: the unselected samples and tokens leave the
+  loss (`d3s` gives them A = 0; here they also leave the denominators).
+
+  Args:
+    rewards, group_mask: [B, G].
+    loss_mask: [B, G, T] bool.
+    kwargs: `d3s`'s keyword arguments (token_entropy, the keep ratios of
+      this step, eps).
+
+  Returns:
+    (kept samples [B, G], kept tokens [B, G, T]), as `d3s` selects them.
+  """
+  kept = d3s_sample_mask(rewards, group_mask,
+                         sample_keep=kwargs['sample_keep'])
+  seq_adv = grpo(rewards, kept, eps=kwargs['eps'])
+  return kept, d3s_token_mask(
+      seq_adv, token_entropy=kwargs['token_entropy'], loss_mask=loss_mask,
+      token_keep=kwargs['token_keep'])
+
+
+def _annealed(field: str):
+  """A knob: ObjectiveConfig `field`'s keep ratio annealed to 1 over
+  d3s_anneal_steps (`d3s_keep_ratio` at the step)."""
+  def knob(obj, step):
+    return d3s_keep_ratio(step, start=getattr(obj, field), end=1.0,
+                          anneal_steps=obj.d3s_anneal_steps)
+  knob.fields = (field, 'd3s_anneal_steps')
+  return knob
+
+
+@ADVANTAGES.declare(
+    'd3s', inputs={'token_entropy': 'entropy', 'loss_mask': 'loss_mask'},
+    knobs={'sample_keep': _annealed('d3s_sample_keep'),
+           'token_keep': _annealed('d3s_token_keep'), **_EPS},
+    group_relative=True, loss_masks=_d3s_loss_masks,
+    hint="the sampler's token entropies")
 def d3s(rewards: Array, mask: Array, *, token_entropy: Array,
         loss_mask: Array, sample_keep, token_keep,
         eps: float = 1e-6) -> Array:
@@ -577,20 +677,35 @@ def d3s_keep_ratio(step, *, start: float, end: float = 1.0,
   return start + (end - start) * frac
 
 
-# Estimators whose statistics span the whole batch (not one group): a batch
-# split into several optimizer updates must get them computed before the
-# split (`learner.minibatches`).
-BATCH_WHITENED = ('reinforce_pp', 'spo', 'tree')
+def reads(name: str) -> frozenset[str]:
+  """The Batch fields advantage `name` reads beyond rewards and group_mask
+  (e.g. 'path_ids' for the tree estimators); empty for an unknown name,
+  which the config check names."""
+  return ADVANTAGES.get(name).reads if name in ADVANTAGES else frozenset()
 
-ADVANTAGES = {
-    'grpo': grpo,
-    'dr_grpo': dr_grpo,
-    'rloo': rloo,
-    'reinforce_pp': reinforce_pp,
-    'mc_grpo': mc_grpo,
-    'spo': spo,
-    'tree': tree,
-    'treerl': treerl,
-    'xrpo_sharpen': xrpo_sharpen,
-    'd3s': d3s,
-}
+
+@ADVANTAGES.check
+def _check(cfg) -> None:
+  """objective.advantage and what the chosen estimator needs of the rest
+  of the config."""
+  obj, name = cfg.objective, cfg.objective.advantage
+  errors.one_of(obj.mc_scale, MC_GRPO_SCALES, 'objective.mc_scale')
+  errors.require(name in ADVANTAGES, 'objective.advantage',
+                 f'unknown {name!r}; known: {sorted(ADVANTAGES)}')
+  if name not in ADVANTAGES:
+    return
+  entry = ADVANTAGES.get(name)
+  errors.require(cfg.rl.group_size >= 2 or not entry.group_relative,
+                 'rl.group_size', f'is {cfg.rl.group_size}; the group-'
+                 f'relative advantage {name!r} needs at least 2')
+  errors.require(not (obj.kl_beta and obj.kl_in_reward and
+                      cfg.rl.num_minibatches > 1 and entry.whole_batch),
+                 'objective.kl_in_reward', f'{name!r} whitens over the '
+                 'whole batch, which is split before the step that shapes '
+                 'the rewards (rl.num_minibatches > 1): use kl_in_reward='
+                 'False (the KL in the loss) or one minibatch')
+  errors.require(not entry.needs, 'objective.advantage',
+                 f'{name!r} needs {entry.needs}, which the trainer does '
+                 'not produce yet; it is available as a library function '
+                 '(rlx.objectives.compute_advantages)')
+  entries.check_knobs('objective.advantage', entry, obj)

@@ -15,12 +15,25 @@ tokens whose gradient the clip removed or bounded, on that side).
 
 Per-token losses are not masked; `aggregate` applies `loss_mask`. All are
 pure `jnp` and jit-able with the hyper-parameters as static Python numbers.
+
+Each loss is registered in `LOSSES` (rlx/objectives/entries.py) with the
+ObjectiveConfig knobs its hyper-parameters come from; the config checks of
+the objective section's loss side are `LOSSES.check`s here.
 """
 
 import jax
 import jax.numpy as jnp
 
+from rlx import errors
+from rlx.objectives import entries
 from rlx.types import Array
+
+LOSSES = entries.Registry('objective.loss', entries.Loss)
+
+# The PPO-style clip: objective.clip_eps_high = 0 keeps each loss's own
+# high side (clip_eps for ppo_clip, 0.28 for dapo).
+_CLIP = {'clip_eps': 'clip_eps',
+         'clip_eps_high': entries.unless_zero('clip_eps_high')}
 
 
 def _token_adv(advantages: Array, ndim: int) -> Array:
@@ -48,6 +61,7 @@ def _clipped_surrogate(ratio: Array, adv: Array, eps_low, eps_high):
   return loss, {'ratio': ratio, 'clipped_low': low_c, 'clipped_high': high_c}
 
 
+@LOSSES.declare('ppo_clip', knobs=_CLIP)
 def ppo_clip(logp: Array, old_logp: Array, advantages: Array,
              loss_mask: Array, *, behaviour_logp: Array | None = None,
              clip_eps: float = 0.2, clip_eps_high: float = 0.0):
@@ -76,6 +90,7 @@ def ppo_clip(logp: Array, old_logp: Array, advantages: Array,
   return _clipped_surrogate(jnp.exp(logp - old_logp), adv, clip_eps, high)
 
 
+@LOSSES.declare('dapo', knobs=_CLIP)
 def dapo(logp: Array, old_logp: Array, advantages: Array, loss_mask: Array,
          *, behaviour_logp: Array | None = None, clip_eps: float = 0.2,
          clip_eps_high: float = 0.28):
@@ -93,6 +108,8 @@ def dapo(logp: Array, old_logp: Array, advantages: Array, loss_mask: Array,
                   clip_eps_high=clip_eps_high)
 
 
+@LOSSES.declare('dual_clip',
+                knobs={**_CLIP, 'dual_clip_c': 'dual_clip_c'})
 def dual_clip(logp: Array, old_logp: Array, advantages: Array,
               loss_mask: Array, *, behaviour_logp: Array | None = None,
               clip_eps: float = 0.2, clip_eps_high: float = 0.0,
@@ -129,6 +146,9 @@ def dual_clip(logp: Array, old_logp: Array, advantages: Array,
   return jnp.where(dual, bound, loss), diag
 
 
+GSPO_VARIANTS = ('seq', 'token')
+
+
 def _seq_log_ratio(logp: Array, old_logp: Array, loss_mask: Array) -> Array:
   """Masked mean over T of logp - old_logp, [B, G] (0 if no token)."""
   diff = jnp.where(loss_mask, logp - old_logp, 0.0)
@@ -136,6 +156,9 @@ def _seq_log_ratio(logp: Array, old_logp: Array, loss_mask: Array) -> Array:
   return jnp.sum(diff, -1) / jnp.maximum(length, 1)
 
 
+@LOSSES.declare('gspo', knobs={'eps_low': 'gspo_eps_low',
+                              'eps_high': 'gspo_eps_high',
+                              'variant': 'gspo_variant'})
 def gspo(logp: Array, old_logp: Array, advantages: Array, loss_mask: Array,
          *, behaviour_logp: Array | None = None, eps_low: float = 3e-4,
          eps_high: float = 4e-4, variant: str = 'seq'):
@@ -176,7 +199,7 @@ def gspo(logp: Array, old_logp: Array, advantages: Array, loss_mask: Array,
   if advantages.ndim != logp.ndim - 1:
     raise ValueError('gspo needs sequence-level advantages [B, G]; got '
                      f'shape {advantages.shape} for logp {logp.shape}')
-  if variant not in ('seq', 'token'):
+  if variant not in GSPO_VARIANTS:
     raise ValueError(f"unknown gspo variant {variant!r}; known: 'seq', "
                      "'token'")
   seq_ratio = jnp.exp(_seq_log_ratio(logp, old_logp, loss_mask))[..., None]
@@ -188,6 +211,7 @@ def gspo(logp: Array, old_logp: Array, advantages: Array, loss_mask: Array,
   return _clipped_surrogate(ratio, advantages[..., None], eps_low, eps_high)
 
 
+@LOSSES.declare('gppo', knobs=_CLIP)
 def gppo(logp: Array, old_logp: Array, advantages: Array, loss_mask: Array,
          *, behaviour_logp: Array | None = None, clip_eps: float = 0.2,
          clip_eps_high: float = 0.28):
@@ -217,6 +241,9 @@ def gppo(logp: Array, old_logp: Array, advantages: Array, loss_mask: Array,
   return loss, {'ratio': ratio, 'clipped_low': low_c, 'clipped_high': high_c}
 
 
+@LOSSES.declare('cispo', knobs={
+    'clip_low': 'cispo_clip_low',
+    'clip_eps_high': entries.unless_zero('clip_eps_high')})
 def cispo(logp: Array, old_logp: Array, advantages: Array, loss_mask: Array,
           *, behaviour_logp: Array | None = None,
           clip_eps_high: float = 0.28, clip_low: float = 0.0):
@@ -248,6 +275,7 @@ def cispo(logp: Array, old_logp: Array, advantages: Array, loss_mask: Array,
                 'clipped_high': ratio > 1.0 + clip_eps_high}
 
 
+@LOSSES.declare('decoupled', knobs=_CLIP, off_policy=True)
 def decoupled(logp: Array, old_logp: Array, advantages: Array,
               loss_mask: Array, *, behaviour_logp: Array | None = None,
               clip_eps: float = 0.2, clip_eps_high: float = 0.0):
@@ -290,16 +318,6 @@ def decoupled(logp: Array, old_logp: Array, advantages: Array,
   }
   return loss, diag
 
-
-LOSSES = {
-    'ppo_clip': ppo_clip,
-    'dapo': dapo,
-    'dual_clip': dual_clip,
-    'gspo': gspo,
-    'gppo': gppo,
-    'cispo': cispo,
-    'decoupled': decoupled,
-}
 
 CORRECTIONS = ('none', 'tis', 'icepop')
 
@@ -347,6 +365,9 @@ def mismatch_correction(kind: str, old_logp: Array, behaviour_logp: Array,
     keep = (w >= icepop_low) & (w <= icepop_high)
     return keep.astype(w.dtype), w, ~keep
   return jnp.ones_like(w), w, jnp.zeros(w.shape, bool)
+
+
+KL_ESTIMATORS = ('k1', 'k2', 'k3')
 
 
 def kl_penalty(logp: Array, ref_logp: Array, kind: str = 'k3') -> Array:
@@ -415,3 +436,23 @@ def token_entropy(logits: Array) -> Array:
   """Entropy of softmax(logits) per position, `[..., V] -> [...]`."""
   logp = jax.nn.log_softmax(logits, axis=-1)
   return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+@LOSSES.check
+def _check(cfg) -> None:
+  """objective.loss and the section's other names and bounds."""
+  obj, s = cfg.objective, cfg.sampling
+  errors.one_of(obj.kl_estimator, KL_ESTIMATORS, 'objective.kl_estimator')
+  errors.one_of(obj.gspo_variant, GSPO_VARIANTS, 'objective.gspo_variant')
+  errors.one_of(obj.correction, CORRECTIONS, 'objective.correction')
+  # Overlong shaping is the reward's (rlx.rewards.shaping), but its knob
+  # is the objective's.
+  errors.require(obj.overlong_buffer >= 0 and obj.overlong_buffer <
+                 s.max_new_tokens, 'objective.overlong_buffer',
+                 f'must be in [0, sampling.max_new_tokens={s.max_new_tokens})')
+  errors.require(obj.loss in LOSSES, 'objective.loss',
+                 f'unknown {obj.loss!r}; known: {sorted(LOSSES)}')
+  errors.require(obj.aggregation in AGGREGATIONS, 'objective.aggregation',
+                 f'unknown {obj.aggregation!r}; known: {list(AGGREGATIONS)}')
+  if obj.loss in LOSSES:
+    entries.check_knobs('objective.loss', LOSSES.get(obj.loss), obj)

@@ -537,13 +537,10 @@ def run(engine: Engine, params: Params, state: SlotState, prompts: np.ndarray,
     (jobs continued from `resident`), `seconds`, and `slot_job` ([R] job
     per slot still live: -1 everywhere unless `hold` kept some).
   """
-  cfg = engine.cfg
-  r = cfg.num_slots
-  start = time.perf_counter()
+  r, start = engine.cfg.num_slots, time.perf_counter()
   out = Tracks(*(np.array(x) for x in prefix))
-  if job_prompt is None:
-    job_prompt = np.arange(len(out.length))
-  job_prompt = np.asarray(job_prompt)
+  job_prompt = np.asarray(np.arange(len(out.length)) if job_prompt is None
+                          else job_prompt)
   done = out.finish != _RUNNING
   slot_job = _resident_slots(state, out, done, resident, r)
   # Any other slot is free, whatever an earlier call left in it.
@@ -557,6 +554,30 @@ def run(engine: Engine, params: Params, state: SlotState, prompts: np.ndarray,
   sampling = (jnp.float32(temperature), jnp.float32(top_p),
               jnp.int32(version))
   base = np.asarray(jax.device_get((state.busy, state.steps)))
+  state = _drive(engine, params, state, out, done, slot_job, pending,
+                 stop=stop, job_prompt=job_prompt, pool=pool,
+                 sampling=sampling, calls=calls)
+  held = np.flatnonzero(slot_job >= 0)
+  if len(held):  # Stopped early: hand back the partial responses.
+    _put(out, slot_job[held], _take(jax.device_get(state.tracks), held))
+    if not hold:
+      state = state._replace(live=jnp.zeros_like(state.live))
+      slot_job[:] = -1
+  busy, steps = np.asarray(jax.device_get((state.busy, state.steps))) - base
+  stats = {'decode_steps': int(steps), 'busy_slot_steps': int(busy),
+           'slot_utilisation': float(busy / max(r * steps, 1)),
+           'seconds': time.perf_counter() - start, 'slot_job': slot_job,
+           'prefill_calls': pool.calls, **calls}
+  return state, out, stats
+
+
+def _drive(engine: Engine, params, state: SlotState, out: Tracks,
+           done: np.ndarray, slot_job: np.ndarray, pending, *, stop,
+           job_prompt, pool: _PromptPool, sampling, calls) -> SlotState:
+  """`run`'s loop: fills free slots from `pending`, decodes a chunk,
+  harvests finished rows into `out` (updating `done` and `slot_job` in
+  place), until no slot is live or `stop(done)`."""
+  cfg, r = engine.cfg, engine.cfg.num_slots
   while not (stop is not None and stop(done)):
     free = np.flatnonzero(slot_job < 0)[:len(pending)]
     jobs = np.array([pending.popleft() for _ in free], np.int64)
@@ -577,18 +598,7 @@ def run(engine: Engine, params: Params, state: SlotState, prompts: np.ndarray,
       _put(out, slot_job[fin], _take(jax.device_get(state.tracks), fin))
       done[slot_job[fin]] = True
       slot_job[fin] = -1
-  held = np.flatnonzero(slot_job >= 0)
-  if len(held):  # Stopped early: hand back the partial responses.
-    _put(out, slot_job[held], _take(jax.device_get(state.tracks), held))
-    if not hold:
-      state = state._replace(live=jnp.zeros_like(state.live))
-      slot_job[:] = -1
-  busy, steps = np.asarray(jax.device_get((state.busy, state.steps))) - base
-  stats = {'decode_steps': int(steps), 'busy_slot_steps': int(busy),
-           'slot_utilisation': float(busy / max(r * steps, 1)),
-           'seconds': time.perf_counter() - start, 'slot_job': slot_job,
-           'prefill_calls': pool.calls, **calls}
-  return state, out, stats
+  return state
 
 
 def _resident_slots(state: SlotState, out: Tracks, done: np.ndarray,

@@ -4,7 +4,7 @@ Zhou et al., "APRIL: Active Partial Rollouts in Reinforcement Learning to
 Tame Long-tail Generation" (2025). Each RL step wants N finished groups but
 keeps N' > N groups in flight (default 2N) and stops as soon as N groups
 are complete, instead of waiting for the slowest response. The other
-N' - N groups go to a partial buffer (`rlx/replay/partial_buffer.py`) with
+N' - N groups go to a partial buffer (`partial_buffer.py`) with
 their tokens, behaviour log-probs and the policy version of every token;
 the next step resumes them first (prompt + partial response re-prefilled
 under the new weights, with the remaining budget T - length) and tops the
@@ -35,7 +35,7 @@ from typing import NamedTuple, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from rlx.replay import partial_buffer as pb
+from rlx.sampling import partial_buffer as pb
 from rlx.sampling import engine as engine_lib
 from rlx.sampling import sampler as sampler_lib
 from rlx.types import Array, FinishReason, Params, PRNGKey

@@ -10,6 +10,7 @@ import pytest
 from rlx import config as config_lib
 from rlx import objectives
 from rlx.curriculum import controller as ctl
+from rlx.curriculum import dots as dots_lib
 from rlx.curriculum import estimators as est
 from rlx.curriculum import selectors as sel
 from rlx.sampling.sampler import Rollout
@@ -376,7 +377,7 @@ def test_dots_reference_rollouts_are_counted_and_update_predictions():
   got, new, m = _collect(cur, state)
   assert m['curriculum/rollouts'] == B * G + 6 * 2
   assert np.all(np.asarray(new.dots.ref_ids) >= 0)
-  pred = np.asarray(sel.dots_predict(new.dots))
+  pred = np.asarray(dots_lib.dots_predict(new.dots))
   assert pred.shape == (N,) and np.all((pred >= 0) & (pred <= 1))
   del got
 
@@ -417,9 +418,9 @@ def test_collected_is_a_plain_dataclass():
 def test_dots_remember_keeps_the_newest_distinct_prompts():
   dots = sel.DotsState(jnp.zeros((1, 1)), jnp.array([5, 3, -1, -1, -1],
                                                     jnp.int32), jnp.zeros(5))
-  dots = ctl.dots_remember(dots, np.array([7, 3, 7]))
+  dots = dots_lib.remember(dots, np.array([7, 3, 7]))
   np.testing.assert_array_equal(dots.ref_ids, [3, 7, 5, -1, -1])
-  dots = ctl.dots_remember(dots, np.array([1, 2, 4]))
+  dots = dots_lib.remember(dots, np.array([1, 2, 4]))
   np.testing.assert_array_equal(dots.ref_ids, [1, 2, 4, 3, 7])
 
 
@@ -470,15 +471,15 @@ def test_dots_history_spends_no_reference_rollouts_and_avoids_all_equal(
   # step, with no references, predicts 0.5 everywhere).
   assert predicted[0] == 0.5
   assert abs(np.mean(predicted[4:]) - 0.5) < 0.15
-  # The controller's prediction is the selector module's, with the
-  # configured readout and half-life.
+  # The selector's prediction is the DOTS module's, with the configured
+  # readout and half-life.
   halflife = readout.get('dots_ref_halflife', 0.0)
-  want = sel.dots_history_predict(
+  want = dots_lib.dots_history_predict(
       state, cur.cfg.dots_cosine_scale, prior=cur.cfg.dots_prior,
       ridge=readout.get('dots_ridge'), halflife=halflife)
-  np.testing.assert_allclose(cur._dots_predict(state), want, rtol=1e-4)  # pylint: disable=protected-access
+  np.testing.assert_allclose(cur.selector.predict(state), want, rtol=1e-4)
   if halflife:
-    flat = sel.dots_history_predict(
+    flat = dots_lib.dots_history_predict(
         state, cur.cfg.dots_cosine_scale, prior=cur.cfg.dots_prior,
         ridge=readout['dots_ridge'])
     assert not np.allclose(want, flat)

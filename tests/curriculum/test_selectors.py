@@ -5,7 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rlx import config as config_lib
+from rlx.curriculum import dots as dots_lib
 from rlx.curriculum import estimators as est
+from rlx.curriculum import likelihood as lik
 from rlx.curriculum import selectors as sel
 
 N, MID = 60, 12  # Prompts 0..11 sit at p = 0.5, the rest near 0 or 1.
@@ -31,14 +34,23 @@ def _state(num_refs: int = 4):
   return sel.CurriculumState(stats, sel.gdro_init(5), dots)
 
 
-def _selector(name):
-  return sel.make(name, mmr1_mix=0.5, spo_floor=0.05, dots_tau=0.1)
+def _make(name, **knobs) -> sel.Selector:
+  """The selector `name` under the default curriculum knobs (mmr1_mix 0.5,
+  spo_floor 0.05, dots_tau 0.1) and `knobs`."""
+  cfg = config_lib.CurriculumConfig(selector=name, **knobs)
+  return sel.make(cfg, est.beta_bernoulli(),
+                  score_fn=lambda params, ids: np.zeros(len(ids)))
+
+
+def _selector(name, **knobs):
+  """Its pure `select`."""
+  return _make(name, **knobs).select
 
 
 INFORMED = ('vade', 'insight', 'cures', 'mmr1_vas', 'spo', 'dots')
 
 
-@pytest.mark.parametrize('name', sel.SELECTORS)
+@pytest.mark.parametrize('name', sel.SELECTORS.names())
 def test_deterministic_under_a_fixed_key_and_distinct(name):
   fn = jax.jit(_selector(name), static_argnums=2)
   state, key = _state(), jax.random.key(3)
@@ -73,7 +85,7 @@ def test_uniform_ignores_the_posterior():
   np.testing.assert_allclose(picks / 300, 0.1, atol=0.07)
 
 
-@pytest.mark.parametrize('name', sel.SELECTORS)
+@pytest.mark.parametrize('name', sel.SELECTORS.names())
 def test_respects_eligibility_until_exhausted(name):
   fn = _selector(name)
   eligible = jnp.zeros(N, bool).at[jnp.arange(30, 45)].set(True)
@@ -83,7 +95,7 @@ def test_respects_eligibility_until_exhausted(name):
   assert set(range(30, 45)) <= set(ids.tolist()) and len(set(ids)) == 20
 
 
-@pytest.mark.parametrize('name', sel.SELECTORS)
+@pytest.mark.parametrize('name', sel.SELECTORS.names())
 def test_the_fill_beyond_the_eligible_is_drawn_not_the_lowest_ids(name):
   # 2 eligible prompts for 5 slots: the other 3 come from the ineligible
   # ones by the selector's own rule, so they vary with the key (they were
@@ -98,7 +110,7 @@ def test_the_fill_beyond_the_eligible_is_drawn_not_the_lowest_ids(name):
   assert len(fills) > 1, fills
 
 
-@pytest.mark.parametrize('name', sel.SELECTORS)
+@pytest.mark.parametrize('name', sel.SELECTORS.names())
 def test_int_tiers_draw_lower_tiers_first(name):
   fn = jax.jit(_selector(name), static_argnums=2)
   tiers = jnp.asarray(np.arange(N) % 3, jnp.int32)  # 20 prompts per tier.
@@ -126,7 +138,7 @@ def test_gumbel_top_one_matches_weights():
 
 
 def test_mmr1_mixes_vps_and_uniform_draws():
-  fn = jax.jit(sel.make_mmr1_vas(0.5), static_argnums=2)
+  fn = jax.jit(_selector('mmr1_vas', mmr1_mix=0.5), static_argnums=2)
   picks = np.zeros(N)
   for i in range(300):
     picks[np.asarray(fn(_state(), jax.random.key(i), 10))] += 1
@@ -157,10 +169,10 @@ def test_dots_prediction_by_hand():
                        jnp.array([0.2, 0.8, 0.0]))
   logits = np.asarray(embed) @ np.asarray(embed)[[0, 1]].T / np.sqrt(2)
   attn = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-  np.testing.assert_allclose(sel.dots_predict(dots), attn @ [0.2, 0.8],
+  np.testing.assert_allclose(dots_lib.dots_predict(dots), attn @ [0.2, 0.8],
                              rtol=1e-5)
   none = dots._replace(ref_ids=jnp.full((3,), -1, jnp.int32))
-  np.testing.assert_allclose(sel.dots_predict(none), 0.5)
+  np.testing.assert_allclose(dots_lib.dots_predict(none), 0.5)
 
 
 def test_dots_history_prediction_by_hand():
@@ -175,7 +187,7 @@ def test_dots_history_prediction_by_hand():
                        jnp.zeros(3))
   state = sel.CurriculumState(stats, sel.gdro_init(5), dots)
   scale, prior = 3.0, 2.0
-  got = np.asarray(sel.dots_history_predict(state, scale, prior=prior))
+  got = np.asarray(dots_lib.dots_history_predict(state, scale, prior=prior))
   rate = np.array([3 / 4, 0 / 4])  # The references' evidence.
   # Prompt 0 and 1: the only other reference is the other prompt.
   m0, m1 = rate[1], rate[0]
@@ -188,7 +200,7 @@ def test_dots_history_prediction_by_hand():
   empty = state._replace(dots=dots._replace(
       ref_ids=jnp.full((3,), -1, jnp.int32)))
   np.testing.assert_allclose(
-      sel.dots_history_predict(empty, scale, prior=prior),
+      dots_lib.dots_history_predict(empty, scale, prior=prior),
       [(3 + 1) / 6, 1 / 6, 0.5], rtol=1e-5)
 
 
@@ -196,9 +208,9 @@ def test_dots_explore_draws_a_uniform_share():
   # DOTS' share goes to the middle group (p = 0.5); the explored share is
   # uniform over the rest, so it lands in the middle MID / N of the time.
   state = _state()
-  select = jax.jit(sel.make('dots', mmr1_mix=0.5, spo_floor=0.05,
-                            dots_tau=0.05, dots_explore=0.5, scale=1.0),
-                   static_argnums=2)
+  select = jax.jit(_selector('dots', dots_tau=0.05, dots_explore=0.5,
+                             dots_similarity='cosine',
+                             dots_cosine_scale=1.0), static_argnums=2)
   picks = np.stack([np.asarray(select(state, jax.random.key(i), 8))
                     for i in range(200)])
   assert all(len(set(row)) == 8 for row in picks)  # Distinct ids.
@@ -207,8 +219,8 @@ def test_dots_explore_draws_a_uniform_share():
   assert np.mean(picks[:, :4] < MID) > 0.95  # DOTS' half.
   explored = np.mean(picks[:, 4:] < MID)  # Uniform over N - 4 others.
   assert abs(explored - (MID - 4) / (N - 4)) < 0.05
-  none = jax.jit(sel.make('dots', mmr1_mix=0.5, spo_floor=0.05,
-                          dots_tau=0.05, scale=1.0), static_argnums=2)
+  none = jax.jit(_selector('dots', dots_tau=0.05, dots_similarity='cosine',
+                           dots_cosine_scale=1.0), static_argnums=2)
   assert np.mean(np.asarray(none(state, jax.random.key(0), 8)) < MID) == 1.0
 
 
@@ -229,8 +241,9 @@ def test_ridge_readout_against_numpy_and_leave_one_out_refits():
   valid = refs >= 0
   rates = rng.uniform(size=8).astype(np.float32)
   lam = 0.7
-  pred, loo = sel.ridge_readout(jnp.asarray(embed), jnp.asarray(refs),
-                                jnp.asarray(rates), jnp.asarray(valid), lam)
+  pred, loo = dots_lib.ridge_readout(
+      jnp.asarray(embed), jnp.asarray(refs), jnp.asarray(rates),
+      jnp.asarray(valid), lam)
   fit = _np_ridge(embed[refs[valid]], rates[valid], lam)
   np.testing.assert_allclose(pred, fit(embed), rtol=1e-4, atol=1e-5)
   for r in range(8):
@@ -244,10 +257,10 @@ def test_ridge_readout_against_numpy_and_leave_one_out_refits():
   # Fresh references (the card's DOTS state) read out by the probe.
   dots = sel.DotsState(jnp.asarray(embed), jnp.asarray(refs),
                        jnp.asarray(rates))
-  np.testing.assert_allclose(sel.dots_predict(dots, ridge=lam), fit(embed),
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dots_lib.dots_predict(dots, ridge=lam),
+                             fit(embed), rtol=1e-4, atol=1e-5)
   none = dots._replace(ref_ids=jnp.full((8,), -1, jnp.int32))
-  np.testing.assert_allclose(sel.dots_predict(none, ridge=lam), 0.5)
+  np.testing.assert_allclose(dots_lib.dots_predict(none, ridge=lam), 0.5)
 
 
 def test_weighted_ridge_readout_against_numpy_and_leave_one_out_refits():
@@ -258,9 +271,9 @@ def test_weighted_ridge_readout_against_numpy_and_leave_one_out_refits():
   rates = rng.uniform(size=7).astype(np.float32)
   weight = 0.5 ** (np.arange(7) / 2.0)
   lam = 0.4
-  pred, loo = sel.ridge_readout(jnp.asarray(embed), jnp.asarray(refs),
-                                jnp.asarray(rates), jnp.asarray(valid), lam,
-                                jnp.asarray(weight, jnp.float32))
+  pred, loo = dots_lib.ridge_readout(
+      jnp.asarray(embed), jnp.asarray(refs), jnp.asarray(rates),
+      jnp.asarray(valid), lam, jnp.asarray(weight, jnp.float32))
   fit = _np_ridge(embed[refs[valid]], rates[valid], lam, weight[valid])
   np.testing.assert_allclose(pred, fit(embed), rtol=1e-4, atol=1e-5)
   for r in np.flatnonzero(valid):
@@ -271,11 +284,12 @@ def test_weighted_ridge_readout_against_numpy_and_leave_one_out_refits():
                                rtol=1e-4, atol=1e-5)
   assert loo[4] == 0.5
   # Unit weights are the unweighted fit.
-  unweighted = sel.ridge_readout(jnp.asarray(embed), jnp.asarray(refs),
-                                 jnp.asarray(rates), jnp.asarray(valid), lam)
-  ones = sel.ridge_readout(jnp.asarray(embed), jnp.asarray(refs),
-                           jnp.asarray(rates), jnp.asarray(valid), lam,
-                           jnp.ones(7))
+  unweighted = dots_lib.ridge_readout(
+      jnp.asarray(embed), jnp.asarray(refs), jnp.asarray(rates),
+      jnp.asarray(valid), lam)
+  ones = dots_lib.ridge_readout(
+      jnp.asarray(embed), jnp.asarray(refs), jnp.asarray(rates),
+      jnp.asarray(valid), lam, jnp.ones(7))
   for a, b in zip(unweighted, ones):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -294,8 +308,8 @@ def test_dots_history_ridge_half_life_weighs_recent_references():
   lam, prior = 0.01, 2.0
   preds = {}
   for halflife in (0.0, 1.0, 0.25):
-    got = np.asarray(sel.dots_history_predict(state, prior=prior, ridge=lam,
-                                              halflife=halflife))
+    got = np.asarray(dots_lib.dots_history_predict(
+        state, prior=prior, ridge=lam, halflife=halflife))
     weight = None if halflife == 0 else 0.5 ** (np.arange(2) / halflife)
     fit = _np_ridge(embed[:2], np.array([0.0, 1.0]), lam, weight)
     # Prompt 2 is unseen: its prediction is the probe's.
@@ -307,7 +321,7 @@ def test_dots_history_ridge_half_life_weighs_recent_references():
   np.testing.assert_allclose(preds[1.0], 1 / 3, atol=0.01)
   np.testing.assert_allclose(preds[0.25], 1 / 17, atol=0.01)
   with pytest.raises(ValueError, match='half-life'):
-    sel.dots_predictor(history=True, halflife=4.0)  # Attention readout.
+    dots_lib.dots_predictor(history=True, halflife=4.0)  # Attention readout.
 
 
 def test_dots_history_ridge_prediction_by_hand():
@@ -323,7 +337,8 @@ def test_dots_history_ridge_prediction_by_hand():
                        jnp.zeros(4))
   state = sel.CurriculumState(stats, sel.gdro_init(5), dots)
   lam, prior = 0.5, 2.0
-  got = np.asarray(sel.dots_history_predict(state, prior=prior, ridge=lam))
+  got = np.asarray(dots_lib.dots_history_predict(state, prior=prior,
+                                                 ridge=lam))
   succ, fail = np.array([3.0, 0, 0, 2]), np.array([1.0, 4, 0, 2])
   rate = {0: 0.75, 1: 0.0, 3: 0.5}
   m = []
@@ -335,7 +350,8 @@ def test_dots_history_ridge_prediction_by_hand():
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   # A reference's own rate does not move its prior: only its evidence.
   moved = state._replace(stats=stats._replace(alpha=alpha.at[3].set(5.0)))
-  got2 = np.asarray(sel.dots_history_predict(moved, prior=prior, ridge=lam))
+  got2 = np.asarray(dots_lib.dots_history_predict(moved, prior=prior,
+                                                  ridge=lam))
   np.testing.assert_allclose(got2[3], (4 + prior * m[3]) / (6 + prior),
                              rtol=1e-4)
 
@@ -352,9 +368,11 @@ def test_dots_history_selector_prefers_the_middle_group(ridge):
       beta=state.stats.beta.at[MID + 1:half].set(1.0)))
   state = state._replace(dots=state.dots._replace(
       ref_ids=jnp.array([0, MID, half, -1], jnp.int32)))
-  select = jax.jit(sel.make('dots', mmr1_mix=0.5, spo_floor=0.05,
-                            dots_tau=0.1, history=True, scale=1.0,
-                            ridge=ridge),
+  readout = ({} if ridge is None else
+             {'dots_readout': 'ridge', 'dots_ridge': ridge})
+  select = jax.jit(_selector('dots', dots_refs='history',
+                             dots_similarity='cosine',
+                             dots_cosine_scale=1.0, **readout),
                    static_argnums=2)
   ids = np.concatenate([np.asarray(select(state, jax.random.key(i), 6))
                         for i in range(20)])
@@ -367,18 +385,18 @@ def test_likelihood_estimate_by_hand():
   loglik = loglik.at[3].set(-jnp.inf)  # Cannot be sampled: q = 0.
   succ = jnp.array([2.0, 0.0, 0.0, 1.0])
   fail = jnp.array([1.0, 0.0, 0.0, 3.0])
-  got = np.asarray(sel.likelihood_estimate(loglik, succ, fail, 4.0))
+  got = np.asarray(lik.likelihood_estimate(loglik, succ, fail, 4.0))
   np.testing.assert_allclose(
       got, [(2 + 4 * 0.3) / 7, 0.3, 1.0, 1 / 8], rtol=1e-6)
   # Rounding above 0 in the log-probability is no more than certainty.
-  np.testing.assert_allclose(sel.likelihood_estimate(
+  np.testing.assert_allclose(lik.likelihood_estimate(
       jnp.array([1e-3]), jnp.zeros(1), jnp.zeros(1), 2.0), [1.0])
 
 
 def test_likelihood_pick_takes_the_most_mixed_tier_by_tier():
   p_hat = jnp.array([0.05, 0.5, 0.9, 0.45, 0.99, 0.6, 0.0, 0.3])
   key = jax.random.key(0)
-  pick = jax.jit(sel.likelihood_pick, static_argnums=2)
+  pick = jax.jit(lik.likelihood_pick, static_argnums=2)
   got = np.asarray(pick(key, p_hat, 3))
   np.testing.assert_array_equal(got, [1, 3, 5])  # p(1-p) descending.
   np.testing.assert_array_equal(got, np.asarray(pick(key, p_hat, 3)))

@@ -242,7 +242,7 @@ def _jit(fn, *args, **kwargs):
 
 
 def _call(name, rewards, mask, **kwargs):
-  return _jit(objectives.ADVANTAGES[name], rewards, mask, **kwargs)
+  return _jit(objectives.ADVANTAGES.get(name), rewards, mask, **kwargs)
 
 
 def _close(got, want, **kw):

@@ -188,8 +188,8 @@ FORWARD_CASES = [(n, hp, pt) for n, hp in CASES for pt in (False, True)
          for c in FORWARD_CASES])
 def test_loss_matches_numpy(name, hp, per_token_adv):
   logp, old, adv, mask, mu = _inputs(10, per_token_adv)
-  loss, diag = objectives.LOSSES[name](*_j(logp, old, adv, mask),
-                                       behaviour_logp=jnp.asarray(mu), **hp)
+  loss, diag = objectives.LOSSES.get(name)(
+      *_j(logp, old, adv, mask), behaviour_logp=jnp.asarray(mu), **hp)
   want, ratio, low, high = _np_loss(name, logp, old, adv, mask, mu, **hp)
   assert loss.shape == diag['ratio'].shape == (B, G, T)
   np.testing.assert_allclose(np.asarray(loss)[mask], want[mask], rtol=2e-5,
@@ -261,9 +261,9 @@ def test_all_losses_jit():
 
 def test_dapo_is_clip_higher_ppo():
   logp, old, adv, mask, mu = _inputs(13)
-  got, d1 = objectives.LOSSES['dapo'](*_j(logp, old, adv, mask))
-  want, d2 = objectives.LOSSES['ppo_clip'](*_j(logp, old, adv, mask),
-                                           clip_eps=0.2, clip_eps_high=0.28)
+  got, d1 = objectives.LOSSES.get('dapo')(*_j(logp, old, adv, mask))
+  want, d2 = objectives.LOSSES.get('ppo_clip')(
+      *_j(logp, old, adv, mask), clip_eps=0.2, clip_eps_high=0.28)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   for k in d1:
     np.testing.assert_array_equal(np.asarray(d1[k]), np.asarray(d2[k]))
@@ -280,7 +280,7 @@ def test_dual_clip_hand_case():
   logp = old + np.log(rho)
   shape = (1, 1, 5)
   args = [jnp.asarray(x).reshape(shape) for x in (logp, old, adv)]
-  loss, diag = objectives.LOSSES['dual_clip'](
+  loss, diag = objectives.LOSSES.get('dual_clip')(
       *args, jnp.ones(shape, bool), dual_clip_c=3.0)
   np.testing.assert_allclose(np.asarray(loss).ravel(),
                              [-1.2, 3.0, 0.8, 1.0, 2.5], rtol=1e-6)
@@ -290,7 +290,7 @@ def test_dual_clip_hand_case():
                                 [True, False, False, False, False])
 
   def f(lp):
-    return jnp.sum(objectives.LOSSES['dual_clip'](
+    return jnp.sum(objectives.LOSSES.get('dual_clip')(
         lp, args[1], args[2], jnp.ones(shape, bool), dual_clip_c=3.0)[0])
 
   grad = np.asarray(jax.grad(f)(args[0])).ravel()
@@ -299,9 +299,9 @@ def test_dual_clip_hand_case():
 
 def test_dual_clip_bound_only_for_negative_advantages():
   logp, old, adv, mask, _ = _inputs(14, per_token_adv=True)
-  ppo, _ = objectives.LOSSES['ppo_clip'](*_j(logp, old, adv, mask))
-  dual, diag = objectives.LOSSES['dual_clip'](*_j(logp, old, adv, mask),
-                                              dual_clip_c=3.0)
+  ppo, _ = objectives.LOSSES.get('ppo_clip')(*_j(logp, old, adv, mask))
+  dual, diag = objectives.LOSSES.get('dual_clip')(
+      *_j(logp, old, adv, mask), dual_clip_c=3.0)
   ppo, dual = np.asarray(ppo), np.asarray(dual)
   rho = np.exp(logp.astype(np.float64) - old)
   pos, neg = adv >= 0, adv < 0
@@ -313,15 +313,16 @@ def test_dual_clip_bound_only_for_negative_advantages():
   np.testing.assert_array_equal(dual[neg & ~bounded], ppo[neg & ~bounded])
   assert np.all(np.asarray(diag['clipped_low'])[bounded])
   with pytest.raises(ValueError, match='dual_clip_c'):
-    objectives.LOSSES['dual_clip'](*_j(logp, old, adv, mask), dual_clip_c=1.0)
+    objectives.LOSSES.get('dual_clip')(*_j(logp, old, adv, mask),
+                                       dual_clip_c=1.0)
 
 
 @pytest.mark.parametrize('eps_high', [0.28, 0.0])
 def test_gppo_forward_is_clip_higher_but_gradient_survives(eps_high):
   logp, old, adv, mask, _ = _inputs(15)
   hp = dict(clip_eps=0.2, clip_eps_high=eps_high)
-  gppo, gd = objectives.LOSSES['gppo'](*_j(logp, old, adv, mask), **hp)
-  ppo, pd = objectives.LOSSES['ppo_clip'](*_j(logp, old, adv, mask), **hp)
+  gppo, gd = objectives.LOSSES.get('gppo')(*_j(logp, old, adv, mask), **hp)
+  ppo, pd = objectives.LOSSES.get('ppo_clip')(*_j(logp, old, adv, mask), **hp)
   np.testing.assert_allclose(np.asarray(gppo), np.asarray(ppo), rtol=1e-7,
                              atol=0)
   for k in gd:
@@ -381,7 +382,7 @@ def test_gspo_sequence_ratio_and_empty_response():
   logp, old, adv, mask, _ = _inputs(17)
   # Garbage under the mask must not reach s_i.
   logp_poisoned = np.where(mask, logp, 50.0).astype(np.float32)
-  _, diag = objectives.LOSSES['gspo'](*_j(logp_poisoned, old, adv, mask))
+  _, diag = objectives.LOSSES.get('gspo')(*_j(logp_poisoned, old, adv, mask))
   ratio = np.asarray(diag['ratio'])
   np.testing.assert_array_equal(ratio[0, 1], 1.0)  # Empty response.
   d = np.where(mask, logp.astype(np.float64) - old, 0.0).sum(-1)
@@ -404,7 +405,7 @@ def test_cispo_gradient_never_dropped():
   lp = jnp.asarray(logp)
   grad = np.asarray(jax.grad(lambda x: objectives.policy_loss(
       'cispo', x, *_j(old, adv, mask))[0])(lp))
-  _, diag = objectives.LOSSES['cispo'](lp, *_j(old, adv, mask))
+  _, diag = objectives.LOSSES.get('cispo')(lp, *_j(old, adv, mask))
   rho = np.exp(logp.astype(np.float64) - old)
   a = np.broadcast_to(adv[..., None], logp.shape)
   clipped = np.asarray(diag['clipped_high']) & mask

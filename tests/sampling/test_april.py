@@ -11,7 +11,7 @@ from rlx import checkpoint
 from rlx import learner
 from rlx.models import kv_cache
 from rlx.models import transformer as tr
-from rlx.replay import partial_buffer as pb
+from rlx.sampling import partial_buffer as pb
 from rlx.sampling import engine as en
 from rlx.sampling import partial
 from rlx.sampling import sampler as sampler_lib

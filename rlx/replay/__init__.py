@@ -1,1 +1,0 @@
-"""Buffers carried across RL steps, with policy-version bookkeeping."""
