@@ -292,42 +292,6 @@ def setup(cfg: Config, workdir: str, *, stop_after: int | None = None
       last_eval=last_eval, elapsed=elapsed)
 
 
-_COUNTERS = {'rollouts/total': 0, 'tokens/decoded_total': 0,
-             'learner/nonfinite_total': 0,
-             'learner/nonfinite_run': 0,  # The current streak of skips.
-             'elapsed_s': 0.0}
-
-
-def _checkpointer(cfg: Config, workdir: str, say) -> checkpoint.Checkpointer:
-  """The run's checkpoints; a workdir without a finished one starts over
-  (its rows set aside)."""
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                 max_to_keep=cfg.log.keep)
-  if ckpt.latest_step() is None and jax.process_index() == 0:
-    dropped = workdir_lib.set_aside_unfinished(workdir)
-    if dropped:
-      say(f'{workdir} has no finished checkpoint: starting over; the '
-          f'{dropped} rows of the earlier start are in metrics.jsonl.dropped')
-  return ckpt
-
-
-def _set_lora_base(cfg: Config, plan: sharding.Plan, policy, base,
-                   say) -> None:
-  policy.set_base(plan.put(base, policy.param_shardings))
-  say(f'LoRA rank {cfg.lora.rank} on {list(cfg.lora.targets)}: '
-      f'{lora.count_params(policy.abstract_trainable):,} trainable of '
-      f'{transformer.count_params(policy.abstract_params):,} parameters')
-
-
-def _recompute_fn(cfg: Config, logits_fn, split, policy) -> Callable:
-  """(trainable params, minibatch) -> old-policy log-probs from the
-  learner's forward (packed or padded, as the train step's), for
-  rl.recompute_old_logp."""
-  forward = jax.jit(lambda p, part: learner.forward_logp(
-      logits_fn, cfg, p, part, split)[0])
-  return lambda p, part: forward(policy.merged(p), part)
-
-
 def rl_step(run: Run, state: State, step: int) -> tuple[State, dict]:
   """RL step `step`: returns the new state and the step's metrics row."""
   cfg = run.cfg
@@ -449,6 +413,42 @@ def _record(run: Run, state: State, step: int, row: dict, end: int
     run.log.message(f'stopping after step {step + 1}: rl.max_rollouts='
                     f'{cfg.rl.max_rollouts} responses sampled')
   return spent
+
+
+_COUNTERS = {'rollouts/total': 0, 'tokens/decoded_total': 0,
+             'learner/nonfinite_total': 0,
+             'learner/nonfinite_run': 0,  # The current streak of skips.
+             'elapsed_s': 0.0}
+
+
+def _checkpointer(cfg: Config, workdir: str, say) -> checkpoint.Checkpointer:
+  """The run's checkpoints; a workdir without a finished one starts over
+  (its rows set aside)."""
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                 max_to_keep=cfg.log.keep)
+  if ckpt.latest_step() is None and jax.process_index() == 0:
+    dropped = workdir_lib.set_aside_unfinished(workdir)
+    if dropped:
+      say(f'{workdir} has no finished checkpoint: starting over; the '
+          f'{dropped} rows of the earlier start are in metrics.jsonl.dropped')
+  return ckpt
+
+
+def _set_lora_base(cfg: Config, plan: sharding.Plan, policy, base,
+                   say) -> None:
+  policy.set_base(plan.put(base, policy.param_shardings))
+  say(f'LoRA rank {cfg.lora.rank} on {list(cfg.lora.targets)}: '
+      f'{lora.count_params(policy.abstract_trainable):,} trainable of '
+      f'{transformer.count_params(policy.abstract_params):,} parameters')
+
+
+def _recompute_fn(cfg: Config, logits_fn, split, policy) -> Callable:
+  """(trainable params, minibatch) -> old-policy log-probs from the
+  learner's forward (packed or padded, as the train step's), for
+  rl.recompute_old_logp."""
+  forward = jax.jit(lambda p, part: learner.forward_logp(
+      logits_fn, cfg, p, part, split)[0])
+  return lambda p, part: forward(policy.merged(p), part)
 
 
 def _collect(cfg: Config, mode: rollouts.Mode, policy, step: int, weights,

@@ -117,7 +117,7 @@ def main(argv):
       edges[m].add(target)
       if inside:
         deferred.append(f'{m} -> {target}')
-      if layer(target) > layer(m) and not (m == 'rlx'):
+      if layer(target) > layer(m) and m != 'rlx':
         upward.append(f'{m} ({LAYERS[layer(m)][0]}) -> {target} '
                       f'({LAYERS[layer(target)][0]})')
   longest = []
@@ -139,7 +139,7 @@ def main(argv):
   print(f'imports deferred into functions: {len(deferred)}')
   for line in deferred:
     print('  ' + line)
-  print(f'longest functions (lines):')
+  print('longest functions (lines):')
   for n, name in longest[:_LONGEST.value]:
     print(f'  {n:4d} {name}')
   over = [name for n, name in longest if n > 80 and

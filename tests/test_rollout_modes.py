@@ -17,7 +17,7 @@ from rlx.curriculum.controller import Curriculum, epoch_order
 from rlx.logbook import read_metrics
 from rlx import policy as policy_lib
 from rlx import rollouts
-from rlx.rollouts import base as rollouts_base
+from rlx.curriculum import controller
 from rlx.rollouts import tree as tree_mode
 from rlx.types import FinishReason
 
@@ -188,12 +188,12 @@ def test_latr_mix_anneals_linearly_then_holds(tmp_path):
 
 def test_april_data_order_continues_the_uniform_epoch_order():
   # APRIL admits 2B prompts, then B per step, along the same permutation.
-  got = np.concatenate([rollouts_base.data_order(3, 0, 8, 50),
-                        rollouts_base.data_order(3, 8, 4, 50)])
+  got = np.concatenate([controller.data_order(3, 0, 8, 50),
+                        controller.data_order(3, 8, 4, 50)])
   want = np.concatenate([epoch_order(3, s, 4, 50) for s in range(3)])
   np.testing.assert_array_equal(got, want)
   # Across an epoch boundary (50 prompts): each prompt once per epoch.
-  np.testing.assert_array_equal(np.sort(rollouts_base.data_order(3, 0, 50, 50)),
+  np.testing.assert_array_equal(np.sort(controller.data_order(3, 0, 50, 50)),
                                 np.arange(50))
 
 
@@ -321,7 +321,7 @@ def test_april_step_bookkeeping(base, resume):
                                   task.train_prompts[got.ids])
     returned += got.ids.tolist()
   assert off > 0  # Resumed responses kept their earlier tokens.
-  admitted = rollouts_base.data_order(cfg.seed, 0, 4 * b, len(task.train))
+  admitted = controller.data_order(cfg.seed, 0, 4 * b, len(task.train))
   held_ids = state['buffer'].groups.prompt_id[:b].tolist()
   # Every admitted prompt is either returned once or still held.
   assert sorted(returned + held_ids) == sorted(admitted.tolist())

@@ -40,6 +40,7 @@ from rlx import runs
 from rlx.actor import Actor
 from rlx.cli import launch
 from rlx.config import ConfigError
+from rlx.data import task as task_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, "The run's directory.",
                                required=True)
@@ -76,7 +77,7 @@ def load_run(workdir: str, *, step: int = 0,
   if test_files is None:
     return runs.load(workdir, step=step)
   cfg, _, _ = runs.saved_config(workdir, step)
-  if cfg.task.name != 'math_files':
+  if not task_lib.TASKS.get(cfg.task.name).reads_test_files:
     raise ConfigError(f"--test_files: the run's task is {cfg.task.name}, "
                       'whose test prompts are generated; test files are '
                       'for task.name=math_files runs')

@@ -34,7 +34,6 @@ from rlx.curriculum import estimators as est
 from rlx.curriculum import groups as groups_lib
 from rlx.curriculum import oracles
 from rlx.curriculum import selectors as sel
-from rlx.learner import round_up
 
 _ROW_BUCKET = 32  # Flat rollout rows are padded to a multiple of this.
 _GROUP_BUCKET = 4  # The group axis is padded to a multiple of this.
@@ -65,6 +64,18 @@ class Collected:
   extras: dict = dataclasses.field(default_factory=dict)  # Per-response
   # fields a rollout carries beyond the sampler's Rollout (e.g. a tree's
   # path_ids [B, Gc, D]), -1 where no response.
+
+
+def _bucket(n: int, multiple: int) -> int:
+  """n (at least 1) rounded up to a multiple of `multiple`."""
+  return -(-max(n, 1) // multiple) * multiple
+
+
+def data_order(seed: int, start: int, count: int, n: int) -> np.ndarray:
+  """Prompts at data positions [start, start + count) of n: the epoch
+  permutations `epoch_order` walks, one position at a time."""
+  return np.concatenate([epoch_order(seed, p, 1, n)
+                         for p in range(start, start + count)])
 
 
 def resolve_estimator(name: str, selector: str, needed: str = '') -> str:
@@ -248,7 +259,7 @@ class Curriculum:
       (rollout rows [R * per_id, ...], rewards [R * per_id]).
     """
     r = len(ids)
-    padded = r if per_id > 1 else round_up(r, _ROW_BUCKET, 1 << 30)
+    padded = r if per_id > 1 else _bucket(r, _ROW_BUCKET)
     rows = np.concatenate([ids, np.full(padded - r, ids[0])]).astype(int)
     ro, rewards = rollout_fn(params, rows, key, per_id)
     flat = lambda x: np.asarray(x)[:r].reshape((r * per_id,) + x.shape[2:])
@@ -299,11 +310,29 @@ class Curriculum:
     return ids, groups, ~zero
 
   def observe(self, state, ids, successes, counts):
-    """The state after observing groups sampled outside `collect` (e.g.
-    APRIL's): ids [n], successes [n] and responses [n] per group."""
+    """The state after observing groups sampled outside `collect`: ids
+    [n], successes [n] and responses [n] per group."""
     return state._replace(stats=self._observe(
         state.stats, [(np.asarray(ids), np.asarray(successes, float),
                        np.asarray(counts))]))
+
+  def in_order(self, start: int, count: int) -> np.ndarray:
+    """Prompts at data positions [start, start + count): the order the
+    uniform selector's batches walk (APRIL admits prompts in it)."""
+    return data_order(self.seed, start, count, self.pool)
+
+  def observe_trained(self, state, ids, rewards):
+    """Groups sampled outside `collect` and trained whole (APRIL's):
+    ids [B], verifier rewards [B, G]. Returns (the state after observing
+    them, their values [B]: the posterior mean pass rates before, and the
+    curriculum/ metrics `collect` reports for its groups)."""
+    values = np.asarray(est.mean(state.stats))[ids]
+    zero = np.array([zero_variance(r) for r in rewards])
+    metrics = {'curriculum/zero_var_frac': float(zero.mean()),
+               'curriculum/selected_pass_mean': float(np.mean(values))}
+    state = self.observe(state, ids, rewards.sum(-1),
+                         np.full(len(ids), rewards.shape[1]))
+    return state, values, metrics
 
   def _observe(self, stats, evidence):
     """One estimator update with every group observed this step."""
@@ -318,7 +347,7 @@ class Curriculum:
 
   def _assemble(self, ids, groups: groups_lib.Groups, keep, values, spent):
     counts = groups.counts()
-    gc = round_up(int(counts.max()), _GROUP_BUCKET, 1 << 30)
+    gc = _bucket(int(counts.max()), _GROUP_BUCKET)
     b = len(ids)
     first = next(r[0] for r in groups.rows if r)
     t = first.tokens.shape[-1]

@@ -23,6 +23,7 @@ class MathFiles(task_lib.TaskKind):
   """Final answers only (no solutions, hence no warm start); the verifier
   reads the last \\boxed{} (or the answer's own form)."""
   answer_end = True  # A path's first complete \\boxed{...}.
+  reads_test_files = True
 
   @staticmethod
   def check(cfg) -> None:

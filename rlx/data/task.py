@@ -5,6 +5,7 @@ its answer rules. Tasks are registered by name (`task.name`):
   class ChainArith(TaskKind):
     answer_end = False     # has an answer-end rule (TreePO stop_on_answer)
     has_solutions = True   # train prompts carry reference solutions
+    reads_test_files = False  # its test split can come from test files
     @staticmethod
     def check(cfg): ...    # the config's problems for this task
     @staticmethod
@@ -83,6 +84,7 @@ class TaskKind(abc.ABC):
   """A registered task: its capabilities, config checks and loader."""
   answer_end = False  # Its Task has an answer_end_fn.
   has_solutions = False  # Its train prompts carry reference solutions.
+  reads_test_files = False  # Its test split comes from task.test_files.
 
   @staticmethod
   def check(cfg) -> None:

@@ -12,9 +12,10 @@ The protocol and registry are in base.py; a new mode is one file that
 registers a `Mode` subclass (docs/EXTENDING.md).
 """
 
-from rlx.rollouts import april  # Registers the modes.
+# Registers the modes, in the order config errors list them.
+from rlx.rollouts import static  # pylint: disable=g-bad-import-order
 from rlx.rollouts import continuous
-from rlx.rollouts import static
+from rlx.rollouts import april
 from rlx.rollouts import tree
 from rlx.rollouts.base import MODES
 from rlx.rollouts.base import Mode

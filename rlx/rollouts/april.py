@@ -9,7 +9,6 @@ import jax
 import numpy as np
 
 from rlx import errors
-from rlx.curriculum import estimators as est
 from rlx.rollouts import base
 from rlx.rollouts import continuous
 from rlx.sampling import engine as en
@@ -63,7 +62,7 @@ class April(base.Mode):
       self._compiled = True
     buf, cursor = state.mode['buffer'], int(state.mode['cursor'])
     n = self.april.prompts_needed(buf)
-    ids = base.data_order(cur.seed, cursor, n, cur.pool)
+    ids = cur.in_order(cursor, n)
     batch, buf, metrics = self.april(
         params, buf, task.train_prompts[ids], task.train_prompt_mask[ids],
         ids, request.key, cfg.sampling.temperature, cfg.sampling.top_p,
@@ -71,9 +70,8 @@ class April(base.Mode):
     ro = jax.tree.map(np.asarray, batch.rollout)
     pid = np.asarray(batch.prompt_id)
     rewards = base.score(task, ro.tokens, pid)
-    values = np.asarray(est.mean(state.curriculum.stats))[pid]
-    cur_state = cur.observe(state.curriculum, pid, rewards.sum(-1),
-                            np.full(b, g))
+    cur_state, values, cur_metrics = cur.observe_trained(
+        state.curriculum, pid, rewards)
     token_version = np.asarray(batch.version)  # Per token.
     loss_mask = partial.off_policy_loss_mask(
         batch, current_version=request.step, mode=cfg.rollout.off_policy)
@@ -99,7 +97,7 @@ class April(base.Mode):
         extras={'version': token_version},
         prompt=np.asarray(batch.prompt),
         prompt_mask=np.asarray(batch.prompt_mask))
-    metrics.update(base.trained_metrics(values, rewards))
+    metrics.update(cur_metrics)
     mode = {'buffer': buf, 'cursor': np.asarray(cursor + n, np.int64)}
     return groups, base.RolloutState(cur_state, mode), metrics
 

@@ -34,7 +34,7 @@ from rlx import learner
 from rlx import objectives
 from rlx import registry
 from rlx.actor import Actor
-from rlx.curriculum.controller import Collected, Curriculum, epoch_order
+from rlx.curriculum.controller import Collected, Curriculum
 from rlx.types import PRNGKey
 
 MODES = registry.Registry('rollout.mode', selected='rollout.mode')
@@ -86,13 +86,6 @@ def groups_of(collected: Collected, task) -> StepGroups:
                     prompt_mask=task.train_prompt_mask[collected.ids])
 
 
-def data_order(seed: int, start: int, count: int, n: int) -> np.ndarray:
-  """Prompts at data positions [start, start + count): the same epoch
-  permutations the uniform curriculum walks (`epoch_order`)."""
-  return np.concatenate([epoch_order(seed, p, 1, n)
-                         for p in range(start, start + count)])
-
-
 def one_device(tree):
   """`tree` on the first device (the engine's), copied there if needed."""
   dev = jax.devices()[0]
@@ -109,15 +102,6 @@ def score(task, tokens: np.ndarray, ids: np.ndarray) -> np.ndarray:
   answers = [task.train.answers[i] for i in ids for _ in range(g)]
   return np.asarray(task.reward_fn(texts, answers),
                     np.float32).reshape(tokens.shape[:2])
-
-
-def trained_metrics(values: np.ndarray, rewards: np.ndarray) -> dict:
-  """curriculum/ metrics of groups trained whole (every response kept):
-  the share whose rewards are all equal, and the mean estimated pass rate
-  [B] of their prompts when they were chosen."""
-  zero = np.ptp(rewards, axis=1) == 0
-  return {'curriculum/zero_var_frac': float(zero.mean()),
-          'curriculum/selected_pass_mean': float(values.mean())}
 
 
 def mean_metrics(rows: list[dict]) -> dict:

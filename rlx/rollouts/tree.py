@@ -122,7 +122,7 @@ class Tree(base.CurriculumMode):
 
 
 def _check_tree(cfg) -> None:
-  tr, g = cfg.rollout.tree, cfg.rl.group_size
+  tr = cfg.rollout.tree
   require = errors.require
   require(cfg.curriculum.allocator == 'fixed', 'curriculum.allocator',
           f'{cfg.curriculum.allocator!r} is not supported with '
