@@ -20,8 +20,8 @@ def get_config():
   config.objective.loss = 'ppo_clip'
   config.rollout.mode = 'tree'
   config.rollout.tree.kind = 'eptree'
-  config.rollout.tree.num_chains = 2
-  config.rollout.tree.fork_points = 1
-  config.rollout.tree.fork_branches = 3
-  config.rollout.tree.fork_distinct = True
+  config.rollout.tree.eptree.num_chains = 2
+  config.rollout.tree.eptree.fork_points = 1
+  config.rollout.tree.eptree.fork_branches = 3
+  config.rollout.tree.eptree.fork_distinct = True
   return config

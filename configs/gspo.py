@@ -11,6 +11,6 @@ def get_config():
   config = common.base_config()
   config.objective.advantage = 'grpo'
   config.objective.loss = 'gspo'
-  config.objective.gspo_variant = 'seq'
+  config.objective.gspo.variant = 'seq'
   config.objective.aggregation = 'seq-mean-token-mean'
   return config

@@ -13,6 +13,6 @@ def get_config():
   config = common.base_config()
   config.rl.group_size = 5
   config.objective.advantage = 'mc_grpo'
-  config.objective.mc_scale = 'none'
+  config.objective.mc_grpo.scale = 'none'
   config.objective.loss = 'ppo_clip'
   return config

@@ -20,8 +20,12 @@ from typing import Any
 import ml_collections
 
 from rlx import errors
-from rlx import registry
+from rlx import sections
 from rlx.errors import ConfigError
+# The section machinery (rlx/sections.py), used here and by method modules
+# as config.section(...).
+from rlx.sections import (_fields, owned_sections, RENAMED, section, Section,
+                          upgrade, warn_renamed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +123,7 @@ class RLConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class CurriculumConfig:
+class CurriculumConfig(Section, path='curriculum'):
   """Which prompts get rollouts and how many (ALGORITHMS.md section C)."""
   selector: str = 'uniform'  # uniform | vade | insight | cures | mmr1_vas
   # | prompt_gdro | spo | dots | likelihood: how the B prompts of a step are
@@ -145,161 +149,20 @@ class CurriculumConfig:
   # weighted).
   xrpo_bonus: float = 0.1  # xrpo: exploration bonus c / sqrt(n).
   mmr1_mix: float = 0.5  # mmr1_vas: share of the batch drawn by p(1-p).
-  gdro_bins: int = 5  # prompt_gdro/rollout_gdro: pass-rate bins.
-  gdro_eta: float = 1.0  # prompt_gdro: multiplicative-weights step size.
-  gdro_ema: float = 0.9  # prompt_gdro: EMA decay of bin hardness.
-  gdro_explore: float = 0.1  # prompt_gdro: uniform share mixed into q.
   spo_floor: float = 0.05  # spo: priority floor in sqrt(v(1-v)) + floor.
-  dots_refs: str = 'fresh'  # dots: fresh | history. fresh (the card): a
-  # random reference set rolled out every step (dots_ref_prompts x
-  # dots_ref_samples; their rollouts count as spent, they are not trained
-  # on). history: no extra rollouts; the references are the last
-  # dots_history_refs prompts trained on (their pass rates in the
-  # estimator's evidence), and the attention prediction is each prompt's
-  # prior (weight dots_prior) under its own evidence.
-  dots_ref_prompts: int = 16  # dots (fresh): reference prompts per step.
-  dots_ref_samples: int = 4  # dots (fresh): rollouts per reference prompt.
-  dots_history_refs: int = 256  # dots (history): references kept.
-  dots_prior: float = 2.0  # dots (history): pseudo-rollouts the embedding
-  # prediction counts for against a prompt's own evidence.
-  dots_similarity: str = 'dot'  # dots: dot (the card's <e_i, e_r> /
-  # sqrt(D)) | cosine (embeddings centred over the pool and normalised,
-  # times dots_cosine_scale).
-  dots_cosine_scale: float = 20.0  # dots (cosine): inverse temperature.
-  dots_readout: str = 'attention'  # dots: attention (the card's, over the
-  # references) | ridge: a linear probe, ridge regression of the references'
-  # pass rates on their embeddings (and a bias), shrunk toward 0.5 by
-  # dots_ridge; a history reference is predicted leave-one-out. Needs
-  # dots_similarity=cosine (centred, unit-norm embeddings).
-  dots_ridge: float = 1.0  # dots (ridge): the L2 penalty lambda.
-  dots_ref_halflife: float = 0.0  # dots (history, ridge): fit the probe on
-  # recent evidence, the k-th newest reference weighing 0.5^(k / this) in
-  # its least squares (in references: at B prompts per step, B * n is a
-  # half-life of n steps); 0: every reference weighs the same.
-  dots_tau: float = 0.1  # dots: P ~ exp(-|p_hat - 0.5| / tau).
-  dots_explore: float = 0.0  # dots: share of each batch drawn uniformly
-  # instead (round(share * B) prompts), so that history references span
-  # every difficulty; 0: none.
-  dots_embed_every: int = 0  # dots: recompute prompt embeddings every this
-  # many steps; 0: once, from the warm start.
-  likelihood_candidates: int = 16  # likelihood: K; each step draws K * B
-  # candidates uniformly, scores each by one forward pass of the policy over
-  # its reference solution (task.train solutions; no rollouts), and keeps the
-  # B whose estimate p_hat is nearest 0.5 (DAPO refills likewise). Made
-  # for large prompt sets; on a small pool it runs out of mixed prompts and
-  # trains nearly solved ones (docs/BENCHMARKS.md).
-  likelihood_prior: float = 8.0  # likelihood: pseudo-rollouts that
-  # q = exp(log-prob of the reference solution at sampling.temperature)
-  # counts for against the prompt's own evidence: p_hat = (s + prior q) /
-  # (s + f + prior). q is under the full softmax (sampling.top_k and top_p
-  # ignored; with them q is no longer a lower bound on the pass rate).
-  # p_hat is also what the allocators and the curriculum/selected_pass_*
-  # metrics see for the picks (the estimator's posterior mean otherwise).
   skip_threshold: float = 0.5  # skip: drop prompts whose posterior
   # P(group all-equal) is at least this.
   dapo_max_retries: int = 3  # dapo: refill rounds before giving up (then
   # all-equal groups stay masked out; curriculum/dapo_bound_hit = 1).
-  dapo_free_refills: bool = False  # dapo, ANALYSIS ONLY (not a method):
-  # refill rollouts are not charged (left out of rollouts/total,
-  # tokens/decoded_total and rl.max_rollouts; counted in
-  # curriculum/uncharged_rollouts). The filter then knows for free which
-  # groups come back all-equal: an upper bound on what choosing prompts
-  # can save at equal rollouts, to compare selectors against.
-  oracle_screen: int = 0  # ANALYSIS ONLY (not a method): K > 1 draws
-  # (K - 1) * B more candidate prompts besides the first B (the selector's
-  # draws, G rollouts each) and trains on the B groups, of all K * B, with
-  # the largest reward variance (ties at random); only those B groups'
-  # rollouts are charged (the rest in curriculum/uncharged_rollouts). The
-  # bound of a selector that knows each group's outcome in advance and
-  # prefers the most mixed (p near 0.5), beyond avoiding all-equal ones.
-  # Needs allocator 'fixed', filter 'none' and rollout.mode static or
-  # continuous. 0 or 1: off.
-  oracle_probe: int = 0  # oracle_screen, ANALYSIS ONLY: 0: the outcome
-  # oracle above. n >= 2: the difficulty oracle: every candidate gets n
-  # uncharged probe rollouts instead, the B with the largest probe variance
-  # p(1-p) are chosen, and their G training rollouts are sampled afresh
-  # (charged): what a perfect per-prompt difficulty estimate could save,
-  # without knowing the training groups' outcomes.
 
 
 @dataclasses.dataclass(frozen=True)
-class TreeRolloutConfig:
-  """Tree rollouts (rollout.mode=tree; rlx/sampling/tree.py). Every prompt
-  gets W = rl.group_size leaves; the defaults suit chain_arith's short
-  responses (10..80 tokens)."""
-  kind: str = 'treepo'  # treepo | latr | eptree (ALGORITHMS.md section D).
-  segment_len: int = 8  # treepo: tokens decoded between branch decisions.
-  init_divergence: int = 2  # treepo: paths the root opens with.
-  divergence: int = 2  # treepo: most paths one live path becomes at a
-  # segment boundary.
-  allocation: str = 'even'  # treepo: unused budget split evenly over live
-  # paths (even) or by their cumulative log-probs (logp).
-  fallback: bool = True  # treepo: when every path of a prompt ended early,
-  # re-branch from a finished one so it still gets W leaves.
-  repeat_ngram: int = 0  # treepo: end a path that repeats an n-gram
-  # (n <= this) repeat_count times in a row; 0: off.
-  repeat_count: int = 4  # treepo: copies that count as a repetition.
-  stop_on_answer: bool = False  # treepo: end a path at its first complete
-  # \boxed{...} answer (task.name=math_files; chain_arith answers already
-  # end at the stop token).
-  chunk_steps: int = 16  # latr: decode steps per jitted call.
-  tau_abs: float = 0.15  # latr: branch iff p2 > tau_abs ...
-  tau_rel: float = 0.25  # latr: ... and p1 - p2 < tau_rel (card: math).
-  lookahead: tuple = (6, 12)  # latr: a child is compared with its parent
-  # after this many own tokens (the card's 20..50 exceed most responses
-  # here).
-  prune_edit_dist: float = 0.4  # latr: prune a child whose normalised edit
-  # distance to its parent's continuation is below this.
-  max_branches: int = 0  # latr: branch events per prompt; 0: the budget W.
-  mix: float = 1.0  # latr: share of each group grown as a tree at step 0
-  # (the rest are independent samples).
-  mix_end: float = 1.0  # latr: share after mix_anneal_steps (linear).
-  mix_anneal_steps: int = 0  # latr: RL steps over which mix goes to
-  # mix_end; 0: mix throughout.
-  num_chains: int = 2  # eptree M: independent chains per prompt.
-  fork_points: int = 1  # eptree N: fork points per chain and round.
-  fork_branches: int = 3  # eptree T: branches per fork point.
-  rounds: int = 1  # eptree L: forking rounds; needs M <= W <= M (1 + L N T).
-  fork_score: str = 'entropy'  # eptree: fork at the highest behaviour
-  # entropy (entropy) or surprisal -logp (surprisal).
-  fork_distinct: bool = False  # eptree: a branch's first token is sampled
-  # without its parent's token there, so every branch diverges at its fork
-  # (recorded log-probs stay the policy's: biased, like LATR's runner-up).
-
-
-@dataclasses.dataclass(frozen=True)
-class RolloutConfig:
+class RolloutConfig(Section, path='rollout'):
   """How responses are generated (rlx/rollouts/)."""
   mode: str = 'static'  # static: one jitted batch per call, as long as its
   # longest response; continuous: slot engine refilling finished slots;
   # april: continuous + over-provisioned groups, stopping at B finished
   # groups and carrying the rest over; tree: prefix-sharing tree rollouts.
-  num_slots: int = 0  # continuous/april: R decode slots (KV-cache rows);
-  # 0: max(B * G / 2, G) (a static batch of B * G rows is half idle on the
-  # long tail).
-  chunk_steps: int = 0  # continuous/april: decode steps per jitted call
-  # between refills; 0: 16.
-  insert_rows: int = 0  # continuous/april: rows put into free slots per
-  # insert call; 0: max(1, R / 8).
-  prefill_prompts: int = 0  # continuous/april: prompts prefilled together
-  # in one call, ahead of the inserts that copy each one's cache to its
-  # group's rows (fresh or resumed); 0: max(1, R / 4).
-  prefill_bucket: int = 0  # continuous/april: prefills compute a multiple
-  # of this many columns: a prompt prefill its longest prompt's real tokens
-  # (not the left padding of the window), a resume its longest partial
-  # response (over a copy of the prompt's cache); each width compiles once
-  # (all of them before the first rollout); 0: 16.
-  inflight_groups: int = 0  # april: groups in flight N' (> B); 0: 2 B.
-  resume: str = 'prefill'  # april: how unfinished responses continue at
-  # the next step. prefill: prompt + partial response re-prefilled under the
-  # new weights (APRIL); keep_kv: they keep their slot and KV cache and go
-  # on decoding under the new weights over the old weights' keys and values
-  # (PipelineRL's in-flight update; no re-prefill; tokens sampled over a
-  # kept cache carry its older version, so they count as off-policy).
-  off_policy: str = 'keep'  # april: tokens sampled by an older policy stay
-  # in the loss (keep; correct them with objective.correction=tis|icepop
-  # or objective.loss=decoupled, which need rl.recompute_old_logp) or are
-  # masked out of it (mask).
   overlap: bool = False  # One-step off-policy (asynchronous) training:
   # step s + 1's rollout is sampled, in a background thread, by the weights
   # from before step s's update while the learner trains on step s, so
@@ -308,34 +171,19 @@ class RolloutConfig:
   # tis|icepop or objective.loss=decoupled plus rl.recompute_old_logp).
   # Needs a one-device mesh (concurrent multi-device programs could
   # interleave their collectives) and one process.
-  tree: TreeRolloutConfig = TreeRolloutConfig()
 
 
 @dataclasses.dataclass(frozen=True)
-class ObjectiveConfig:
+class ObjectiveConfig(Section, path='objective'):
   advantage: str = 'grpo'  # Advantage estimator (rlx.objectives registry).
   loss: str = 'ppo_clip'  # Policy loss (rlx.objectives registry).
   clip_eps: float = 0.2  # Clip range, low side (and high side when unset).
   clip_eps_high: float = 0.0  # High side of the clip; 0: the loss's default
   # (clip_eps for ppo_clip / dual_clip / decoupled, 0.28 for dapo / gppo /
   # cispo).
-  dual_clip_c: float = 3.0  # Dual-clip bound c for negative advantages.
-  gspo_eps_low: float = 3e-4  # GSPO sequence-ratio clip, low side.
-  gspo_eps_high: float = 4e-4  # GSPO sequence-ratio clip, high side.
-  gspo_variant: str = 'seq'  # GSPO form: seq | token (same gradient).
-  cispo_clip_low: float = 0.0  # CISPO lower bound on the weight.
   correction: str = 'none'  # Sampler/learner mismatch: none | tis | icepop.
-  tis_cap: float = 2.0  # TIS: weights min(pi_old / mu, cap).
-  icepop_low: float = 0.5  # IcePop: tokens with pi_old / mu outside
-  icepop_high: float = 5.0  # [icepop_low, icepop_high] are masked.
   aggregation: str = 'token-mean'  # How token losses become one scalar.
   adv_eps: float = 1e-6  # Added to std denominators of advantages.
-  mc_scale: str = 'none'  # MC-GRPO scaling: none | std | mad.
-  xrpo_lam: float = 0.1  # XRPO novelty boost weight.
-  xrpo_clip: float = 1.0  # XRPO novelty boost cap (nats).
-  d3s_sample_keep: float = 0.5  # D3S: initial fraction of samples kept.
-  d3s_token_keep: float = 0.5  # D3S: initial fraction of tokens kept.
-  d3s_anneal_steps: int = 50  # D3S: updates over which keeps anneal to 1.
   kl_beta: float = 0.0  # Weight of the KL to the reference; 0 disables.
   kl_estimator: str = 'k3'  # k1 | k2 | k3.
   kl_in_reward: bool = False  # Fold the sequence KL into the reward
@@ -484,7 +332,7 @@ class Config:
 
 def default_config_dict() -> ml_collections.ConfigDict:
   """The defaults as a ConfigDict (what recipes start from)."""
-  return ml_collections.ConfigDict(dataclasses.asdict(Config()))
+  return ml_collections.ConfigDict(to_dict(Config()))
 
 
 def _convert(cls, value: Any, path: str, problems: list[str]):
@@ -497,11 +345,15 @@ def _convert(cls, value: Any, path: str, problems: list[str]):
     problems.append(f'{path or "config"}: must be a group of fields, got '
                     f'{type(value).__name__} {value!r}')
     return cls()
-  fields = {f.name for f in dataclasses.fields(cls)}
+  fields = {f.name for f in _fields(cls)}
+  owned = owned_sections(path)
   hints = typing.get_type_hints(cls)
   kwargs = {}
   for key, val in value.items():
     name = '.'.join(filter(None, [path, key]))
+    if key in owned:
+      kwargs[key] = _convert(owned[key], val, name, problems)
+      continue
     if key not in fields:
       problems.append(unknown_key(name))
       continue
@@ -535,14 +387,18 @@ def _check_type(hint, val, name, problems):
 
 
 def _leaf_keys(cls=None, prefix: str = '') -> list[str]:
-  """Every dotted field name of the config (groups excluded)."""
+  """Every dotted field name of the config, owned sections' included
+  (groups excluded)."""
+  cls = cls or Config
   out = []
-  for f in dataclasses.fields(cls or Config):
-    hint = typing.get_type_hints(cls or Config)[f.name]
-    if dataclasses.is_dataclass(hint):
-      out += _leaf_keys(hint, f'{prefix}{f.name}.')
+  hints = typing.get_type_hints(cls)
+  for f in _fields(cls):
+    if dataclasses.is_dataclass(hints[f.name]):
+      out += _leaf_keys(hints[f.name], f'{prefix}{f.name}.')
     else:
       out.append(prefix + f.name)
+  for name, sub in owned_sections(prefix[:-1]).items():
+    out += _leaf_keys(sub, f'{prefix}{name}.')
   return out
 
 
@@ -568,6 +424,15 @@ def unknown_key(name: str) -> str:
 
 
 _require = errors.require
+# Config checks `fn(cfg)` of the modules that own a section or a registry
+# (`check`; rlx.registry adds each registry's).
+CHECKS: list = []
+
+
+def check(fn):
+  """Decorator: `fn(cfg)` (calling errors.require) runs in `build`."""
+  CHECKS.append(fn)
+  return fn
 
 
 def validate(cfg: Config) -> Config:
@@ -586,11 +451,9 @@ def validation_problems(cfg: Config) -> list[str]:
   because of a problem already found in its section (a division by a zero
   the section has named) ends that section only.
   """
-  # The generic sections, then each registry's own checks.
-  checks = (list(_SECTIONS) + [r.run_checks for r in registry.ALL] +
-            registry.CHECKS)
+  # The generic sections, then the checks of the modules that own one.
   with errors.collecting() as problems:
-    for section in checks:
+    for section in list(_SECTIONS) + CHECKS:
       before = len(problems)
       try:
         section(cfg)
@@ -729,7 +592,9 @@ def build(config: ml_collections.ConfigDict | dict) -> Config:
     ConfigError: every problem found (unknown keys, wrong types, bad
       values, impossible combinations), one line each.
   """
-  problems = []
+  if isinstance(config, ml_collections.ConfigDict):
+    config = config.to_dict()
+  config, problems = upgrade(config, to_dict(Config()), warn=True)
   cfg = _convert(Config, config, '', problems)
   problems += validation_problems(cfg)
   if problems:
@@ -737,8 +602,14 @@ def build(config: ml_collections.ConfigDict | dict) -> Config:
   return cfg
 
 
-def to_dict(cfg: Config) -> dict:
-  return dataclasses.asdict(cfg)
+def to_dict(cfg) -> dict:
+  """A config (or a section) as a nested dict, owned sections included."""
+  out = {f.name: getattr(cfg, f.name) for f in _fields(cfg)}
+  out = {k: to_dict(v) if dataclasses.is_dataclass(v) else v
+         for k, v in out.items()}
+  if isinstance(cfg, Section):
+    out.update((k, to_dict(v)) for k, v in cfg._owned.resolved().items())
+  return out
 
 
 def fingerprint(value: Any) -> str:
@@ -758,12 +629,18 @@ def _as_json(value: Any) -> Any:
 def fill_defaults(saved: dict, defaults: dict | None = None) -> dict:
   """`saved` (e.g. a checkpoint's config) with the keys it lacks taken from
   today's defaults: a field added after that checkpoint was written, left
-  at its default, is not a change."""
+  at its default, is not a change. Deprecated flat keys are read under
+  their new names first."""
   defaults = to_dict(Config()) if defaults is None else defaults
+  saved, _ = upgrade(saved, defaults)
+  return _fill(saved, defaults)
+
+
+def _fill(saved: dict, defaults: dict) -> dict:
   out = dict(defaults)
   for key, value in saved.items():
     if isinstance(value, dict) and isinstance(defaults.get(key), dict):
-      value = fill_defaults(value, defaults[key])
+      value = _fill(value, defaults[key])
     out[key] = value
   return out
 

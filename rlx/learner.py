@@ -244,8 +244,8 @@ def _microbatch_loss(logits_fn: LogitsFn, cfg: Config, split, params,
   loss, metrics = objectives.policy_loss(
       obj.loss, logp, mb.old_logp, advantages, mask,
       behaviour_logp=_behaviour(mb), aggregation=obj.aggregation,
-      correction=obj.correction, tis_cap=obj.tis_cap,
-      icepop_low=obj.icepop_low, icepop_high=obj.icepop_high,
+      correction=obj.correction, tis_cap=obj.tis.cap,
+      icepop_low=obj.icepop.low, icepop_high=obj.icepop.high,
       **objectives.LOSSES.get(obj.loss).kwargs(obj), **agg)
   if obj.kl_beta and not obj.kl_in_reward:
     ref_logp, _ = forward_logp(logits_fn, cfg, ref_params, mb, split)

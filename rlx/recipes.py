@@ -77,14 +77,21 @@ def _parse(text: str, like: Any, key: str) -> Any:
 
 
 def override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
-  """Sets dotted `key` (e.g. 'rollout.num_slots') on a ConfigDict; a string
-  value for a non-string field is parsed as a value of the field's type
+  """Sets dotted `key` (e.g. 'rollout.engine.num_slots') on a ConfigDict; a
+  string value for a non-string field is parsed as a value of the field's type
   (`_parse`).
+
+  A deprecated flat name (config_lib.RENAMED) sets its new key, with one
+  line on stderr (unless the ConfigDict holds the old key itself: then
+  `build` moves it).
 
   Raises:
     ConfigError: naming an unknown key (with a did-you-mean), a group
       given a value, or a value of the wrong type.
   """
+  if key in config_lib.RENAMED and not _has(config, key):
+    config_lib.warn_renamed(key)
+    key = config_lib.RENAMED[key]
   *groups, name = key.split('.')
   node = config
   for g in groups:
@@ -101,10 +108,27 @@ def override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
   node[name] = value
 
 
+def _has(config: ml_collections.ConfigDict, key: str) -> bool:
+  """Whether dotted `key` is in `config`."""
+  node = config
+  for part in key.split('.'):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False
+    node = node[part]
+  return True
+
+
 def override_problems(config: ml_collections.ConfigDict,
                       pairs: Sequence[str]) -> list[str]:
-  """`override` for each 'key=value' string; returns the problems."""
+  """`override` for each 'key=value' string; returns the problems (also
+  a deprecated flat name given beside its new one)."""
   problems = []
+  keys = [pair.partition('=')[0].strip() for pair in pairs]
+  for old in dict.fromkeys(keys):
+    new = config_lib.RENAMED.get(old)
+    if new in keys:
+      problems.append(f'{old}: is deprecated and {new} is set too; set '
+                      f'only {new}')
   for pair in pairs:
     key, sep, value = pair.partition('=')
     try:

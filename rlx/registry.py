@@ -21,18 +21,15 @@ the config is built).
 
 from typing import Any, Callable
 
+from rlx import config as config_lib
 from rlx import errors
 
 # Every registry made, in creation order (config.build runs their checks).
 ALL: list['Registry'] = []
-# Config checks of modules that own a section but no registry (LoRA).
-CHECKS: list[Callable] = []
 
-
-def config_check(fn: Callable) -> Callable:
-  """Decorator: `fn(cfg)` (calling errors.require) runs in config.build."""
-  CHECKS.append(fn)
-  return fn
+# Decorator: `fn(cfg)` (calling errors.require) runs in config.build; for
+# modules that own a section but no registry (LoRA).
+config_check = config_lib.check
 
 
 class Registry:
@@ -44,6 +41,7 @@ class Registry:
     self._items: dict[str, Any] = {}
     self._checks: list[Callable] = []
     ALL.append(self)
+    config_lib.check(self.run_checks)
 
   def register(self, name: str) -> Callable:
     """Decorator: registers the decorated object under `name`."""

@@ -56,23 +56,23 @@ METHODS = {
     'spo': {'selector': 'spo'},
     'dots': {'selector': 'dots'},
     # DOTS over the training history: no reference rollouts (see
-    # curriculum.dots_refs in rlx/config.py).
-    'dots_history': {'selector': 'dots', 'dots_refs': 'history',
-                     'dots_similarity': 'cosine'},
+    # curriculum.dots.refs in rlx/config.py).
+    'dots_history': {'selector': 'dots', 'dots.refs': 'history',
+                     'dots.similarity': 'cosine'},
     # The same with a linear probe (ridge) instead of attention as the
-    # readout (curriculum.dots_readout).
-    'dots_ridge': {'selector': 'dots', 'dots_refs': 'history',
-                   'dots_similarity': 'cosine', 'dots_readout': 'ridge'},
+    # readout (curriculum.dots.readout).
+    'dots_ridge': {'selector': 'dots', 'dots.refs': 'history',
+                   'dots.similarity': 'cosine', 'dots.readout': 'ridge'},
     # The probe fitted on recent evidence: the k-th newest of its 256
     # references weighs 0.5^(k / 64) (a half-life of 8 steps at B = 8).
-    'dots_recent': {'selector': 'dots', 'dots_refs': 'history',
-                    'dots_similarity': 'cosine', 'dots_readout': 'ridge',
-                    'dots_ref_halflife': 64.0},
+    'dots_recent': {'selector': 'dots', 'dots.refs': 'history',
+                    'dots.similarity': 'cosine', 'dots.readout': 'ridge',
+                    'dots.ref_halflife': 64.0},
     # The probe with a quarter of each batch drawn uniformly, so that its
-    # references span every difficulty (curriculum.dots_explore).
-    'dots_explore': {'selector': 'dots', 'dots_refs': 'history',
-                     'dots_similarity': 'cosine', 'dots_readout': 'ridge',
-                     'dots_explore': 0.25},
+    # references span every difficulty (curriculum.dots.explore).
+    'dots_explore': {'selector': 'dots', 'dots.refs': 'history',
+                     'dots.similarity': 'cosine', 'dots.readout': 'ridge',
+                     'dots.explore': 0.25},
     # The B of 16 B uniform candidates whose reference solution the policy
     # finds closest to even odds (one forward pass each, no rollouts).
     'likelihood': {'selector': 'likelihood'},
@@ -89,20 +89,20 @@ METHODS = {
 # Not methods: bounds to compare methods against, run only when named in
 # --methods.
 BOUNDS = {
-    # DAPO whose refills are free (curriculum.dapo_free_refills): every
+    # DAPO whose refills are free (curriculum.oracle.free_refills): every
     # trained group is one that did not come back all-equal, and only the
     # trained rollouts count. What any selector that avoids all-equal
     # groups could at best save at equal rollouts (at this G).
-    'dapo_oracle': {'filter': 'dapo', 'dapo_free_refills': True,
+    'dapo_oracle': {'filter': 'dapo', 'oracle.free_refills': True,
                     'dapo_max_retries': 8},
     # The B most mixed (largest reward variance) of 4 * B uniformly drawn
-    # groups, only those charged (curriculum.oracle_screen): what a selector
+    # groups, only those charged (curriculum.oracle.screen): what a selector
     # that also prefers p near 0.5 could at best save.
-    'screen_oracle': {'oracle_screen': 4},
+    'screen_oracle': {'oracle.screen': 4},
     # The same 4 * B candidates, but chosen by 16 free probe rollouts each
     # (their p(1-p)) and trained on G fresh rollouts (curriculum.
-    # oracle_probe): a perfect difficulty estimate, without the outcomes.
-    'probe_oracle': {'oracle_screen': 4, 'oracle_probe': 16},
+    # oracle.probe): a perfect difficulty estimate, without the outcomes.
+    'probe_oracle': {'oracle.screen': 4, 'oracle.probe': 16},
 }
 
 RUNNABLE = {**METHODS, **BOUNDS}
@@ -151,7 +151,7 @@ def run_one(task: str, method: str, seed: int) -> list[dict]:
   config.eval.num_prompts = _EVAL_PROMPTS.value
   config.curriculum.pool_size = _POOL.value
   for key, value in RUNNABLE[method].items():
-    config.curriculum[key] = value
+    recipes.override(config, f'curriculum.{key}', value)
   config.log.progress = False
   config.log.tensorboard = False
   config.log.checkpoint_every = 1000

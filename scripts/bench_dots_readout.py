@@ -9,32 +9,32 @@ P ~ exp(-|p_hat - 0.5| / tau). This bench measures the prediction without
 any RL: the recipe's warm start samples --samples responses to --prompts
 train prompts (cached in --workdir), every prompt is embedded as the
 trainer embeds it (mean final hidden state over the prompt, centred over
-the sampled prompts and normalised: `dots_similarity=cosine`), and then
+the sampled prompts and normalised: `dots.similarity=cosine`), and then
 
 - open loop: R random prompts serve as references, the rest are predicted
-  by attention (`dots_readout=attention`, inverse temperature --scale) and
-  by the ridge probe (`dots_readout=ridge`, each --lams), --repeats random
+  by attention (`dots.readout=attention`, inverse temperature --scale) and
+  by the ridge probe (`dots.readout=ridge`, each --lams), --repeats random
   splits per R. Reported: the correlation of predicted and measured rates,
   and the fraction of all-equal groups (all --samples responses right or
   all wrong) expected among prompts drawn with the selector's weights (the
   waste DOTS exists to avoid; 'uniform' is the fraction over all prompts).
 - closed loop: --sim_steps steps of --sim_batch prompts drawn from those
   not drawn yet, each step's prompts becoming the newest references (at
-  most --sim_refs), as `dots_refs=history` does; a drawn prompt's rate is
+  most --sim_refs), as `dots.refs=history` does; a drawn prompt's rate is
   its measured one. Reported: the all-equal fraction of the draws, per
   quarter of the steps, mean over --sim_seeds. The policy does not change
   here, unlike in training, and drawing without replacement uses up the
   learnable middle of a finite sample (on the hard mix about a quarter of
   the prompts): keep sim_steps x sim_batch well below --prompts / 4.
   --halflives adds ridge (lambda 1) loops whose references weigh 0.5^(k /
-  half-life) by recency (`dots_ref_halflife`); with a fixed policy this
+  half-life) by recency (`dots.ref_halflife`); with a fixed policy this
   shows only what forgetting costs, not what it gains when pass rates move.
 
 --checkpoint=RUN_DIR measures the pass rates under the policy a trainer
 run saved (its latest checkpoint, or --checkpoint_step) instead of the
 warm start, so every table shows the prompts as they look late in a run;
 the embeddings stay the warm start's, as the trainer's DOTS keeps them
-unless `dots_embed_every` is set (--embed_policy: that policy's instead).
+unless `dots.embed_every` is set (--embed_policy: that policy's instead).
 
 Both readouts are rlx's own (`rlx.curriculum.selectors.dots_predict` for
 attention, `ridge_readout` for the probe).
@@ -73,16 +73,16 @@ _REFS = flags.DEFINE_list('refs', ['16', '64', '256'], 'Reference set sizes.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Random splits per size.')
 _LAMS = flags.DEFINE_list('lams', ['0.1', '0.3', '1', '3'], 'Ridge lambdas.')
 _SCALE = flags.DEFINE_float('scale', 20.0, 'Attention inverse temperature '
-                            '(dots_cosine_scale).')
-_TAU = flags.DEFINE_float('tau', 0.1, 'Selection temperature (dots_tau).')
+                            '(dots.cosine_scale).')
+_TAU = flags.DEFINE_float('tau', 0.1, 'Selection temperature (dots.tau).')
 _SIM_STEPS = flags.DEFINE_integer('sim_steps', 64, 'Closed-loop steps.')
 _SIM_BATCH = flags.DEFINE_integer('sim_batch', 8, 'Prompts per step.')
 _SIM_REFS = flags.DEFINE_integer('sim_refs', 256, 'References kept '
-                                 '(dots_history_refs).')
+                                 '(dots.history_refs).')
 _SIM_SEEDS = flags.DEFINE_integer('sim_seeds', 6, 'Closed-loop seeds.')
 _HALFLIVES = flags.DEFINE_list('halflives', ['0'], 'Closed loop: ridge '
                                'reference half-lives '
-                               '(dots_ref_halflife; 0: equal weights).')
+                               '(dots.ref_halflife; 0: equal weights).')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/bench_dots_readout',
                                'Where the sampled rates are cached.')
 _CHECKPOINT = flags.DEFINE_string(
@@ -93,7 +93,7 @@ _CHECKPOINT_STEP = flags.DEFINE_integer(
     'checkpoint_step', 0, 'Which step of --checkpoint (0: the latest).')
 _EMBED_POLICY = flags.DEFINE_bool(
     'embed_policy', False, "Embed the prompts by --checkpoint's policy (what "
-    '`dots_embed_every` would give at that step) instead of the warm start.')
+    '`dots.embed_every` would give at that step) instead of the warm start.')
 
 
 def measure(cfg, path: str, saved: tuple[str, int] | None):

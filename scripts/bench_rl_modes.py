@@ -10,7 +10,7 @@ evaluation draws in every mode: evaluation always uses the static
 sampler). Modes (`MODES`): static, continuous, april (keep), april_mask,
 april_tis (keep + TIS on recomputed old log-probs), april_kv (unfinished
 responses keep their slot and KV cache across the update:
-rollout.resume=keep_kv), static_overlap / april_overlap /
+rollout.april.resume=keep_kv), static_overlap / april_overlap /
 april_kv_overlap (rollout.overlap: the next step sampled during this
 step's update, one policy version stale), and the tree kinds
 treepo, latr, eptree (GRPO advantages over the W = G leaves) plus
@@ -19,7 +19,7 @@ treepo_tree (TreePO's own ancestor-group advantage) and eptree_treerl
 and eptree_n3t1 (each chain forked once at each of its 3 most uncertain
 tokens instead of 3 times at the most uncertain one) and eptree_distinct
 (every branch's first token differs from its parent's there:
-rollout.tree.fork_distinct).
+rollout.tree.eptree.fork_distinct).
 Runs go seed-major (all modes of seed 0, then seed 1), so machine load
 drifts hit every mode.
 
@@ -60,13 +60,14 @@ MODES = {
     'static': {},
     'continuous': {'rollout.mode': 'continuous'},
     'april': {'rollout.mode': 'april'},
-    'april_mask': {'rollout.mode': 'april', 'rollout.off_policy': 'mask'},
+    'april_mask': {'rollout.mode': 'april', 'rollout.april.off_policy': 'mask'},
     'april_tis': {'rollout.mode': 'april', 'objective.correction': 'tis',
                   'rl.recompute_old_logp': True},
-    'april_kv': {'rollout.mode': 'april', 'rollout.resume': 'keep_kv'},
+    'april_kv': {'rollout.mode': 'april', 'rollout.april.resume': 'keep_kv'},
     'static_overlap': {'rollout.overlap': True},
     'april_overlap': {'rollout.mode': 'april', 'rollout.overlap': True},
-    'april_kv_overlap': {'rollout.mode': 'april', 'rollout.resume': 'keep_kv',
+    'april_kv_overlap': {'rollout.mode': 'april',
+                         'rollout.april.resume': 'keep_kv',
                          'rollout.overlap': True},
     'treepo': {'rollout.mode': 'tree', 'rollout.tree.kind': 'treepo'},
     'treepo_tree': {'rollout.mode': 'tree', 'rollout.tree.kind': 'treepo',
@@ -76,10 +77,10 @@ MODES = {
     'eptree_treerl': {'rollout.mode': 'tree', 'rollout.tree.kind': 'eptree',
                       'objective.advantage': 'treerl'},
     'eptree_n3t1': {'rollout.mode': 'tree', 'rollout.tree.kind': 'eptree',
-                    'rollout.tree.fork_points': 3,
-                    'rollout.tree.fork_branches': 1},
+                    'rollout.tree.eptree.fork_points': 3,
+                    'rollout.tree.eptree.fork_branches': 1},
     'eptree_distinct': {'rollout.mode': 'tree', 'rollout.tree.kind': 'eptree',
-                        'rollout.tree.fork_distinct': True},
+                        'rollout.tree.eptree.fork_distinct': True},
 }
 
 _MODES = flags.DEFINE_list('modes', ['static', 'continuous', 'april'],
@@ -93,7 +94,8 @@ _WORKDIR = flags.DEFINE_string('workdir', 'runs/bench_rl_modes', 'Runs go '
 _REPORT_ONLY = flags.DEFINE_bool('report_only', False, 'Only print the '
                                  'tables of runs already in --workdir.')
 _SET = flags.DEFINE_multi_string('set', [], 'Extra override for every run, '
-                                 'key=value (e.g. rollout.num_slots=32).')
+                                 'key=value (e.g. '
+                                 'rollout.engine.num_slots=32).')
 
 
 def _config(mode: str, seed: int) -> config_lib.Config:

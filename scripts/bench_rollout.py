@@ -16,7 +16,7 @@ most short). All three modes get the same KV memory (--slots rows) and want
               complete groups and carries the rest to the next step,
               where partial responses are re-prefilled;
   april_kv    the same, but the partial responses keep their slot and KV
-              cache and go on decoding (rollout.resume=keep_kv).
+              cache and go on decoding (rollout.april.resume=keep_kv).
 
 Weights are fixed (no learning), so every step samples the same
 distribution; the policy version still advances so staleness is reported.

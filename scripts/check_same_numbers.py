@@ -65,9 +65,9 @@ CASES = {
     'vade_dars': ('configs/grpo.py', {
         'curriculum.selector': 'vade', 'curriculum.allocator': 'dars'}, 8),
     'dots_history_ridge': ('configs/grpo.py', {
-        'curriculum.selector': 'dots', 'curriculum.dots_refs': 'history',
-        'curriculum.dots_similarity': 'cosine',
-        'curriculum.dots_readout': 'ridge'}, 8),
+        'curriculum.selector': 'dots', 'curriculum.dots.refs': 'history',
+        'curriculum.dots.similarity': 'cosine',
+        'curriculum.dots.readout': 'ridge'}, 8),
     'mc_grpo': ('configs/mc_grpo.py', {}, 8),
     'd3s': ('configs/grpo.py', {'objective.advantage': 'd3s'}, 8),
     'lora_qwen3': ('configs/grpo.py', {

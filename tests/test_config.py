@@ -22,8 +22,11 @@ def _dict(**overrides):
   """The default config as a plain nested dict with `group.key` overrides."""
   d = config_lib.default_config_dict().to_dict()
   for key, value in overrides.items():
-    group, field = key.split('.')
-    d[group][field] = value
+    *groups, field = key.split('.')
+    node = d
+    for group in groups:
+      node = node[group]
+    node[field] = value
   return d
 
 
@@ -42,7 +45,7 @@ def test_default_recipe_builds_to_dataclass_defaults():
   cfg = config_lib.build(grpo.get_config())
   assert isinstance(cfg, config_lib.Config)
   assert cfg == config_lib.Config()
-  assert config_lib.to_dict(cfg) == dataclasses.asdict(config_lib.Config())
+  assert config_lib.to_dict(cfg) == config_lib.to_dict(config_lib.Config())
   assert cfg.objective.advantage == 'grpo'
   assert cfg.objective.loss == 'ppo_clip'
   # Built configs are frozen.
@@ -109,12 +112,12 @@ def test_int_for_float_is_converted():
 def test_override_parses_strings_by_field_type():
   c = config_lib.default_config_dict()
   recipes.override(c, 'optim.packing', 'false')
-  recipes.override(c, 'rollout.num_slots', '32')
+  recipes.override(c, 'rollout.engine.num_slots', '32')
   recipes.override(c, 'optim.learning_rate', '1e-3')
   recipes.override(c, 'mesh.shape', '(2, 2, 2)')
   recipes.override(c, 'objective.loss', 'cispo')
   cfg = config_lib.build(c)
-  assert cfg.optim.packing is False and cfg.rollout.num_slots == 32
+  assert cfg.optim.packing is False and cfg.rollout.engine.num_slots == 32
   assert cfg.optim.learning_rate == 1e-3 and cfg.mesh.shape == (2, 2, 2)
   assert cfg.objective.loss == 'cispo'
   with pytest.raises(ConfigError, match="rl.group_size: cannot read 'x8'"):
@@ -158,21 +161,21 @@ def test_override_parses_strings_by_field_type():
     ({'curriculum.first_round': 9}, 'curriculum.first_round'),
     ({'curriculum.pool_size': 8}, 'curriculum.pool_size'),
     ({'curriculum.discount': 1.5}, 'curriculum.discount'),
-    ({'curriculum.dots_tau': 0.0}, 'curriculum.dots_tau'),
-    ({'curriculum.dots_readout': 'mlp'}, 'curriculum.dots_readout'),
-    ({'curriculum.dots_readout': 'ridge'}, 'curriculum.dots_readout'),
-    ({'curriculum.dots_ridge': 0.0, 'curriculum.dots_readout': 'ridge',
-      'curriculum.dots_similarity': 'cosine'}, 'curriculum.dots_ridge'),
-    ({'curriculum.dots_explore': 1.5}, 'curriculum.dots_explore'),
-    ({'curriculum.dots_ref_halflife': -1.0},
-     'curriculum.dots_ref_halflife'),
-    ({'curriculum.selector': 'dots', 'curriculum.dots_ref_halflife': 64.0,
-      'curriculum.dots_readout': 'ridge',
-      'curriculum.dots_similarity': 'cosine'},
-     'curriculum.dots_ref_halflife'),
-    ({'curriculum.likelihood_candidates': 0},
-     'curriculum.likelihood_candidates'),
-    ({'curriculum.likelihood_prior': 0.0}, 'curriculum.likelihood_prior'),
+    ({'curriculum.dots.tau': 0.0}, 'curriculum.dots.tau'),
+    ({'curriculum.dots.readout': 'mlp'}, 'curriculum.dots.readout'),
+    ({'curriculum.dots.readout': 'ridge'}, 'curriculum.dots.readout'),
+    ({'curriculum.dots.ridge': 0.0, 'curriculum.dots.readout': 'ridge',
+      'curriculum.dots.similarity': 'cosine'}, 'curriculum.dots.ridge'),
+    ({'curriculum.dots.explore': 1.5}, 'curriculum.dots.explore'),
+    ({'curriculum.dots.ref_halflife': -1.0},
+     'curriculum.dots.ref_halflife'),
+    ({'curriculum.selector': 'dots', 'curriculum.dots.ref_halflife': 64.0,
+      'curriculum.dots.readout': 'ridge',
+      'curriculum.dots.similarity': 'cosine'},
+     'curriculum.dots.ref_halflife'),
+    ({'curriculum.likelihood.candidates': 0},
+     'curriculum.likelihood.candidates'),
+    ({'curriculum.likelihood.prior': 0.0}, 'curriculum.likelihood.prior'),
     ({'rl.max_rollouts': -1}, 'rl.max_rollouts'),
     ({'warmstart.max_steps': 13}, 'warmstart.max_steps'),
     ({'objective.advantage': 'tree'}, 'objective.advantage'),
@@ -297,7 +300,7 @@ def test_every_problem_is_reported_at_once_one_line_each():
 
 @pytest.mark.parametrize('pair,line', [
     ('rl.rollout=april', 'rl.rollout: unknown config key; did you mean '
-     'rl.max_rollouts or rollout.mode or rollout.num_slots?'),
+     'rl.max_rollouts or rollout.mode or rollout.overlap?'),
     ('rl=3', "rl: is a group of fields, not a value; set one of ["),
     ('optim.learning_rate=-1.0', 'optim.learning_rate: must be > 0'),
     ('optim.learning_rate=inf', 'optim.learning_rate: must be a finite '

@@ -344,7 +344,7 @@ def _scaled_return(rewards, mask, *, values, scale):
 @pytest.fixture
 def scaled_return():
   """`_scaled_return` registered by this test file (removed afterwards):
-  its baseline from Batch.values, its scale from objective.xrpo_lam."""
+  its baseline from Batch.values, its scale from objective.xrpo.lam."""
   objectives.ADVANTAGES.declare(
       'test_scaled_return', inputs={'values': 'values'},
       knobs={'scale': 'xrpo_lam'})(_scaled_return)
@@ -356,7 +356,7 @@ def test_a_registered_advantage_trains_with_its_declared_knobs(
     tmp_dir, model, scaled_return):
   logits_fn, params = model
   cfg = _cfg(tmp_dir, **{'objective.advantage': scaled_return,
-                         'objective.xrpo_lam': 0.5})
+                         'objective.xrpo.lam': 0.5})
   step = learner.make_train_step(logits_fn, SGD, cfg)
   batch = _batch(logits_fn, params, seed=14)
   with pytest.raises(ValueError, match=f'the {scaled_return} advantage '

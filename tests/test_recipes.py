@@ -27,7 +27,7 @@ EXPECTED = {
     'gspo': dict(loss='gspo', aggregation='seq-mean-token-mean'),
     'gppo': dict(loss='gppo', clip_eps_high=0.28),
     'cispo': dict(loss='cispo', clip_eps_high=0.28),
-    'mc_grpo': dict(advantage='mc_grpo', mc_scale='none'),
+    'mc_grpo': {'advantage': 'mc_grpo', 'mc_grpo.scale': 'none'},
     'rloo': dict(advantage='rloo'),
     'reinforce_pp': dict(advantage='reinforce_pp'),
     'grpo_hardmix': dict(advantage='grpo', loss='ppo_clip'),
@@ -46,7 +46,10 @@ def test_recipe_builds_with_its_objective(recipe):
   cfg = config_lib.build(
       importlib.import_module(f'rlx.configs.{recipe}').get_config())
   for key, value in EXPECTED[recipe].items():
-    assert getattr(cfg.objective, key) == value, (recipe, key)
+    section = cfg.objective
+    for part in key.split('.'):
+      section = getattr(section, part)
+    assert section == value, (recipe, key)
   if recipe == 'mc_grpo':
     assert cfg.rl.group_size == 5  # G + 1 with the pivot.
   if recipe == 'grpo_hardmix':  # Short demos, long chains unseen.
@@ -55,10 +58,11 @@ def test_recipe_builds_with_its_objective(recipe):
                                                                        0.1)
   if recipe == 'grpo_eptree':  # The tree of the issue-6 benchmark.
     tree = cfg.rollout.tree
-    assert (cfg.rollout.mode, tree.kind, tree.fork_distinct) == (
+    assert (cfg.rollout.mode, tree.kind, tree.eptree.fork_distinct) == (
         'tree', 'eptree', True)
-    assert (tree.num_chains, tree.fork_points, tree.fork_branches,
-            tree.rounds, cfg.rl.group_size) == (2, 1, 3, 1, 8)
+    assert (tree.eptree.num_chains, tree.eptree.fork_points,
+            tree.eptree.fork_branches, tree.eptree.rounds,
+            cfg.rl.group_size) == (2, 1, 3, 1, 8)
   if recipe == 'grpo_math_lora':  # A real model on math files, adapters.
     assert cfg.task.name == 'math_files' and cfg.lora.rank > 0
     assert (cfg.rl.group_size, cfg.sampling.max_new_tokens) == (8, 1024)

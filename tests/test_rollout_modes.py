@@ -77,27 +77,29 @@ def base(tmp_path_factory):
 
 @pytest.mark.parametrize('overrides,key', [
     ({'rollout.mode': 'bulk'}, 'rollout.mode'),
-    ({'rollout.num_slots': -1}, 'rollout.num_slots'),
-    ({'rollout.num_slots': 8, 'rollout.insert_rows': 9},
-     'rollout.insert_rows'),
-    ({'rollout.prefill_prompts': -1}, 'rollout.prefill_prompts'),
-    ({'rollout.off_policy': 'drop'}, 'rollout.off_policy'),
-    ({'rollout.mode': 'april', 'rollout.resume': 'stale'}, 'rollout.resume'),
-    ({'rollout.mode': 'continuous', 'rollout.resume': 'keep_kv'},
-     'rollout.resume'),
+    ({'rollout.engine.num_slots': -1}, 'rollout.engine.num_slots'),
+    ({'rollout.engine.num_slots': 8, 'rollout.engine.insert_rows': 9},
+     'rollout.engine.insert_rows'),
+    ({'rollout.engine.prefill_prompts': -1},
+     'rollout.engine.prefill_prompts'),
+    ({'rollout.april.off_policy': 'drop'}, 'rollout.april.off_policy'),
+    ({'rollout.mode': 'april', 'rollout.april.resume': 'stale'},
+     'rollout.april.resume'),
+    ({'rollout.mode': 'continuous', 'rollout.april.resume': 'keep_kv'},
+     'rollout.april.resume'),
     ({'rollout.mode': 'april', 'rollout.overlap': True,
-      'rollout.off_policy': 'mask'}, 'rollout.off_policy'),
+      'rollout.april.off_policy': 'mask'}, 'rollout.april.off_policy'),
     ({'rollout.mode': 'april', 'curriculum.selector': 'vade'},
      'curriculum.selector'),
     ({'rollout.mode': 'april', 'curriculum.allocator': 'dars'},
      'curriculum.allocator'),
     ({'rollout.mode': 'april', 'curriculum.filter': 'dapo'},
      'curriculum.filter'),
-    ({'rollout.mode': 'april', 'rollout.inflight_groups': 8},
-     'rollout.inflight_groups'),
+    ({'rollout.mode': 'april', 'rollout.april.inflight_groups': 8},
+     'rollout.april.inflight_groups'),
     # N' = B: an empty partial buffer, which a checkpoint cannot hold.
-    ({'rollout.mode': 'april', 'rollout.inflight_groups': 16},
-     'rollout.inflight_groups'),
+    ({'rollout.mode': 'april', 'rollout.april.inflight_groups': 16},
+     'rollout.april.inflight_groups'),
     ({'rollout.mode': 'april', 'objective.correction': 'tis'},
      'rl.recompute_old_logp'),
     ({'rollout.mode': 'april', 'objective.loss': 'decoupled'},
@@ -105,7 +107,7 @@ def base(tmp_path_factory):
     ({'objective.correction': 'icepop'}, 'rl.recompute_old_logp'),
     ({'rollout.overlap': True, 'objective.loss': 'decoupled'},
      'rl.recompute_old_logp'),
-    ({'rollout.mode': 'april', 'rollout.off_policy': 'mask',
+    ({'rollout.mode': 'april', 'rollout.april.off_policy': 'mask',
       'objective.correction': 'tis'}, 'rl.recompute_old_logp'),
     ({'objective.advantage': 'tree'}, 'objective.advantage'),
     ({'objective.advantage': 'treerl', 'rollout.mode': 'continuous'},
@@ -114,22 +116,22 @@ def base(tmp_path_factory):
      'curriculum.allocator'),
     ({'rollout.mode': 'tree', 'rollout.tree.kind': 'beam'},
      'rollout.tree.kind'),
-    ({'rollout.mode': 'tree', 'rollout.tree.segment_len': 0},
-     'rollout.tree.segment_len'),
-    ({'rollout.mode': 'tree', 'rollout.tree.mix_end': 1.5},
-     'rollout.tree.mix_end'),
-    ({'rollout.mode': 'tree', 'rollout.tree.lookahead': ()},
-     'rollout.tree.lookahead'),
+    ({'rollout.mode': 'tree', 'rollout.tree.treepo.segment_len': 0},
+     'rollout.tree.treepo.segment_len'),
+    ({'rollout.mode': 'tree', 'rollout.tree.latr.mix_end': 1.5},
+     'rollout.tree.latr.mix_end'),
+    ({'rollout.mode': 'tree', 'rollout.tree.latr.lookahead': ()},
+     'rollout.tree.latr.lookahead'),
     ({'rollout.mode': 'tree', 'rollout.tree.kind': 'eptree',
-      'rollout.tree.num_chains': 9}, 'rl.group_size'),
+      'rollout.tree.eptree.num_chains': 9}, 'rl.group_size'),
     ({'rollout.mode': 'tree', 'rollout.tree.kind': 'eptree',
-      'curriculum.selector': 'dots', 'curriculum.dots_ref_samples': 1},
-     'curriculum.dots_ref_samples'),
+      'curriculum.selector': 'dots', 'curriculum.dots.ref_samples': 1},
+     'curriculum.dots.ref_samples'),
     ({'rollout.tree.unknown': 1}, 'rollout.tree.unknown'),
-    ({'rollout.mode': 'tree', 'rollout.tree.stop_on_answer': True},
-     'rollout.tree.stop_on_answer'),  # chain_arith: nothing to cut.
-    ({'rollout.mode': 'tree', 'rollout.tree.fork_distinct': True},
-     'rollout.tree.fork_distinct'),  # treepo: forks at a path's end.
+    ({'rollout.mode': 'tree', 'rollout.tree.treepo.stop_on_answer': True},
+     'rollout.tree.treepo.stop_on_answer'),  # chain_arith: nothing to cut.
+    ({'rollout.mode': 'tree', 'rollout.tree.eptree.fork_distinct': True},
+     'rollout.tree.eptree.fork_distinct'),  # treepo: forks at a path's end.
 ])
 def test_config_errors_name_the_key(overrides, key):
   with pytest.raises(config_lib.ConfigError) as err:
@@ -151,16 +153,17 @@ def _plain(**overrides) -> dict:
 
 
 @pytest.mark.parametrize('overrides', [
-    {'rollout.mode': 'april', 'rollout.off_policy': 'mask'},
-    {'rollout.mode': 'april', 'rollout.resume': 'keep_kv'},
+    {'rollout.mode': 'april', 'rollout.april.off_policy': 'mask'},
+    {'rollout.mode': 'april', 'rollout.april.resume': 'keep_kv'},
     {'rollout.mode': 'april', 'objective.correction': 'tis',
-     'rl.recompute_old_logp': True, 'rollout.inflight_groups': 20},
+     'rl.recompute_old_logp': True, 'rollout.april.inflight_groups': 20},
     {'rollout.mode': 'tree', 'objective.advantage': 'tree',
      'curriculum.selector': 'vade', 'curriculum.filter': 'dapo'},
     {'rollout.mode': 'tree', 'objective.advantage': 'treerl',
      'rollout.tree.kind': 'eptree'},
     {'rollout.mode': 'tree', 'rollout.tree.kind': 'latr',
-     'rollout.tree.mix_end': 0.0, 'rollout.tree.mix_anneal_steps': 10},
+     'rollout.tree.latr.mix_end': 0.0,
+     'rollout.tree.latr.mix_anneal_steps': 10},
     {'rollout.mode': 'continuous', 'curriculum.allocator': 'dars'},
 ])
 def test_supported_combinations_build(overrides):
@@ -179,9 +182,9 @@ def test_resumed_tuple_fields_are_not_a_config_change():
 
 def test_latr_mix_anneals_linearly_then_holds(tmp_path):
   cfg = _cfg(tmp_path, **{'rollout.mode': 'tree', 'rollout.tree.kind': 'latr',
-                          'rollout.tree.mix': 1.0,
-                          'rollout.tree.mix_end': 0.25,
-                          'rollout.tree.mix_anneal_steps': 3})
+                          'rollout.tree.latr.mix': 1.0,
+                          'rollout.tree.latr.mix_end': 0.25,
+                          'rollout.tree.latr.mix_anneal_steps': 3})
   np.testing.assert_allclose([tree_mode.latr_mix(cfg, s) for s in range(6)],
                              [1.0, 0.75, 0.5, 0.25, 0.25, 0.25])
 
@@ -273,8 +276,9 @@ def test_april_step_bookkeeping(base, resume):
   returned once, off-policy tokens masked in 'mask' mode, decoded tokens
   counted; with keep_kv the responses decoding at a stop go on in their
   slots at the next step."""
-  cfg = _cfg(base, **{'rollout.mode': 'april', 'rollout.off_policy': 'mask',
-                      'rollout.resume': resume})
+  cfg = _cfg(base, **{'rollout.mode': 'april',
+                      'rollout.april.off_policy': 'mask',
+                      'rollout.april.resume': resume})
   task, model, params = policy_lib.warm_started_policy(cfg)
   cur = Curriculum(cfg.curriculum, cfg.rl, len(task.train), seed=cfg.seed)
   actor = Actor(model, task, cfg.sampling.max_new_tokens)
@@ -423,7 +427,7 @@ def test_overlap_kill_and_resume_equals_uninterrupted(base):
 
 def test_overlap_april_tokens_are_one_version_stale(base):
   over = {'rollout.mode': 'april', 'rollout.overlap': True,
-          'rollout.resume': 'keep_kv'}
+          'rollout.april.resume': 'keep_kv'}
   _, rows, _ = _run(base, 'overlap_april', **over)
   assert rows[0]['rollout/staleness/0'] > 0  # Step 1: the current weights.
   for r in rows[1:]:  # Later: every token at least one version old.
@@ -470,8 +474,10 @@ def test_eptree_mode_trains_with_the_treerl_advantage(base):
   of 2 devices (the tree samples on one) with the ahead-of-time memory
   report, which compiles the step with the tree's Batch fields."""
   over = {'rollout.mode': 'tree', 'objective.advantage': 'treerl',
-          'rollout.tree.kind': 'eptree', 'rollout.tree.num_chains': 2,
-          'rollout.tree.fork_points': 1, 'rollout.tree.fork_branches': 1,
+          'rollout.tree.kind': 'eptree',
+          'rollout.tree.eptree.num_chains': 2,
+          'rollout.tree.eptree.fork_points': 1,
+          'rollout.tree.eptree.fork_branches': 1,
           'rl.num_steps': 2, 'mesh.shape': (2, 1, 1),
           'log.memory_stats': True}
   _, rows, _ = _run(base, 'eptree', **over)

@@ -112,12 +112,12 @@ def test_corrupt_checkpoint_is_reported(uninterrupted, tmp_path):
     {'curriculum.selector': 'vade', 'curriculum.allocator': 'dars',
      'curriculum.filter': 'dapo+skip', 'objective.advantage': 'spo'},
     # DOTS over the history: the reference buffer is in the checkpoint.
-    {'curriculum.selector': 'dots', 'curriculum.dots_refs': 'history',
-     'curriculum.dots_similarity': 'cosine',
-     'curriculum.dots_history_refs': 8, 'curriculum.filter': 'dapo'},
+    {'curriculum.selector': 'dots', 'curriculum.dots.refs': 'history',
+     'curriculum.dots.similarity': 'cosine',
+     'curriculum.dots.history_refs': 8, 'curriculum.filter': 'dapo'},
     # The likelihood selector scores candidates by the policy each step.
     {'curriculum.selector': 'likelihood', 'curriculum.filter': 'dapo',
-     'curriculum.likelihood_candidates': 2}],
+     'curriculum.likelihood.candidates': 2}],
                          ids=['vade_dars_dapo_skip', 'dots_history',
                               'likelihood'])
 def test_curriculum_run_resumes_exactly(tmp_path, method):

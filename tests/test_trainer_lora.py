@@ -197,7 +197,7 @@ def test_sampler_stops_on_every_stop_id(tmp_path, tokenizer):
 
 def test_treepo_answer_rule_cuts_after_the_first_box(tmp_path, tokenizer):
   c = _config_dict(tmp_path)
-  c.rollout.mode, c.rollout.tree.stop_on_answer = 'tree', True
+  c.rollout.mode, c.rollout.tree.treepo.stop_on_answer = 'tree', True
   cfg = config_lib.build(c)
   # The math_files task supplies the rule (its first complete box).
   stop_fn = tree_mode.tree_stop_fn(cfg, load_task(cfg.task, tokenizer))
@@ -206,7 +206,7 @@ def test_treepo_answer_rule_cuts_after_the_first_box(tmp_path, tokenizer):
   assert tokenizer.decode(ids[:n]).endswith('\\boxed{12}')
   assert '}' not in tokenizer.decode(ids[:n - 1])
   assert stop_fn(ids[:n - 1]) == 0
-  c.rollout.tree.stop_on_answer = False
+  c.rollout.tree.treepo.stop_on_answer = False
   cfg = config_lib.build(c)
   assert tree_mode.tree_stop_fn(cfg, load_task(cfg.task, tokenizer)) is None
 

@@ -13,7 +13,7 @@ The host side of one RL step up to the learner:
   update           -> estimator (every rollout is evidence), then the
                       selector's own state (GDRO weights, DOTS history)
 
-The analysis bounds (oracle_screen, dapo_free_refills) wrap the allocate
+The analysis bounds (oracle.screen, oracle.free_refills) wrap the allocate
 and filter phase (oracles.py). Rollouts with variable group sizes are
 sampled as flat rows (one response per row, rows padded to a bucket so the
 sampler compiles once per bucket) and scattered back into [B, Gc, T] with a
@@ -121,7 +121,7 @@ class Curriculum:
         max_group=self.max_group,
         first_round=cfg.first_round or max(g // 2, cfg.min_group),
         dars_schedule=cfg.dars_schedule, xrpo_bonus=cfg.xrpo_bonus,
-        num_bins=cfg.gdro_bins)
+        num_bins=cfg.gdro.bins)
     self._update = jax.jit(self.estimator.update)
     self._prob_same = jax.jit(est.prob_all_same, static_argnums=2)
     self.embed_fn = embed_fn
@@ -145,7 +145,7 @@ class Curriculum:
 
   def _init(self, embed: Callable[[], jax.Array]) -> sel.CurriculumState:
     state = sel.default_state(self.estimator.init(self.pool),
-                              self.cfg.gdro_bins)
+                              self.cfg.gdro.bins)
     return state._replace(**self.selector.init(embed))
 
   def embed_pool(self, params) -> jax.Array:

@@ -2,25 +2,70 @@
 from prompt embeddings, is near 0.5.
 
 The prediction p_hat [N] reads the pass rates of reference prompts out by
-their embeddings' similarity: fresh references (the card's, dots_refs=
+their embeddings' similarity: fresh references (the card's, dots.refs=
 fresh: a random set rolled out every step, `Dots.prepare`) or the prompts
-trained on most recently (dots_refs=history: no extra rollouts, their
+trained on most recently (dots.refs=history: no extra rollouts, their
 rates from the estimator's evidence, `Dots.observe` keeps the list), read
-out by attention (the card's) or a ridge probe (dots_readout=ridge). The
+out by attention (the card's) or a ridge probe (dots.readout=ridge). The
 embeddings are the policy's (`Step.embed`), taken at init and every
-dots_embed_every steps.
+dots.embed_every steps.
 """
 
+import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlx import config as config_lib
 from rlx import errors
 from rlx.curriculum import estimators as est
 from rlx.curriculum import selectors as sel
 from rlx.types import Array
+
+
+@config_lib.section('curriculum.dots', renamed={
+    f'dots_{k}': k for k in (
+        'refs', 'ref_prompts', 'ref_samples', 'history_refs', 'prior',
+        'similarity', 'cosine_scale', 'readout', 'ridge', 'ref_halflife',
+        'tau', 'explore', 'embed_every')})
+@dataclasses.dataclass(frozen=True)
+class DotsConfig:
+  """The dots selector: curriculum.dots.*."""
+  refs: str = 'fresh'  # dots: fresh | history. fresh (the card): a
+  # random reference set rolled out every step (ref_prompts x
+  # ref_samples; their rollouts count as spent, they are not trained
+  # on). history: no extra rollouts; the references are the last
+  # history_refs prompts trained on (their pass rates in the
+  # estimator's evidence), and the attention prediction is each prompt's
+  # prior (weight prior) under its own evidence.
+  ref_prompts: int = 16  # dots (fresh): reference prompts per step.
+  ref_samples: int = 4  # dots (fresh): rollouts per reference prompt.
+  history_refs: int = 256  # dots (history): references kept.
+  prior: float = 2.0  # dots (history): pseudo-rollouts the embedding
+  # prediction counts for against a prompt's own evidence.
+  similarity: str = 'dot'  # dots: dot (the card's <e_i, e_r> /
+  # sqrt(D)) | cosine (embeddings centred over the pool and normalised,
+  # times cosine_scale).
+  cosine_scale: float = 20.0  # dots (cosine): inverse temperature.
+  readout: str = 'attention'  # dots: attention (the card's, over the
+  # references) | ridge: a linear probe, ridge regression of the references'
+  # pass rates on their embeddings (and a bias), shrunk toward 0.5 by
+  # ridge; a history reference is predicted leave-one-out. Needs
+  # similarity=cosine (centred, unit-norm embeddings).
+  ridge: float = 1.0  # dots (ridge): the L2 penalty lambda.
+  ref_halflife: float = 0.0  # dots (history, ridge): fit the probe on
+  # recent evidence, the k-th newest reference weighing 0.5^(k / this) in
+  # its least squares (in references: at B prompts per step, B * n is a
+  # half-life of n steps); 0: every reference weighs the same.
+  tau: float = 0.1  # dots: P ~ exp(-|p_hat - 0.5| / tau).
+  explore: float = 0.0  # dots: share of each batch drawn uniformly
+  # instead (round(share * B) prompts), so that history references span
+  # every difficulty; 0: none.
+  embed_every: int = 0  # dots: recompute prompt embeddings every this
+  # many steps; 0: once, from the warm start.
+
 
 # The DOTS part of the curriculum state (defined with the other parts).
 DotsState = sel.DotsState
@@ -45,7 +90,7 @@ def dots_predict(dots: DotsState, scale: float | None = None, *,
 
 def centre_and_normalise(embed: Array) -> Array:
   """Embeddings centred over the pool and scaled to unit norm
-  (`dots_similarity=cosine`; the ridge readout's lambda is on this
+  (`dots.similarity=cosine`; the ridge readout's lambda is on this
   scale)."""
   embed = embed - jnp.mean(embed, axis=0)
   return embed / jnp.maximum(
@@ -65,7 +110,7 @@ def _attention(embed: Array, refs: Array, valid: Array, scale) -> Array:
 def ridge_readout(embed: Array, refs: Array, rates: Array, valid: Array,
                   lam: float, weight: Array | None = None
                   ) -> tuple[Array, Array]:
-  """A linear probe of pass rates on prompt embeddings (`dots_readout=ridge`).
+  """A linear probe of pass rates on prompt embeddings (`dots.readout=ridge`).
 
   Ridge regression of the valid references' rates, centred at 0.5, on
   [e_r, 1]: w = (X^T X + lam I)^-1 X^T (y - 0.5), so that little evidence
@@ -100,7 +145,7 @@ def dots_history_predict(state: sel.CurriculumState,
                          alpha0: float = 1.0, beta0: float = 1.0,
                          ridge: float | None = None,
                          halflife: float = 0.0) -> Array:
-  """DOTS over the training history (`curriculum.dots_refs=history`).
+  """DOTS over the training history (`curriculum.dots.refs=history`).
 
   The references are the prompts trained on most recently (`dots.ref_ids`,
   -1: empty slot); no extra rollouts. With s_i = alpha_i - alpha0 and
@@ -183,21 +228,21 @@ def remember(dots: DotsState, ids) -> DotsState:
 @sel.SELECTORS.register('dots')
 class Dots(sel.Selector):
   """DOTS: P proportional to exp(-|p_hat - 0.5| / tau), p_hat from
-  `dots_predictor` as the curriculum.dots_* knobs configure it. With
+  `dots_predictor` as the curriculum.dots.* knobs configure it. With
   explore > 0, round(explore * k) of the k prompts are drawn uniformly from
   the rest instead (with history references, so that they span every
   difficulty, not only the band DOTS already picks)."""
 
   def __init__(self, cfg, estimator, **kwargs):
-    self.history = cfg.dots_refs == 'history'
-    cosine = cfg.dots_similarity == 'cosine'
+    self.history = cfg.dots.refs == 'history'
+    cosine = cfg.dots.similarity == 'cosine'
     self._predict = dots_predictor(
         history=self.history,
         # Attention inverse temperature (None: the card's 1 / sqrt(D)).
-        scale=cfg.dots_cosine_scale if cosine else None,
-        prior=cfg.dots_prior, alpha0=cfg.prior_alpha, beta0=cfg.prior_beta,
-        ridge=cfg.dots_ridge if cfg.dots_readout == 'ridge' else None,
-        halflife=cfg.dots_ref_halflife if self.history else 0.0)
+        scale=cfg.dots.cosine_scale if cosine else None,
+        prior=cfg.dots.prior, alpha0=cfg.prior_alpha, beta0=cfg.prior_beta,
+        ridge=cfg.dots.ridge if cfg.dots.readout == 'ridge' else None,
+        halflife=cfg.dots.ref_halflife if self.history else 0.0)
     # state -> p_hat [N], what DOTS predicts for every prompt.
     self.predict = jax.jit(self._predict)
     super().__init__(cfg, estimator, **kwargs)
@@ -205,38 +250,38 @@ class Dots(sel.Selector):
   @classmethod
   def check(cls, cfg) -> None:
     cur = cfg.curriculum
-    errors.require(cur.dots_ref_halflife == 0 or (
-        cur.dots_refs == 'history' and cur.dots_readout == 'ridge'),
-                   'curriculum.dots_ref_halflife', 'weighs history '
-                   "references in the ridge probe: it needs dots_refs="
-                   "'history' and dots_readout='ridge'")
+    errors.require(cur.dots.ref_halflife == 0 or (
+        cur.dots.refs == 'history' and cur.dots.readout == 'ridge'),
+                   'curriculum.dots.ref_halflife', 'weighs history '
+                   "references in the ridge probe: it needs dots.refs="
+                   "'history' and dots.readout='ridge'")
 
   @classmethod
   def group_sizes(cls, cfg) -> list[tuple[str, int]]:
     cur = cfg.curriculum
-    if cur.dots_refs != 'fresh':
+    if cur.dots.refs != 'fresh':
       return []
-    return [('curriculum.dots_ref_samples', cur.dots_ref_samples)]
+    return [('curriculum.dots.ref_samples', cur.dots.ref_samples)]
 
   def init(self, embed):
-    refs = (self.cfg.dots_history_refs if self.history
-            else self.cfg.dots_ref_prompts)
+    refs = (self.cfg.dots.history_refs if self.history
+            else self.cfg.dots.ref_prompts)
     return {'dots': DotsState(embed=self._embed(embed),
                               ref_ids=jnp.full((refs,), -1, jnp.int32),
                               ref_rates=jnp.zeros((refs,)))}
 
   def _embed(self, embed) -> Array:
     """[N, D] float32 embeddings as DOTS reads them (`embed()`, centred
-    and normalised for dots_similarity=cosine)."""
+    and normalised for dots.similarity=cosine)."""
     out = embed()
-    if self.cfg.dots_similarity == 'cosine':
+    if self.cfg.dots.similarity == 'cosine':
       out = centre_and_normalise(out)
     return out
 
   def select(self, state, key, k, eligible=None):
     p = self._predict(state)
-    weight = jnp.exp(-jnp.abs(p - 0.5) / self.cfg.dots_tau)
-    n_uniform = int(round(self.cfg.dots_explore * k))
+    weight = jnp.exp(-jnp.abs(p - 0.5) / self.cfg.dots.tau)
+    n_uniform = int(round(self.cfg.dots.explore * k))
     if not n_uniform:  # The same draws as before the option existed.
       return sel.sample_weighted(key, weight, k, eligible)
     return sel.weighted_then_uniform(key, weight, k, k - n_uniform,
@@ -246,15 +291,15 @@ class Dots(sel.Selector):
     """Refreshes the embeddings on schedule; with fresh references, rolls
     out a random reference set and stores its pass rates."""
     cfg, dots = self.cfg, state.dots
-    every = cfg.dots_embed_every
+    every = cfg.dots.embed_every
     if every and step.step and step.step % every == 0:
       dots = dots._replace(embed=self._embed(step.embed))
     if self.history:  # The references are the trained prompts.
       return state._replace(dots=dots)
     k1, k2 = jax.random.split(step.key)
-    ref = np.asarray(sel.uniform(state, k1, cfg.dots_ref_prompts,
+    ref = np.asarray(sel.uniform(state, k1, cfg.dots.ref_prompts,
                                  step.eligible))
-    successes, counts = step.rollout(ref, k2, cfg.dots_ref_samples)
+    successes, counts = step.rollout(ref, k2, cfg.dots.ref_samples)
     rates = successes / counts
     dots = dots._replace(ref_ids=jnp.asarray(ref, jnp.int32),
                          ref_rates=jnp.asarray(rates, jnp.float32))
@@ -279,24 +324,25 @@ class Dots(sel.Selector):
 
 @sel.SELECTORS.check
 def _check_dots_knobs(cfg) -> None:
-  """The curriculum.dots_* knobs (checked whichever selector is chosen)."""
-  cur = cfg.curriculum
+  """The curriculum.dots.* knobs (checked whichever selector is chosen)."""
+  cur, dots = cfg.curriculum, cfg.curriculum.dots
   for key, value, known in (
-      ('dots_refs', cur.dots_refs, ('fresh', 'history')),
-      ('dots_similarity', cur.dots_similarity, ('dot', 'cosine')),
-      ('dots_readout', cur.dots_readout, ('attention', 'ridge'))):
+      ('dots.refs', dots.refs, ('fresh', 'history')),
+      ('dots.similarity', dots.similarity, ('dot', 'cosine')),
+      ('dots.readout', dots.readout, ('attention', 'ridge'))):
     errors.require(value in known, f'curriculum.{key}',
                    f'{value!r} is not one of {list(known)}')
-  errors.require(0 <= cur.dots_explore <= 1, 'curriculum.dots_explore',
-                 f'{cur.dots_explore} not in [0, 1]')
-  errors.require(cur.dots_readout != 'ridge' or
-                 cur.dots_similarity == 'cosine', 'curriculum.dots_readout',
-                 "ridge needs dots_similarity='cosine' (centred, unit-norm "
-                 'embeddings: dots_ridge is on their scale)')
-  errors.require(cur.dots_ref_halflife >= 0, 'curriculum.dots_ref_halflife',
+  errors.require(0 <= cur.dots.explore <= 1, 'curriculum.dots.explore',
+                 f'{cur.dots.explore} not in [0, 1]')
+  errors.require(cur.dots.readout != 'ridge' or
+                 cur.dots.similarity == 'cosine', 'curriculum.dots.readout',
+                 "ridge needs dots.similarity='cosine' (centred, unit-norm "
+                 'embeddings: dots.ridge is on their scale)')
+  errors.require(cur.dots.ref_halflife >= 0, 'curriculum.dots.ref_halflife',
                  'must be >= 0')
-  for key in ('dots_tau', 'dots_prior', 'dots_cosine_scale', 'dots_ridge'):
-    errors.require(getattr(cur, key) > 0, f'curriculum.{key}', 'must be > 0')
-  for key in ('dots_ref_prompts', 'dots_ref_samples', 'dots_history_refs'):
-    errors.require(getattr(cur, key) >= 1, f'curriculum.{key}',
+  for key in ('tau', 'prior', 'cosine_scale', 'ridge'):
+    errors.require(getattr(dots, key) > 0, f'curriculum.dots.{key}',
+                   'must be > 0')
+  for key in ('ref_prompts', 'ref_samples', 'history_refs'):
+    errors.require(getattr(dots, key) >= 1, f'curriculum.dots.{key}',
                    'must be >= 1')

@@ -28,6 +28,7 @@ ALGORITHMS.md section C; the choices the cards leave open are in each
 docstring.
 """
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlx import config as config_lib
 from rlx import errors
 from rlx import registry
 from rlx.curriculum import estimators as est
@@ -59,7 +61,7 @@ class DotsState(NamedTuple):
   """DOTS: prompt embeddings and the reference prompts."""
   embed: Array  # [N, D] float32 ([1, 1] zeros when DOTS is off).
   ref_ids: Array  # [R] int32 reference prompts (-1: none yet): this step's
-  # reference set, or (dots_refs=history) the prompts trained on most
+  # reference set, or (dots.refs=history) the prompts trained on most
   # recently, newest first.
   ref_rates: Array  # [R] float32 the reference set's measured pass rates
   # (history: unused, the estimator's evidence is read live).
@@ -190,7 +192,7 @@ def make(cfg, estimator: est.Estimator, *, seed: int = 0,
 def group_sizes(cfg) -> list[tuple[str, int]]:
   """(config key, responses per group) of every group size the curriculum
   asks a rollout for: ('rl.group_size', G), then the selector's own (DOTS'
-  fresh references: ('curriculum.dots_ref_samples', n)). `cfg` is the
+  fresh references: ('curriculum.dots.ref_samples', n)). `cfg` is the
   whole rlx Config; an unknown selector adds none (the registry's check
   names it)."""
   name = cfg.curriculum.selector
@@ -348,6 +350,18 @@ class Mmr1Vas(Selector):
                                  int(round(self.cfg.mmr1_mix * k)), eligible)
 
 
+@config_lib.section('curriculum.gdro', renamed={
+    'gdro_bins': 'bins', 'gdro_eta': 'eta', 'gdro_ema': 'ema',
+    'gdro_explore': 'explore'})
+@dataclasses.dataclass(frozen=True)
+class GdroConfig:
+  """prompt_gdro (and rollout_gdro's bins): curriculum.gdro.*."""
+  bins: int = 5  # prompt_gdro/rollout_gdro: pass-rate bins.
+  eta: float = 1.0  # prompt_gdro: multiplicative-weights step size.
+  ema: float = 0.9  # prompt_gdro: EMA decay of bin hardness.
+  explore: float = 0.1  # prompt_gdro: uniform share mixed into q.
+
+
 def gdro_bins(stats: est.PromptStats, num_bins: int) -> Array:
   """Pass-rate bin [N] of each prompt: floor(mean * bins), clipped."""
   return jnp.clip(jnp.floor(est.mean(stats) * num_bins).astype(jnp.int32),
@@ -424,7 +438,7 @@ class PromptGdro(Selector):
 
   def init(self, embed):
     del embed
-    return {'gdro': gdro_init(self.cfg.gdro_bins)}
+    return {'gdro': gdro_init(self.cfg.gdro.bins)}
 
   def observe(self, state, stats_before, evidence):
     # Every group the selector drew this step, the all-equal ones DAPO
@@ -437,8 +451,8 @@ class PromptGdro(Selector):
     cfg = self.cfg
     return state._replace(gdro=gdro_update(
         state.gdro, stats_before, jnp.asarray(drawn[rolled]),
-        jnp.asarray(fail), eta=cfg.gdro_eta, decay=cfg.gdro_ema,
-        explore=cfg.gdro_explore))
+        jnp.asarray(fail), eta=cfg.gdro.eta, decay=cfg.gdro.ema,
+        explore=cfg.gdro.explore))
 
 
 @SELECTORS.register('spo')
@@ -458,8 +472,8 @@ class Spo(Selector):
 def _check_selector_knobs(cfg) -> None:
   """The knobs of the selectors above (checked whichever is chosen)."""
   cur = cfg.curriculum
-  for key in ('mmr1_mix', 'gdro_ema', 'gdro_explore'):
-    value = getattr(cur, key)
+  for key, value in (('mmr1_mix', cur.mmr1_mix), ('gdro.ema', cur.gdro.ema),
+                     ('gdro.explore', cur.gdro.explore)):
     errors.require(0 <= value <= 1, f'curriculum.{key}',
                    f'{value} not in [0, 1]')
-  errors.require(cur.gdro_bins >= 1, 'curriculum.gdro_bins', 'must be >= 1')
+  errors.require(cur.gdro.bins >= 1, 'curriculum.gdro.bins', 'must be >= 1')

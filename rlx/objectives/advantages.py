@@ -21,8 +21,11 @@ documented keyword arguments. The config checks of the estimators are
 `ADVANTAGES.check`s here.
 """
 
+import dataclasses
+
 import jax.numpy as jnp
 
+from rlx import sections
 from rlx import errors
 from rlx.objectives import entries
 from rlx.types import Array
@@ -30,6 +33,30 @@ from rlx.types import Array
 ADVANTAGES = entries.Registry('objective.advantage', entries.Advantage)
 
 _EPS = {'eps': 'adv_eps'}  # The knob of every estimator with a std eps.
+
+
+@sections.section('objective.mc_grpo', renamed={'mc_scale': 'scale'})
+@dataclasses.dataclass(frozen=True)
+class McGrpoConfig:
+  scale: str = 'none'  # MC-GRPO scaling: none | std | mad.
+
+
+@sections.section('objective.xrpo', renamed={'xrpo_lam': 'lam',
+                                               'xrpo_clip': 'clip'})
+@dataclasses.dataclass(frozen=True)
+class XrpoConfig:
+  lam: float = 0.1  # XRPO novelty boost weight.
+  clip: float = 1.0  # XRPO novelty boost cap (nats).
+
+
+@sections.section('objective.d3s', renamed={
+    'd3s_sample_keep': 'sample_keep', 'd3s_token_keep': 'token_keep',
+    'd3s_anneal_steps': 'anneal_steps'})
+@dataclasses.dataclass(frozen=True)
+class D3sConfig:
+  sample_keep: float = 0.5  # D3S: initial fraction of samples kept.
+  token_keep: float = 0.5  # D3S: initial fraction of tokens kept.
+  anneal_steps: int = 50  # D3S: updates over which keeps anneal to 1.
 
 # Slack against float32 round-off in `keep * count` before round/ceil: a
 # product that is mathematically an integer (or a .5) may land a few ulps on
@@ -243,7 +270,7 @@ def _mc_grpo_loss_masks(rewards: Array, group_mask: Array,
 MC_GRPO_SCALES = ('none', 'std', 'mad')
 
 
-@ADVANTAGES.declare('mc_grpo', knobs={'scale': 'mc_scale', **_EPS},
+@ADVANTAGES.declare('mc_grpo', knobs={'scale': 'mc_grpo.scale', **_EPS},
                     group_relative=True, loss_masks=_mc_grpo_loss_masks)
 def mc_grpo(rewards: Array, mask: Array, *, scale: str = 'none',
             eps: float = 1e-6) -> Array:
@@ -458,7 +485,7 @@ def mean_sampler_logp(old_logp: Array, behaviour_logp: Array | None,
 
 @ADVANTAGES.declare('xrpo_sharpen', inputs={'mean_logp': entries.Derived(
     ('old_logp', 'behaviour_logp', 'loss_mask'), mean_sampler_logp)},
-                    knobs={'lam': 'xrpo_lam', 'clip': 'xrpo_clip', **_EPS},
+                    knobs={'lam': 'xrpo.lam', 'clip': 'xrpo.clip', **_EPS},
                     group_relative=True)
 def xrpo_sharpen(rewards: Array, mask: Array, *, mean_logp: Array,
                  lam: float = 0.1, clip: float = 1.0,
@@ -600,19 +627,19 @@ def _d3s_loss_masks(rewards: Array, group_mask: Array, loss_mask: Array,
 
 
 def _annealed(field: str):
-  """A knob: ObjectiveConfig `field`'s keep ratio annealed to 1 over
-  d3s_anneal_steps (`d3s_keep_ratio` at the step)."""
+  """A knob: objective.`field`'s keep ratio annealed to 1 over
+  objective.d3s.anneal_steps (`d3s_keep_ratio` at the step)."""
   def knob(obj, step):
-    return d3s_keep_ratio(step, start=getattr(obj, field), end=1.0,
-                          anneal_steps=obj.d3s_anneal_steps)
-  knob.fields = (field, 'd3s_anneal_steps')
+    return d3s_keep_ratio(step, start=entries.knob_value(obj, field),
+                          end=1.0, anneal_steps=obj.d3s.anneal_steps)
+  knob.fields = (field, 'd3s.anneal_steps')
   return knob
 
 
 @ADVANTAGES.declare(
     'd3s', inputs={'token_entropy': 'entropy', 'loss_mask': 'loss_mask'},
-    knobs={'sample_keep': _annealed('d3s_sample_keep'),
-           'token_keep': _annealed('d3s_token_keep'), **_EPS},
+    knobs={'sample_keep': _annealed('d3s.sample_keep'),
+           'token_keep': _annealed('d3s.token_keep'), **_EPS},
     group_relative=True, loss_masks=_d3s_loss_masks,
     hint="the sampler's token entropies")
 def d3s(rewards: Array, mask: Array, *, token_entropy: Array,
@@ -689,7 +716,7 @@ def _check(cfg) -> None:
   """objective.advantage and what the chosen estimator needs of the rest
   of the config."""
   obj, name = cfg.objective, cfg.objective.advantage
-  errors.one_of(obj.mc_scale, MC_GRPO_SCALES, 'objective.mc_scale')
+  errors.one_of(obj.mc_grpo.scale, MC_GRPO_SCALES, 'objective.mc_grpo.scale')
   errors.require(name in ADVANTAGES, 'objective.advantage',
                  f'unknown {name!r}; known: {sorted(ADVANTAGES)}')
   if name not in ADVANTAGES:

@@ -42,9 +42,17 @@ class Derived(NamedTuple):
 # A knob function returns DEFAULT to leave the function's own default.
 DEFAULT = object()
 
-# Knob: an ObjectiveConfig field name, or `fn(objective_cfg, step) -> value`
+# Knob: an objective config key under objective. ('clip_eps', or a method's
+# own section's 'gspo.eps_low'), or `fn(objective_cfg, step) -> value`
 # (step: the optimizer updates applied, a traced int32; None for losses).
 Knob = str | Callable[[Any, Any], Any]
+
+
+def knob_value(obj, key: str) -> Any:
+  """The value of objective config key `key` (dots follow sections)."""
+  for part in key.split('.'):
+    obj = getattr(obj, part)
+  return obj
 
 
 def unless_zero(field: str) -> Callable[[Any, Any], Any]:
@@ -52,7 +60,7 @@ def unless_zero(field: str) -> Callable[[Any, Any], Any]:
   function's own default (e.g. clip_eps_high: 0.28 for dapo)."""
   def knob(obj, step):
     del step
-    return getattr(obj, field) or DEFAULT
+    return knob_value(obj, field) or DEFAULT
   knob.field = field
   return knob
 
@@ -70,11 +78,19 @@ def knob_fields(knobs: Mapping[str, Knob]) -> tuple[str, ...]:
   return tuple(out)
 
 
+def _exists(obj, key: str) -> bool:
+  try:
+    knob_value(obj, key)
+  except AttributeError:
+    return False
+  return True
+
+
 def check_knobs(key: str, entry, obj) -> None:
-  """Requires every ObjectiveConfig field `entry`'s knobs name to exist (a
+  """Requires every objective config key `entry`'s knobs name to exist (a
   user's registration may misspell one)."""
   for field in knob_fields(entry.knobs):
-    errors.require(hasattr(obj, field), key,
+    errors.require(_exists(obj, field), key,
                    f'{entry.name!r} takes its knob from objective.{field}, '
                    'which is not a config field')
 
@@ -83,7 +99,8 @@ def _resolve(knobs: Mapping[str, Knob], obj, step) -> dict:
   """The knobs' keyword arguments for config `obj` at `step`."""
   out = {}
   for kwarg, knob in knobs.items():
-    value = getattr(obj, knob) if isinstance(knob, str) else knob(obj, step)
+    value = (knob_value(obj, knob) if isinstance(knob, str) else
+             knob(obj, step))
     if value is not DEFAULT:
       out[kwarg] = value
   return out

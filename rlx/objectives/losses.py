@@ -21,9 +21,12 @@ ObjectiveConfig knobs its hyper-parameters come from; the config checks of
 the objective section's loss side are `LOSSES.check`s here.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from rlx import sections
 from rlx import errors
 from rlx.objectives import entries
 from rlx.types import Array
@@ -34,6 +37,43 @@ LOSSES = entries.Registry('objective.loss', entries.Loss)
 # high side (clip_eps for ppo_clip, 0.28 for dapo).
 _CLIP = {'clip_eps': 'clip_eps',
          'clip_eps_high': entries.unless_zero('clip_eps_high')}
+
+
+@sections.section('objective.dual_clip', renamed={'dual_clip_c': 'c'})
+@dataclasses.dataclass(frozen=True)
+class DualClipConfig:
+  c: float = 3.0  # Dual-clip bound c for negative advantages.
+
+
+@sections.section('objective.gspo', renamed={
+    'gspo_eps_low': 'eps_low', 'gspo_eps_high': 'eps_high',
+    'gspo_variant': 'variant'})
+@dataclasses.dataclass(frozen=True)
+class GspoConfig:
+  eps_low: float = 3e-4  # GSPO sequence-ratio clip, low side.
+  eps_high: float = 4e-4  # GSPO sequence-ratio clip, high side.
+  variant: str = 'seq'  # GSPO form: seq | token (same gradient).
+
+
+@sections.section('objective.cispo', renamed={'cispo_clip_low': 'clip_low'})
+@dataclasses.dataclass(frozen=True)
+class CispoConfig:
+  clip_low: float = 0.0  # CISPO lower bound on the weight.
+
+
+@sections.section('objective.tis', renamed={'tis_cap': 'cap'})
+@dataclasses.dataclass(frozen=True)
+class TisConfig:
+  cap: float = 2.0  # TIS (objective.correction=tis): weights
+  # min(pi_old / mu, cap).
+
+
+@sections.section('objective.icepop', renamed={'icepop_low': 'low',
+                                                 'icepop_high': 'high'})
+@dataclasses.dataclass(frozen=True)
+class IcepopConfig:
+  low: float = 0.5  # IcePop (objective.correction=icepop): tokens with
+  high: float = 5.0  # pi_old / mu outside [low, high] are masked.
 
 
 def _token_adv(advantages: Array, ndim: int) -> Array:
@@ -109,7 +149,7 @@ def dapo(logp: Array, old_logp: Array, advantages: Array, loss_mask: Array,
 
 
 @LOSSES.declare('dual_clip',
-                knobs={**_CLIP, 'dual_clip_c': 'dual_clip_c'})
+                knobs={**_CLIP, 'dual_clip_c': 'dual_clip.c'})
 def dual_clip(logp: Array, old_logp: Array, advantages: Array,
               loss_mask: Array, *, behaviour_logp: Array | None = None,
               clip_eps: float = 0.2, clip_eps_high: float = 0.0,
@@ -156,9 +196,9 @@ def _seq_log_ratio(logp: Array, old_logp: Array, loss_mask: Array) -> Array:
   return jnp.sum(diff, -1) / jnp.maximum(length, 1)
 
 
-@LOSSES.declare('gspo', knobs={'eps_low': 'gspo_eps_low',
-                              'eps_high': 'gspo_eps_high',
-                              'variant': 'gspo_variant'})
+@LOSSES.declare('gspo', knobs={'eps_low': 'gspo.eps_low',
+                              'eps_high': 'gspo.eps_high',
+                              'variant': 'gspo.variant'})
 def gspo(logp: Array, old_logp: Array, advantages: Array, loss_mask: Array,
          *, behaviour_logp: Array | None = None, eps_low: float = 3e-4,
          eps_high: float = 4e-4, variant: str = 'seq'):
@@ -242,7 +282,7 @@ def gppo(logp: Array, old_logp: Array, advantages: Array, loss_mask: Array,
 
 
 @LOSSES.declare('cispo', knobs={
-    'clip_low': 'cispo_clip_low',
+    'clip_low': 'cispo.clip_low',
     'clip_eps_high': entries.unless_zero('clip_eps_high')})
 def cispo(logp: Array, old_logp: Array, advantages: Array, loss_mask: Array,
           *, behaviour_logp: Array | None = None,
@@ -443,7 +483,7 @@ def _check(cfg) -> None:
   """objective.loss and the section's other names and bounds."""
   obj, s = cfg.objective, cfg.sampling
   errors.one_of(obj.kl_estimator, KL_ESTIMATORS, 'objective.kl_estimator')
-  errors.one_of(obj.gspo_variant, GSPO_VARIANTS, 'objective.gspo_variant')
+  errors.one_of(obj.gspo.variant, GSPO_VARIANTS, 'objective.gspo.variant')
   errors.one_of(obj.correction, CORRECTIONS, 'objective.correction')
   # Overlong shaping is the reward's (rlx.rewards.shaping), but its knob
   # is the objective's.

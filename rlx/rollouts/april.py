@@ -5,15 +5,51 @@ in the partial buffer (checkpointed with the data cursor as the mode's
 state) and resume first at the next step. The curriculum observes every
 trained group, as in the other modes."""
 
+import dataclasses
+
 import jax
 import numpy as np
 
+from rlx import config as config_lib
 from rlx import errors
 from rlx.rollouts import base
 from rlx.rollouts import continuous
 from rlx.sampling import engine as en
 from rlx.sampling import partial
 from rlx.sampling import partial_buffer as pb
+
+
+ROLLOUT_RESUME = ('prefill', 'keep_kv')  # rollout.april.resume.
+OFF_POLICY = ('keep', 'mask')  # rollout.april.off_policy.
+
+
+@config_lib.section('rollout.april', renamed={k: k for k in (
+    'inflight_groups', 'resume', 'off_policy')})
+@dataclasses.dataclass(frozen=True)
+class AprilRolloutConfig:
+  """APRIL (rollout.mode=april): rollout.april.*."""
+  inflight_groups: int = 0  # april: groups in flight N' (> B); 0: 2 B.
+  resume: str = 'prefill'  # april: how unfinished responses continue at
+  # the next step. prefill: prompt + partial response re-prefilled under the
+  # new weights (APRIL); keep_kv: they keep their slot and KV cache and go
+  # on decoding under the new weights over the old weights' keys and values
+  # (PipelineRL's in-flight update; no re-prefill; tokens sampled over a
+  # kept cache carry its older version, so they count as off-policy).
+  off_policy: str = 'keep'  # april: tokens sampled by an older policy stay
+  # in the loss (keep; correct them with objective.correction=tis|icepop
+  # or objective.loss=decoupled, which need rl.recompute_old_logp) or are
+  # masked out of it (mask).
+
+
+@base.MODES.check
+def _check_april_knobs(cfg) -> None:
+  """rollout.april.* (whichever the mode)."""
+  ap = cfg.rollout.april
+  errors.require(ap.inflight_groups >= 0, 'rollout.april.inflight_groups',
+                 'must be >= 0')
+  errors.require(ap.resume in ROLLOUT_RESUME, 'rollout.april.resume',
+                 f'{ap.resume!r} not in {list(ROLLOUT_RESUME)}')
+  errors.one_of(ap.off_policy, OFF_POLICY, 'rollout.april.off_policy')
 
 
 @base.MODES.register('april')
@@ -28,8 +64,8 @@ class April(base.Mode):
     self.april = partial.AprilSampler(
         self.engine, partial.AprilConfig(
             target_groups=cfg.rl.batch_prompts,
-            inflight_groups=cfg.rollout.inflight_groups,
-            keep_kv=cfg.rollout.resume == 'keep_kv'),
+            inflight_groups=cfg.rollout.april.inflight_groups,
+            keep_kv=cfg.rollout.april.resume == 'keep_kv'),
         group_size=cfg.rl.group_size)
     self._compiled = False
 
@@ -37,7 +73,7 @@ class April(base.Mode):
   def init_state(cls, cfg, task):
     """The partial buffer (N' - B groups) and the data cursor."""
     b = cfg.rl.batch_prompts
-    inflight = cfg.rollout.inflight_groups or 2 * b
+    inflight = cfg.rollout.april.inflight_groups or 2 * b
     return {'buffer': pb.init(inflight - b, group_size=cfg.rl.group_size,
                               prompt_len=task.train_prompts.shape[1],
                               max_new_tokens=cfg.sampling.max_new_tokens,
@@ -74,7 +110,7 @@ class April(base.Mode):
         state.curriculum, pid, rewards)
     token_version = np.asarray(batch.version)  # Per token.
     loss_mask = partial.off_policy_loss_mask(
-        batch, current_version=request.step, mode=cfg.rollout.off_policy)
+        batch, current_version=request.step, mode=cfg.rollout.april.off_policy)
     # Groups the loss cannot see: in 'mask' mode, those that had finished
     # before this step (several groups can finish in the chunk that
     # reaches N; the surplus waits in the buffer and comes back stale).
@@ -104,9 +140,9 @@ class April(base.Mode):
 
 def _check_april(cfg) -> None:
   ro, cur = cfg.rollout, cfg.curriculum
-  errors.require(not ro.inflight_groups or
-                 ro.inflight_groups > cfg.rl.batch_prompts,
-                 'rollout.inflight_groups', f'{ro.inflight_groups} must be 0 '
+  inflight = ro.april.inflight_groups
+  errors.require(not inflight or inflight > cfg.rl.batch_prompts,
+                 'rollout.april.inflight_groups', f'{inflight} must be 0 '
                  f'(2 B) or > rl.batch_prompts={cfg.rl.batch_prompts}: APRIL '
                  'over-provisions (with N\' = B nothing is ever carried over; '
                  'that is rollout.mode=continuous)')
@@ -117,7 +153,7 @@ def _check_april(cfg) -> None:
                            ('filter', cur.filter, 'none')):
     errors.require(value == need, f'curriculum.{key}', f'{value!r} is not '
                    f'supported with rollout.mode=april (needs {need!r})')
-  errors.require(not (ro.overlap and ro.off_policy == 'mask'),
-                 'rollout.off_policy',
+  errors.require(not (ro.overlap and ro.april.off_policy == 'mask'),
+                 'rollout.april.off_policy',
                  "'mask' with rollout.overlap would drop every token (all "
                  "are sampled by the previous weights); use 'keep'")

@@ -128,7 +128,7 @@ class Mode(abc.ABC):
   # tallies (so the analysis bounds can split off uncharged ones).
   curriculum_tallies = False
   # Whether unfinished responses carry over to the next step
-  # (rollout.resume applies).
+  # (rollout.april.resume applies).
   carries_over = False
   # Whether it samples across processes (else on one device of each).
   multi_host = False
@@ -209,31 +209,23 @@ class CurriculumMode(Mode):
     return {}
 
 
-ROLLOUT_RESUME = ('prefill', 'keep_kv')  # rollout.resume.
-OFF_POLICY = ('keep', 'mask')  # rollout.off_policy.
-
-
 @MODES.check
 def _check_rollout(cfg) -> None:
-  """The rollout section, whichever the mode."""
+  """The rollout section, whichever the mode (the engine's and APRIL's
+  knobs: continuous.py, april.py)."""
   ro, cur = cfg.rollout, cfg.curriculum
-  for key in ('num_slots', 'chunk_steps', 'insert_rows', 'prefill_prompts',
-              'prefill_bucket', 'inflight_groups'):
-    errors.require(getattr(ro, key) >= 0, f'rollout.{key}', 'must be >= 0')
-  errors.require(ro.resume in ROLLOUT_RESUME, 'rollout.resume',
-                 f'{ro.resume!r} not in {list(ROLLOUT_RESUME)}')
-  errors.one_of(ro.off_policy, OFF_POLICY, 'rollout.off_policy')
   if ro.mode not in MODES:
     return  # Named by the registry.
   mode = MODES.get(ro.mode)
-  errors.require(ro.resume == 'prefill' or mode.carries_over,
-                 'rollout.resume', f'{ro.resume!r} needs rollout.mode=april '
+  resume = ro.april.resume
+  errors.require(resume == 'prefill' or mode.carries_over,
+                 'rollout.april.resume', f'{resume!r} needs rollout.mode=april '
                  f'(is {ro.mode!r}): only APRIL carries unfinished responses '
                  'to the next step')
   # The uncharged rollouts of the analysis bounds are split off in the
   # curriculum's tallies.
-  oracle = [k for k, on in (('oracle_screen', cur.oracle_screen > 1),
-                            ('dapo_free_refills', cur.dapo_free_refills))
+  oracle = [k for k, on in (('oracle.screen', cur.oracle.screen > 1),
+                            ('oracle.free_refills', cur.oracle.free_refills))
             if on]
   errors.require(not oracle or mode.curriculum_tallies,
                  f'curriculum.{oracle[0] if oracle else ""}',

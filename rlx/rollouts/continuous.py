@@ -3,20 +3,46 @@ drop-in for the static sampler: the same Rollout, finished slots refilled.
 Samples on one device: on a larger mesh the weights are copied there every
 step."""
 
+import dataclasses
+
+from rlx import config as config_lib
 from rlx import errors
 from rlx.actor import Actor
 from rlx.rollouts import base
 from rlx.sampling import engine as en
 
-_CHUNK_STEPS = 16  # rollout.chunk_steps = 0.
-_PREFILL_BUCKET = 16  # rollout.prefill_bucket = 0.
+_CHUNK_STEPS = 16  # rollout.engine.chunk_steps = 0.
+_PREFILL_BUCKET = 16  # rollout.engine.prefill_bucket = 0.
 _CALLS = ('decode_calls', 'insert_calls', 'prefill_calls')
+
+
+@config_lib.section('rollout.engine', renamed={k: k for k in (
+    'num_slots', 'chunk_steps', 'insert_rows', 'prefill_prompts',
+    'prefill_bucket')})
+@dataclasses.dataclass(frozen=True)
+class RolloutEngineConfig:
+  """The slot engine of the continuous and APRIL modes: rollout.engine.*."""
+  num_slots: int = 0  # continuous/april: R decode slots (KV-cache rows);
+  # 0: max(B * G / 2, G) (a static batch of B * G rows is half idle on the
+  # long tail).
+  chunk_steps: int = 0  # continuous/april: decode steps per jitted call
+  # between refills; 0: 16.
+  insert_rows: int = 0  # continuous/april: rows put into free slots per
+  # insert call; 0: max(1, R / 8).
+  prefill_prompts: int = 0  # continuous/april: prompts prefilled together
+  # in one call, ahead of the inserts that copy each one's cache to its
+  # group's rows (fresh or resumed); 0: max(1, R / 4).
+  prefill_bucket: int = 0  # continuous/april: prefills compute a multiple
+  # of this many columns: a prompt prefill its longest prompt's real tokens
+  # (not the left padding of the window), a resume its longest partial
+  # response (over a copy of the prompt's cache); each width compiles once
+  # (all of them before the first rollout); 0: 16.
 
 
 def engine_sizes(cfg) -> tuple[int, int, int]:
   """(slots R, rows per insert M, prompts per prompt prefill U) of the
-  continuous engine, with the rollout section's 0 defaults resolved."""
-  ro, g = cfg.rollout, cfg.rl.group_size
+  continuous engine, with the engine section's 0 defaults resolved."""
+  ro, g = cfg.rollout.engine, cfg.rl.group_size
   slots = ro.num_slots or max(cfg.rl.batch_prompts * g // 2, g)
   rows = ro.insert_rows or max(1, slots // 8)
   prompts = ro.prefill_prompts or max(1, slots // 4)
@@ -31,18 +57,21 @@ def make_engine(cfg, model, task, stop_tokens) -> en.Engine:
       num_slots=slots, prompt_len=task.train_prompts.shape[1],
       max_new_tokens=s.max_new_tokens, stop_tokens=stop_tokens,
       pad_id=task.tokenizer.pad_id, top_k=s.top_k,
-      chunk_steps=cfg.rollout.chunk_steps or _CHUNK_STEPS,
+      chunk_steps=cfg.rollout.engine.chunk_steps or _CHUNK_STEPS,
       insert_rows=rows, prefill_prompts=prompts,
-      prefill_bucket=cfg.rollout.prefill_bucket or _PREFILL_BUCKET))
+      prefill_bucket=cfg.rollout.engine.prefill_bucket or _PREFILL_BUCKET))
 
 
 @base.MODES.check
 def check_engine(cfg) -> None:
   """The engine's sizes (continuous and APRIL; checked in every mode, so
-  that inconsistent rollout.* sizes are never silently unused)."""
+  that inconsistent rollout.engine.* sizes are never silently unused)."""
+  for f in dataclasses.fields(RolloutEngineConfig):
+    errors.require(getattr(cfg.rollout.engine, f.name) >= 0,
+                   f'rollout.engine.{f.name}', 'must be >= 0')
   slots, rows, _ = engine_sizes(cfg)
-  errors.require(rows <= slots, 'rollout.insert_rows',
-                 f'{rows} must be <= rollout.num_slots ({slots})')
+  errors.require(rows <= slots, 'rollout.engine.insert_rows',
+                 f'{rows} must be <= rollout.engine.num_slots ({slots})')
 
 
 @base.MODES.register('continuous')

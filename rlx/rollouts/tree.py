@@ -9,6 +9,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from rlx import config as config_lib
 from rlx import curriculum as curriculum_lib
 from rlx import errors
 from rlx.actor import Actor
@@ -19,6 +20,77 @@ from rlx.sampling import tree_rules
 
 # rollout.tree fields that are not the sampler's (the trainer's own).
 _TRAINER_FIELDS = ('mix', 'mix_end', 'mix_anneal_steps', 'stop_on_answer')
+
+
+@config_lib.section('rollout.tree.treepo', renamed={k: k for k in (
+    'segment_len', 'init_divergence', 'divergence', 'allocation', 'fallback',
+    'repeat_ngram', 'repeat_count', 'stop_on_answer')})
+@dataclasses.dataclass(frozen=True)
+class TreepoConfig:
+  """TreePO trees (rollout.tree.kind=treepo): rollout.tree.treepo.*."""
+  segment_len: int = 8  # treepo: tokens decoded between branch decisions.
+  init_divergence: int = 2  # treepo: paths the root opens with.
+  divergence: int = 2  # treepo: most paths one live path becomes at a
+  # segment boundary.
+  allocation: str = 'even'  # treepo: unused budget split evenly over live
+  # paths (even) or by their cumulative log-probs (logp).
+  fallback: bool = True  # treepo: when every path of a prompt ended early,
+  # re-branch from a finished one so it still gets W leaves.
+  repeat_ngram: int = 0  # treepo: end a path that repeats an n-gram
+  # (n <= this) repeat_count times in a row; 0: off.
+  repeat_count: int = 4  # treepo: copies that count as a repetition.
+  stop_on_answer: bool = False  # treepo: end a path at its first complete
+  # \\boxed{...} answer (task.name=math_files; chain_arith answers already
+  # end at the stop token).
+
+
+@config_lib.section('rollout.tree.latr', renamed={k: k for k in (
+    'chunk_steps', 'tau_abs', 'tau_rel', 'lookahead', 'prune_edit_dist',
+    'max_branches', 'mix', 'mix_end', 'mix_anneal_steps')})
+@dataclasses.dataclass(frozen=True)
+class LatrConfig:
+  """LATR trees (rollout.tree.kind=latr): rollout.tree.latr.*."""
+  chunk_steps: int = 16  # latr: decode steps per jitted call.
+  tau_abs: float = 0.15  # latr: branch iff p2 > tau_abs ...
+  tau_rel: float = 0.25  # latr: ... and p1 - p2 < tau_rel (card: math).
+  lookahead: tuple = (6, 12)  # latr: a child is compared with its parent
+  # after this many own tokens (the card's 20..50 exceed most responses
+  # here).
+  prune_edit_dist: float = 0.4  # latr: prune a child whose normalised edit
+  # distance to its parent's continuation is below this.
+  max_branches: int = 0  # latr: branch events per prompt; 0: the budget W.
+  mix: float = 1.0  # latr: share of each group grown as a tree at step 0
+  # (the rest are independent samples).
+  mix_end: float = 1.0  # latr: share after mix_anneal_steps (linear).
+  mix_anneal_steps: int = 0  # latr: RL steps over which mix goes to
+  # mix_end; 0: mix throughout.
+
+
+@config_lib.section('rollout.tree.eptree', renamed={k: k for k in (
+    'num_chains', 'fork_points', 'fork_branches', 'rounds', 'fork_score',
+    'fork_distinct')})
+@dataclasses.dataclass(frozen=True)
+class EptreeConfig:
+  """EPTree trees (rollout.tree.kind=eptree): rollout.tree.eptree.*."""
+  num_chains: int = 2  # eptree M: independent chains per prompt.
+  fork_points: int = 1  # eptree N: fork points per chain and round.
+  fork_branches: int = 3  # eptree T: branches per fork point.
+  rounds: int = 1  # eptree L: forking rounds; needs M <= W <= M (1 + L N T).
+  fork_score: str = 'entropy'  # eptree: fork at the highest behaviour
+  # entropy (entropy) or surprisal -logp (surprisal).
+  fork_distinct: bool = False  # eptree: a branch's first token is sampled
+  # without its parent's token there, so every branch diverges at its fork
+  # (recorded log-probs stay the policy's: biased, like LATR's runner-up).
+
+
+@config_lib.section('rollout.tree')
+@dataclasses.dataclass(frozen=True)
+class TreeRolloutConfig(config_lib.Section):
+  """Tree rollouts (rollout.mode=tree; rlx/sampling/tree.py). Every prompt
+  gets W = rl.group_size leaves; the defaults suit chain_arith's short
+  responses (10..80 tokens). Each kind's knobs are in its own section
+  (treepo, latr, eptree above)."""
+  kind: str = 'treepo'  # treepo | latr | eptree (ALGORITHMS.md section D).
 
 
 class TreeRows(NamedTuple):
@@ -37,8 +109,8 @@ class TreeRows(NamedTuple):
 
 def latr_mix(cfg, step: int) -> float:
   """LATR's tree share at RL step `step`, annealed linearly from
-  rollout.tree.mix to mix_end over mix_anneal_steps."""
-  tr = cfg.rollout.tree
+  rollout.tree.latr.mix to mix_end over mix_anneal_steps."""
+  tr = cfg.rollout.tree.latr
   if not tr.mix_anneal_steps:
     return tr.mix
   frac = min(step / tr.mix_anneal_steps, 1.0)
@@ -46,11 +118,15 @@ def latr_mix(cfg, step: int) -> float:
 
 
 def tree_config(cfg, stop_tokens, pad_id: int) -> tree_lib.TreeConfig:
-  """The sampler's TreeConfig: rollout.tree's fields of the same names,
-  and the run's budget and stop tokens."""
+  """The sampler's flat TreeConfig: the fields of the same names of
+  rollout.tree and its kinds' sections, and the run's budget and stop
+  tokens."""
   tr = cfg.rollout.tree
-  shared = {f.name: getattr(tr, f.name) for f in dataclasses.fields(tr)
-            if f.name not in _TRAINER_FIELDS}
+  shared = {'kind': tr.kind}
+  for section in (tr.treepo, tr.latr, tr.eptree):
+    shared.update((f.name, getattr(section, f.name))
+                  for f in dataclasses.fields(section)
+                  if f.name not in _TRAINER_FIELDS)
   shared['lookahead'] = tuple(shared['lookahead'])
   return tree_lib.TreeConfig(
       max_new_tokens=cfg.sampling.max_new_tokens, stop_tokens=stop_tokens,
@@ -58,10 +134,11 @@ def tree_config(cfg, stop_tokens, pad_id: int) -> tree_lib.TreeConfig:
 
 
 def tree_stop_fn(cfg, task):
-  """TreePO's answer-found rule for the run (`rollout.tree.stop_on_answer`):
+  """TreePO's answer-found rule for the run
+  (`rollout.tree.treepo.stop_on_answer`):
   a path ends where the task's answer is complete (math_files: its first
   \\boxed{...}). None when off."""
-  if not cfg.rollout.tree.stop_on_answer:
+  if not cfg.rollout.tree.treepo.stop_on_answer:
     return None
   return tree_rules.text_stop_fn(task.tokenizer.decode, task.answer_end_fn)
 
@@ -128,39 +205,52 @@ def _check_tree(cfg) -> None:
           f'{cfg.curriculum.allocator!r} is not supported with '
           "rollout.mode=tree (needs 'fixed': a tree has W = rl.group_size "
           'leaves)')
-  for key, known in (('kind', tree_lib.KINDS),
-                     ('allocation', ('even', 'logp')),
-                     ('fork_score', ('entropy', 'surprisal'))):
-    errors.one_of(getattr(tr, key), known, f'rollout.tree.{key}')
-  for key in ('segment_len', 'init_divergence', 'divergence', 'chunk_steps',
-              'num_chains', 'fork_points', 'fork_branches'):
-    require(getattr(tr, key) >= 1, f'rollout.tree.{key}', 'must be >= 1')
-  for key in ('repeat_ngram', 'max_branches', 'mix_anneal_steps', 'rounds'):
-    require(getattr(tr, key) >= 0, f'rollout.tree.{key}', 'must be >= 0')
-  require(tr.repeat_count >= 2, 'rollout.tree.repeat_count', 'must be >= 2')
+  sections = {'treepo': tr.treepo, 'latr': tr.latr, 'eptree': tr.eptree}
+
+  def knobs(*keys):  # (dotted key, value) of kind.field names.
+    return [(f'rollout.tree.{k}', getattr(sections[k.split('.')[0]],
+                                          k.split('.')[1])) for k in keys]
+  errors.one_of(tr.kind, tree_lib.KINDS, 'rollout.tree.kind')
+  for (key, value), known in zip(knobs('treepo.allocation',
+                                       'eptree.fork_score'),
+                                 (('even', 'logp'), ('entropy', 'surprisal'))):
+    errors.one_of(value, known, key)
+  for key, value in knobs('treepo.segment_len', 'treepo.init_divergence',
+                          'treepo.divergence', 'latr.chunk_steps',
+                          'eptree.num_chains', 'eptree.fork_points',
+                          'eptree.fork_branches'):
+    require(value >= 1, key, 'must be >= 1')
+  for key, value in knobs('treepo.repeat_ngram', 'latr.max_branches',
+                          'latr.mix_anneal_steps', 'eptree.rounds'):
+    require(value >= 0, key, 'must be >= 0')
+  require(tr.treepo.repeat_count >= 2, 'rollout.tree.treepo.repeat_count',
+          'must be >= 2')
   ends = task_lib.TASKS.get(cfg.task.name).answer_end if (
       cfg.task.name in task_lib.TASKS) else False
-  require(not tr.stop_on_answer or (tr.kind == 'treepo' and ends),
-          'rollout.tree.stop_on_answer', 'is a TreePO rule for boxed '
+  require(not tr.treepo.stop_on_answer or (tr.kind == 'treepo' and ends),
+          'rollout.tree.treepo.stop_on_answer', 'is a TreePO rule for boxed '
           'answers: it needs rollout.tree.kind=treepo and task.name='
           f'math_files (are {tr.kind!r}, {cfg.task.name!r})')
-  require(not tr.fork_distinct or tr.kind == 'eptree',
-          'rollout.tree.fork_distinct', 'is an EPTree rule (forks inside a '
-          f'path): it needs rollout.tree.kind=eptree (is {tr.kind!r})')
-  for key in ('mix', 'mix_end', 'tau_abs', 'tau_rel'):
-    value = getattr(tr, key)
-    require(0 <= value <= 1, f'rollout.tree.{key}', f'{value} not in [0, 1]')
-  require(tr.prune_edit_dist >= 0, 'rollout.tree.prune_edit_dist',
+  require(not tr.eptree.fork_distinct or tr.kind == 'eptree',
+          'rollout.tree.eptree.fork_distinct', 'is an EPTree rule (forks '
+          'inside a path): it needs rollout.tree.kind=eptree (is '
+          f'{tr.kind!r})')
+  for key, value in knobs('latr.mix', 'latr.mix_end', 'latr.tau_abs',
+                          'latr.tau_rel'):
+    require(0 <= value <= 1, key, f'{value} not in [0, 1]')
+  latr = tr.latr
+  require(latr.prune_edit_dist >= 0, 'rollout.tree.latr.prune_edit_dist',
           'must be >= 0')
-  require(len(tr.lookahead) > 0 and all(
-      isinstance(n, int) and n >= 1 for n in tr.lookahead),
-          'rollout.tree.lookahead', f'{tr.lookahead!r} must be positive '
-          'token counts')
+  require(len(latr.lookahead) > 0 and all(
+      isinstance(n, int) and n >= 1 for n in latr.lookahead),
+          'rollout.tree.latr.lookahead', f'{latr.lookahead!r} must be '
+          'positive token counts')
   if tr.kind == 'eptree':
-    m = tr.num_chains
-    most = m * (1 + tr.rounds * tr.fork_points * tr.fork_branches)
+    ep = tr.eptree
+    m = ep.num_chains
+    most = m * (1 + ep.rounds * ep.fork_points * ep.fork_branches)
     for key, w in curriculum_lib.group_sizes(cfg):
       require(m <= w <= most, key, f'{w} leaves per prompt must be in '
               f'[M, M (1 + L N T)] = [{m}, {most}] for eptree '
-              '(rollout.tree.num_chains, rounds, fork_points, '
+              '(rollout.tree.eptree.num_chains, rounds, fork_points, '
               'fork_branches)')

@@ -11,7 +11,7 @@ under the new weights, with the remaining budget T - length) and tops the
 flight up with N new prompts. Nothing is discarded and nothing duplicated:
 every admitted prompt is returned exactly once.
 
-With `keep_kv` (config `rollout.resume=keep_kv`) the responses still
+With `keep_kv` (config `rollout.april.resume=keep_kv`) the responses still
 decoding when the step stops keep their slot and KV cache, and the next
 step simply continues them under the new weights (PipelineRL's in-flight
 weight update): no re-prefill, but the new tokens attend to keys and values

@@ -9,6 +9,7 @@ import pytest
 
 from rlx import config as config_lib
 from rlx import objectives
+from rlx import recipes
 from rlx.curriculum import controller as ctl
 from rlx.curriculum import dots as dots_lib
 from rlx.curriculum import estimators as est
@@ -54,7 +55,10 @@ def _curriculum(pool=N, **kw):
   c.rl.batch_prompts, c.rl.group_size = B, G
   c.task.num_train = N
   for k, v in kw.items():
-    c.curriculum[k] = v
+    if isinstance(v, dict):  # An owned section: curriculum.dots.*.
+      c.curriculum[k].update(v)
+    else:
+      c.curriculum[k] = v
   cfg = config_lib.build(c)
   embed = lambda params, ids: jax.nn.one_hot(np.asarray(ids) % 3, 3) * 5.0
   return ctl.Curriculum(cfg.curriculum, cfg.rl, pool, embed_fn=embed,
@@ -156,7 +160,7 @@ def test_likelihood_selector_trains_the_candidates_nearest_even_odds():
   # Same state and key, same picks; K * B candidates when the pool allows.
   again, _, _ = _collect(cur, cur.init())
   np.testing.assert_array_equal(got.ids, again.ids)
-  few = _curriculum(selector='likelihood', likelihood_candidates=2)
+  few = _curriculum(selector='likelihood', likelihood=dict(candidates=2))
   assert _collect(few, few.init())[2]['curriculum/likelihood_scored'] == 2 * B
 
 
@@ -206,7 +210,7 @@ def test_free_dapo_refills_are_the_same_groups_uncharged():
   # same groups, and the refills move from the charged count to their own.
   charged = _curriculum(filter='dapo', dapo_max_retries=5)
   free = _curriculum(filter='dapo', dapo_max_retries=5,
-                     dapo_free_refills=True)
+                     oracle=dict(free_refills=True))
   want, want_state, wm = _collect(charged, charged.init())
   got, got_state, gm = _collect(free, free.init())
   np.testing.assert_array_equal(got.ids, want.ids)
@@ -229,7 +233,7 @@ def test_oracle_screen_trains_the_most_mixed_groups_and_charges_them_only():
     calls.append((np.asarray(ids), np.asarray(rewards)))
     return ro, rewards
 
-  cur = _curriculum(oracle_screen=3, estimator='beta', discount=1.0)
+  cur = _curriculum(oracle=dict(screen=3), estimator='beta', discount=1.0)
   state = cur.init()
   for step in range(4):
     calls.clear()
@@ -269,7 +273,7 @@ def test_difficulty_oracle_chooses_by_free_probes_then_samples_afresh():
     calls.append((np.asarray(ids), np.asarray(rewards), num_samples))
     return ro, rewards
 
-  cur = _curriculum(oracle_screen=3, oracle_probe=6, estimator='beta',
+  cur = _curriculum(oracle=dict(screen=3, probe=6), estimator='beta',
                     discount=1.0)
   state = cur.init()
   for step in range(4):
@@ -294,22 +298,22 @@ def test_difficulty_oracle_chooses_by_free_probes_then_samples_afresh():
     np.testing.assert_allclose(
         np.sum(new.stats.alpha - state.stats.alpha), all_rewards, rtol=1e-5)
     state = new
-  with pytest.raises(config_lib.ConfigError, match='oracle_probe: 1 must'):
-    _curriculum(oracle_screen=3, oracle_probe=1)
-  with pytest.raises(config_lib.ConfigError, match='oracle_probe: 4 must'):
-    _curriculum(oracle_probe=4)
+  with pytest.raises(config_lib.ConfigError, match='oracle.probe: 1 must'):
+    _curriculum(oracle=dict(screen=3, probe=1))
+  with pytest.raises(config_lib.ConfigError, match='oracle.probe: 4 must'):
+    _curriculum(oracle=dict(probe=4))
 
 
 @pytest.mark.parametrize('mode', ['april', 'tree'])
-@pytest.mark.parametrize('knob', [{'oracle_screen': 4},
-                                  {'dapo_free_refills': True,
+@pytest.mark.parametrize('knob', [{'oracle.screen': 4},
+                                  {'oracle.free_refills': True,
                                    'filter': 'dapo'}])
 def test_oracle_bounds_are_refused_where_their_free_rollouts_would_count(
     mode, knob):
   c = config_lib.default_config_dict()
   c.rollout.mode = mode
   for k, v in knob.items():
-    c.curriculum[k] = v
+    recipes.override(c, f'curriculum.{k}', v)
   with pytest.raises(config_lib.ConfigError,
                      match=f'curriculum.{next(iter(knob))}: is an analysis'):
     config_lib.build(c)
@@ -317,16 +321,16 @@ def test_oracle_bounds_are_refused_where_their_free_rollouts_would_count(
 
 def test_oracle_screen_needs_fixed_allocation_and_no_filter():
   with pytest.raises(config_lib.ConfigError,
-                     match="oracle_screen: 3 needs allocator 'fixed'"):
-    _curriculum(oracle_screen=3, filter='dapo')
-  with pytest.raises(config_lib.ConfigError, match='oracle_screen'):
-    _curriculum(oracle_screen=2, allocator='dars')
+                     match="oracle.screen: 3 needs allocator 'fixed'"):
+    _curriculum(oracle=dict(screen=3), filter='dapo')
+  with pytest.raises(config_lib.ConfigError, match='oracle.screen'):
+    _curriculum(oracle=dict(screen=2), allocator='dars')
 
 
 def test_free_refills_need_the_dapo_filter():
   with pytest.raises(config_lib.ConfigError,
-                     match='dapo_free_refills: needs curriculum.filter'):
-    _curriculum(filter='skip', dapo_free_refills=True)
+                     match='oracle.free_refills: needs curriculum.filter'):
+    _curriculum(filter='skip', oracle=dict(free_refills=True))
 
 
 def test_prompt_gdro_learns_from_the_groups_dapo_replaced(monkeypatch):
@@ -372,7 +376,7 @@ def test_skip_filter_avoids_prompts_known_to_be_all_equal():
 
 
 def test_dots_reference_rollouts_are_counted_and_update_predictions():
-  cur = _curriculum(selector='dots', dots_ref_prompts=6, dots_ref_samples=2)
+  cur = _curriculum(selector='dots', dots=dict(ref_prompts=6, ref_samples=2))
   state = cur.init(params={})
   got, new, m = _collect(cur, state)
   assert m['curriculum/rollouts'] == B * G + 6 * 2
@@ -427,9 +431,8 @@ def test_dots_remember_keeps_the_newest_distinct_prompts():
 def test_dots_explore_reaches_the_selector():
   # Half of each batch is uniform: about half of DOTS' share (the middle
   # third) plus a third of the explored half lands in the middle.
-  cur = _curriculum(selector='dots', dots_refs='history',
-                    dots_similarity='cosine', dots_history_refs=16,
-                    dots_explore=0.5)
+  cur = _curriculum(selector='dots', dots=dict(
+      refs='history', similarity='cosine', history_refs=16, explore=0.5))
   state = cur.init(params={})
   picked = []
   for step in range(12):
@@ -442,17 +445,14 @@ def test_dots_explore_reaches_the_selector():
 # ridge: with 16 references, most of them the middle third once it is
 # preferred, lambda = 1 shrinks the few extreme ones halfway to 0.5 (about
 # 0.8 of the picks are the middle third then); 0.1 fits them.
-@pytest.mark.parametrize('readout', [{}, {'dots_readout': 'ridge',
-                                          'dots_ridge': 0.1},
-                                      {'dots_readout': 'ridge',
-                                       'dots_ridge': 0.1,
-                                       'dots_ref_halflife': 16.0}],
+@pytest.mark.parametrize('readout', [{}, {'readout': 'ridge', 'ridge': 0.1},
+                                      {'readout': 'ridge', 'ridge': 0.1,
+                                       'ref_halflife': 16.0}],
                          ids=['attention', 'ridge', 'ridge_recent'])
 def test_dots_history_spends_no_reference_rollouts_and_avoids_all_equal(
     readout):
-  cur = _curriculum(selector='dots', dots_refs='history',
-                    dots_similarity='cosine', dots_history_refs=16,
-                    **readout)
+  cur = _curriculum(selector='dots', dots=dict(
+      refs='history', similarity='cosine', history_refs=16, **readout))
   state = cur.init(params={})
   picked, predicted = [], []
   for step in range(16):
@@ -473,13 +473,13 @@ def test_dots_history_spends_no_reference_rollouts_and_avoids_all_equal(
   assert abs(np.mean(predicted[4:]) - 0.5) < 0.15
   # The selector's prediction is the DOTS module's, with the configured
   # readout and half-life.
-  halflife = readout.get('dots_ref_halflife', 0.0)
+  halflife = readout.get('ref_halflife', 0.0)
   want = dots_lib.dots_history_predict(
-      state, cur.cfg.dots_cosine_scale, prior=cur.cfg.dots_prior,
-      ridge=readout.get('dots_ridge'), halflife=halflife)
+      state, cur.cfg.dots.cosine_scale, prior=cur.cfg.dots.prior,
+      ridge=readout.get('ridge'), halflife=halflife)
   np.testing.assert_allclose(cur.selector.predict(state), want, rtol=1e-4)
   if halflife:
     flat = dots_lib.dots_history_predict(
-        state, cur.cfg.dots_cosine_scale, prior=cur.cfg.dots_prior,
-        ridge=readout['dots_ridge'])
+        state, cur.cfg.dots.cosine_scale, prior=cur.cfg.dots.prior,
+        ridge=readout['ridge'])
     assert not np.allclose(want, flat)

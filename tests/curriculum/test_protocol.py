@@ -15,6 +15,7 @@ import pytest
 from rlx import config as config_lib
 from rlx import curriculum
 from rlx import errors
+from rlx import recipes
 from rlx.curriculum import controller as ctl
 from rlx.curriculum import estimators as est
 from rlx.curriculum import selectors as sel
@@ -30,7 +31,7 @@ def _cfg(**curriculum_knobs) -> config_lib.Config:
   c.rl.batch_prompts, c.rl.group_size = B, G
   c.task.num_train = N
   for k, v in curriculum_knobs.items():
-    c.curriculum[k] = v
+    recipes.override(c, f'curriculum.{k}', v)
   return config_lib.build(c)
 
 
@@ -138,7 +139,7 @@ def test_the_state_has_every_part_for_every_selector(name):
   shapes = jax.tree.map(lambda x: x.shape, cur.abstract(7))
   assert shapes.stats == est.PromptStats((N,), (N,), (N,), (N,), ())
   assert shapes.gdro == sel.GdroState((5,), (5,), (5,))
-  refs = cfg.curriculum.dots_ref_prompts
+  refs = cfg.curriculum.dots.ref_prompts
   want = (((N, 7), (refs,), (refs,)) if name == 'dots' else
           ((1, 1), (1,), (1,)))
   assert tuple(shapes.dots) == want
@@ -160,11 +161,11 @@ def test_an_unused_embed_or_score_function_is_never_called():
 
 @pytest.mark.parametrize('knobs,own', [
     ({}, []),
-    ({'selector': 'dots'}, [('curriculum.dots_ref_samples', 4)]),
-    ({'selector': 'dots', 'dots_ref_samples': 6},
-     [('curriculum.dots_ref_samples', 6)]),
-    ({'selector': 'dots', 'dots_refs': 'history',
-      'dots_similarity': 'cosine'}, []),
+    ({'selector': 'dots'}, [('curriculum.dots.ref_samples', 4)]),
+    ({'selector': 'dots', 'dots.ref_samples': 6},
+     [('curriculum.dots.ref_samples', 6)]),
+    ({'selector': 'dots', 'dots.refs': 'history',
+      'dots.similarity': 'cosine'}, []),
     ({'selector': 'likelihood'}, []),
 ])
 def test_group_sizes_are_the_rl_ones_and_the_selectors_own(knobs, own):
@@ -221,8 +222,9 @@ def _np_gdro(gdro, mean, evidence, *, bins, eta, decay, explore):
 def test_prompt_gdro_observe_against_numpy():
   knobs = dict(bins=4, eta=2.0, decay=0.8, explore=0.1)
   cfg = config_lib.CurriculumConfig(
-      selector='prompt_gdro', gdro_bins=knobs['bins'], gdro_eta=knobs['eta'],
-      gdro_ema=knobs['decay'], gdro_explore=knobs['explore'])
+      selector='prompt_gdro', gdro=dict(
+          bins=knobs['bins'], eta=knobs['eta'], ema=knobs['decay'],
+          explore=knobs['explore']))
   gdro = sel.make(cfg, est.beta_bernoulli())
   state = sel.default_state(est.beta_bernoulli().init(N), 4)._replace(
       **gdro.init(embed=None))
@@ -248,8 +250,8 @@ def test_prompt_gdro_observe_against_numpy():
 
 
 def test_dots_prepare_rolls_out_fresh_references_and_refreshes_embeddings():
-  cfg = config_lib.CurriculumConfig(selector='dots', dots_ref_prompts=5,
-                                    dots_ref_samples=3, dots_embed_every=2)
+  cfg = config_lib.CurriculumConfig(selector='dots', dots=dict(
+      ref_prompts=5, ref_samples=3, embed_every=2))
   dots = sel.make(cfg, est.beta_bernoulli())
   embed = jnp.asarray(np.random.default_rng(0).normal(size=(N, 4)),
                       jnp.float32)
@@ -281,9 +283,8 @@ def test_dots_prepare_rolls_out_fresh_references_and_refreshes_embeddings():
 
 
 def test_dots_history_observe_remembers_the_prompts_rolled_out():
-  cfg = config_lib.CurriculumConfig(selector='dots', dots_refs='history',
-                                    dots_history_refs=6,
-                                    dots_similarity='cosine')
+  cfg = config_lib.CurriculumConfig(selector='dots', dots=dict(
+      refs='history', history_refs=6, similarity='cosine'))
   dots = sel.make(cfg, est.beta_bernoulli())
   state = sel.default_state(est.beta_bernoulli().init(N), 5)._replace(
       **dots.init(lambda: jnp.eye(N, 4)))

@@ -36,7 +36,7 @@ def _state(num_refs: int = 4):
 
 def _make(name, **knobs) -> sel.Selector:
   """The selector `name` under the default curriculum knobs (mmr1_mix 0.5,
-  spo_floor 0.05, dots_tau 0.1) and `knobs`."""
+  spo_floor 0.05, dots.tau 0.1) and `knobs`."""
   cfg = config_lib.CurriculumConfig(selector=name, **knobs)
   return sel.make(cfg, est.beta_bernoulli(),
                   score_fn=lambda params, ids: np.zeros(len(ids)))
@@ -208,9 +208,9 @@ def test_dots_explore_draws_a_uniform_share():
   # DOTS' share goes to the middle group (p = 0.5); the explored share is
   # uniform over the rest, so it lands in the middle MID / N of the time.
   state = _state()
-  select = jax.jit(_selector('dots', dots_tau=0.05, dots_explore=0.5,
-                             dots_similarity='cosine',
-                             dots_cosine_scale=1.0), static_argnums=2)
+  select = jax.jit(_selector('dots', dots=dict(
+      tau=0.05, explore=0.5, similarity='cosine', cosine_scale=1.0)),
+                   static_argnums=2)
   picks = np.stack([np.asarray(select(state, jax.random.key(i), 8))
                     for i in range(200)])
   assert all(len(set(row)) == 8 for row in picks)  # Distinct ids.
@@ -219,8 +219,8 @@ def test_dots_explore_draws_a_uniform_share():
   assert np.mean(picks[:, :4] < MID) > 0.95  # DOTS' half.
   explored = np.mean(picks[:, 4:] < MID)  # Uniform over N - 4 others.
   assert abs(explored - (MID - 4) / (N - 4)) < 0.05
-  none = jax.jit(_selector('dots', dots_tau=0.05, dots_similarity='cosine',
-                           dots_cosine_scale=1.0), static_argnums=2)
+  none = jax.jit(_selector('dots', dots=dict(
+      tau=0.05, similarity='cosine', cosine_scale=1.0)), static_argnums=2)
   assert np.mean(np.asarray(none(state, jax.random.key(0), 8)) < MID) == 1.0
 
 
@@ -368,11 +368,9 @@ def test_dots_history_selector_prefers_the_middle_group(ridge):
       beta=state.stats.beta.at[MID + 1:half].set(1.0)))
   state = state._replace(dots=state.dots._replace(
       ref_ids=jnp.array([0, MID, half, -1], jnp.int32)))
-  readout = ({} if ridge is None else
-             {'dots_readout': 'ridge', 'dots_ridge': ridge})
-  select = jax.jit(_selector('dots', dots_refs='history',
-                             dots_similarity='cosine',
-                             dots_cosine_scale=1.0, **readout),
+  readout = ({} if ridge is None else {'readout': 'ridge', 'ridge': ridge})
+  select = jax.jit(_selector('dots', dots=dict(
+      refs='history', similarity='cosine', cosine_scale=1.0, **readout)),
                    static_argnums=2)
   ids = np.concatenate([np.asarray(select(state, jax.random.key(i), 6))
                         for i in range(20)])

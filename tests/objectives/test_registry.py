@@ -113,11 +113,11 @@ def test_loss_knobs_come_from_the_config():
   assert kwargs('dapo') == {'clip_eps': 0.2}
   assert kwargs('dapo', clip_eps_high=0.3) == {'clip_eps': 0.2,
                                                'clip_eps_high': 0.3}
-  assert kwargs('dual_clip', dual_clip_c=5.0) == {'clip_eps': 0.2,
+  assert kwargs('dual_clip', dual_clip=dict(c=5.0)) == {'clip_eps': 0.2,
                                                   'dual_clip_c': 5.0}
-  assert kwargs('gspo', gspo_variant='token') == {
+  assert kwargs('gspo', gspo=dict(variant='token')) == {
       'eps_low': 3e-4, 'eps_high': 4e-4, 'variant': 'token'}
-  assert kwargs('cispo', cispo_clip_low=0.1) == {'clip_low': 0.1}
+  assert kwargs('cispo', cispo=dict(clip_low=0.1)) == {'clip_low': 0.1}
 
 
 class _Batch:
@@ -130,8 +130,8 @@ class _Batch:
 
 
 def test_d3s_keep_ratios_anneal_with_the_step():
-  obj = ObjectiveConfig(advantage='d3s', d3s_sample_keep=0.5,
-                        d3s_token_keep=0.25, d3s_anneal_steps=10)
+  obj = ObjectiveConfig(advantage='d3s', d3s=dict(
+      sample_keep=0.5, token_keep=0.25, anneal_steps=10))
   batch = _Batch(entropy=jnp.ones((1, 2, 3)),
                  loss_mask=jnp.ones((1, 2, 3), bool))
   entry = objectives.ADVANTAGES.get('d3s')
