@@ -432,7 +432,7 @@ def gdro_update(gdro: GdroState, stats_before: est.PromptStats, ids: Array,
 @SELECTORS.register('prompt_gdro')
 class PromptGdro(Selector):
   """Prompt-GDRO (`prompt_gdro`); its state is the bins' weights, moved by
-  `gdro_update` after each step (curriculum.gdro_*)."""
+  `gdro_update` after each step (curriculum.gdro.*)."""
 
   select = staticmethod(prompt_gdro)
 
