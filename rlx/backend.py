@@ -10,6 +10,7 @@ Order in a main (scripts/train.py): build the config, `configure`,
 `initialize_distributed`, then anything that touches a device.
 """
 
+import dataclasses
 import os
 import pkgutil
 import re
@@ -21,9 +22,47 @@ import jax
 import jax.numpy as jnp
 
 from rlx import config as config_lib
+from rlx import errors
+from rlx import registry
 from rlx.config import ConfigError
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
+ATTENTION_IMPLS = ('auto', 'einsum', 'xla', 'cudnn')  # backend.attention.
+
+
+@config_lib.section('backend')
+@dataclasses.dataclass(frozen=True)
+class BackendConfig:
+  """Platform choices (rlx/backend.py); `auto` picks per platform."""
+  attention: str = 'auto'  # auto | einsum | xla | cudnn: the attention
+  # implementation. einsum: rlx's grouped-query einsums (the reference);
+  # xla / cudnn: jax.nn.dot_product_attention with that implementation;
+  # auto: cudnn on NVIDIA GPUs where the model allows it, else einsum.
+  attention_chunk: int = 0  # > 0: full-sequence attention (the learner's
+  # forward) runs this many queries at a time, recomputed in the backward
+  # pass, so its [rows, heads, L, L] scores are never held at once (einsum
+  # and xla; cudnn's fused kernel holds none anyway). For long sequences
+  # off cuDNN (TPU, CPU, float32). 0: all queries at once.
+  causal_block: int = 128  # > 0: full-sequence attention (einsum and
+  # xla) longer than this runs this many queries at a time, each block over
+  # the keys up to its last query only (the rest are masked by causality):
+  # the same numbers up to float rounding at about (n + 1) / 2n of the
+  # attention FLOPs for n blocks (blocks are unrolled: raise it for very
+  # long sequences). 0: every query over every key.
+  xla_flags: str = 'auto'  # Extra XLA_FLAGS set before the backend starts;
+  # auto: rlx's documented per-platform flags; '' none.
+
+
+@registry.config_check
+def _check_backend_section(cfg) -> None:
+  """backend.*; whether the attention can run is `resolve_attention`'s."""
+  errors.require(cfg.backend.attention in ATTENTION_IMPLS, 'backend.attention',
+                 f'{cfg.backend.attention!r} is not one of '
+                 f'{list(ATTENTION_IMPLS)}')
+  errors.require(cfg.backend.causal_block >= 0, 'backend.causal_block',
+                 'must be >= 0')
+  errors.require(cfg.backend.attention_chunk >= 0, 'backend.attention_chunk',
+                 'must be >= 0')
 
 
 # --- Which platform ----------------------------------------------
@@ -130,7 +169,7 @@ def resolve_attention(requested: str, platform_name: str, model=None, *,
   cannot run raises here, before anything compiles.
 
   Args:
-    requested: backend.attention: one of config.ATTENTION_IMPLS.
+    requested: backend.attention: one of ATTENTION_IMPLS.
     platform_name: one of PLATFORMS (see `platform`).
     model: the model config; None skips the model checks.
     capability: NVIDIA compute capability (see `compute_capability`).
@@ -141,9 +180,9 @@ def resolve_attention(requested: str, platform_name: str, model=None, *,
   Raises:
     ConfigError: naming backend.attention and the reason.
   """
-  if requested not in config_lib.ATTENTION_IMPLS:
+  if requested not in ATTENTION_IMPLS:
     raise ConfigError(f'backend.attention: {requested!r} is not one of '
-                      f'{list(config_lib.ATTENTION_IMPLS)}')
+                      f'{list(ATTENTION_IMPLS)}')
   if platform_name not in PLATFORMS:
     raise ValueError(f'platform {platform_name!r} is not one of {PLATFORMS}')
   if requested in ('einsum', 'xla'):
@@ -287,7 +326,7 @@ def merge_flags(existing: str, extra: str) -> tuple[str, str]:
   return merged, ' '.join(added)
 
 
-def configure(cfg: config_lib.BackendConfig, *,
+def configure(cfg: BackendConfig, *,
               environ: Optional[MutableMapping[str, str]] = None) -> str:
   """Puts `cfg.xla_flags` into the environment before the backend starts.
 

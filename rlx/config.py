@@ -1,6 +1,8 @@
 """Config: frozen dataclasses, built from an `ml_collections.ConfigDict`.
 
-The dataclasses below are the single source of every default and of the one
+The dataclasses below, and the sections that modules own (`section`:
+lora, optim, warmstart, eval, log, mesh, backend at the top level, and
+method subsections), are the single source of every default and of the one
 comment each field carries; `configs/common.py` turns them into the
 ConfigDict that recipes override and absl flags patch. `build` converts back,
 rejecting unknown keys, wrong types and impossible combinations with a
@@ -20,6 +22,7 @@ from typing import Any
 import ml_collections
 
 from rlx import errors
+from rlx import registry
 from rlx import sections
 from rlx.errors import ConfigError
 # The section machinery (rlx/sections.py), used here and by method modules
@@ -87,16 +90,6 @@ class ModelConfig:
   # also applies to a model.hf_dir model.
   param_dtype: str = 'float32'  # Parameter dtype (model.hf_dir: weights are
   # cast to it on load).
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraSection:
-  """LoRA adapters (rlx/models/lora.py): train low-rank updates only."""
-  rank: int = 0  # r of A [in, r] @ B [r, out]; 0: full fine-tuning (every
-  # parameter trained, no adapters).
-  alpha: float = 16.0  # The update is (alpha / rank) * A @ B.
-  targets: tuple = ('q', 'k', 'v', 'o')  # Kernels that get adapters:
-  # q, k, v, o, gate, up, down (or HF's q_proj, ..., down_proj).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,139 +188,18 @@ class ObjectiveConfig(Section, path='objective'):
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimConfig:
-  learning_rate: float = 2e-4  # Peak AdamW learning rate.
-  warmup_steps: int = 5  # Linear warmup (optimizer updates).
-  weight_decay: float = 0.0  # AdamW decoupled weight decay.
-  b1: float = 0.9  # Adam beta1.
-  b2: float = 0.99  # Adam beta2.
-  max_grad_norm: float = 1.0  # Global-norm gradient clipping.
-  num_microbatches: int = 1  # Gradient accumulation: splits the prompts.
-  packing: bool = True  # The learner's forward runs on the real tokens
-  # only, packed into rows with each group's prompt shared
-  # (rlx/packing.py); False: the padded [B*G, P+T] batch. Same log-probs
-  # up to float rounding.
-  logits_chunk: int = 0  # > 0: the learner's output projection runs on
-  # this many positions at a time, recomputed in the backward pass
-  # (rlx/lm_head.py), so [positions, vocab] logits are never held at once;
-  # set it for large vocabularies (e.g. 1024 for 150k tokens). 0: all
-  # positions at once. Same log-probs up to float rounding.
-  max_nonfinite: int = 3  # An update whose loss or gradient is not finite
-  # (NaN/inf) is skipped: parameters and optimizer state stay as they were
-  # (counted in learner/nonfinite and learner/nonfinite_total). This many
-  # RL steps in a row with a skipped update stop the run with an error.
-
-
-@dataclasses.dataclass(frozen=True)
-class WarmstartConfig:
-  num_steps: int = 600  # Supervised steps on demonstrations; 0 skips.
-  batch_size: int = 64  # Demonstrations per step.
-  learning_rate: float = 3e-3  # Peak AdamW learning rate (cosine decay).
-  warmup_steps: int = 50  # Linear warmup.
-  demo_error_rate: float = 0.15  # Per-step slip rate in the demonstrations
-  # (imperfect data, as human-written solutions are; RL removes the slips).
-  seed: int = 0  # Warm-start seed (separate from the RL seed, so RL seeds
-  # can share one warm start).
-  max_steps: int = 0  # Imitate only train prompts with at most this many
-  # steps (longer chains stay unseen until RL); 0: all of them.
-  cache_dir: str = '~/.cache/rlx/warmstart'  # Reused across runs by key.
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-  every: int = 10  # Evaluate every this many RL steps (and at 0 and end).
-  num_prompts: int = 512  # Held-out prompts (at most task.num_test).
-  samples_per_prompt: int = 2  # k for pass@k; pass@1 averages all k.
-  temperature: float = 1.0  # Evaluation sampling temperature.
-  batch_prompts: int = 128  # Prompts per sampler call.
-
-
-@dataclasses.dataclass(frozen=True)
-class LogConfig:
-  every: int = 1  # Write a metrics row every this many steps.
-  checkpoint_every: int = 10  # Save a checkpoint every this many steps.
-  keep: int = 2  # Checkpoints kept.
-  tensorboard: bool = True  # Also write TensorBoard event files.
-  progress: bool = True  # Show a progress bar.
-  memory_stats: bool = True  # At start, compile the largest train step
-  # ahead of time and log its memory per device.
-  wandb_project: str = ''  # Also log to this Weights & Biases project
-  # ('' = no W&B; needs `pip install wandb`). One W&B run per workdir.
-  wandb_entity: str = ''  # W&B user or team ('' = the login's default).
-  wandb_name: str = ''  # W&B run name ('' = the workdir's basename).
-  wandb_tags: tuple = ()  # W&B run tags (strings).
-  wandb_mode: str = ''  # 'online' or 'offline' (sync later with `wandb
-  # sync WORKDIR/wandb`); '' = W&B's default (WANDB_MODE, else online).
-  samples: int = 8  # Completions of each evaluation logged as a table
-  # (TensorBoard text, W&B table): the first this many (0 = none).
-
-
-# Logical axis -> mesh axes. Weights carry the logical names of
-# rlx/models/transformer.py; `batch` is the prompt axis B of rollouts and
-# train batches (over data and fsdp, so a group stays on one device).
-DEFAULT_RULES = (
-    ('batch', ('data', 'fsdp')),
-    ('vocab', 'tensor'),
-    ('embed', 'fsdp'),
-    ('q_heads', 'tensor'),
-    ('kv_heads', 'tensor'),
-    ('mlp', 'tensor'),
-    ('head_dim', None),
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-  """Device mesh over axes (data, fsdp, tensor); see rlx/sharding.py."""
-  shape: tuple = (-1, 1, 1)  # Sizes of (data, fsdp, tensor); one -1 takes
-  # the remaining devices. The product may be less than the device count
-  # (the first devices are used) on one host; on many hosts it must use all.
-  rules: tuple = DEFAULT_RULES  # (logical axis, mesh axis or axes or None)
-  # pairs; a weight dimension that a mesh axis does not divide is replicated.
-  sampler_shape: tuple = ()  # A separate (data, fsdp, tensor) mesh for the
-  # sampler over the same devices (weights resharded each step); (): the
-  # learner's mesh.
-
-
-@dataclasses.dataclass(frozen=True)
-class BackendConfig:
-  """Platform choices (rlx/backend.py); `auto` picks per platform."""
-  attention: str = 'auto'  # auto | einsum | xla | cudnn: the attention
-  # implementation. einsum: rlx's grouped-query einsums (the reference);
-  # xla / cudnn: jax.nn.dot_product_attention with that implementation;
-  # auto: cudnn on NVIDIA GPUs where the model allows it, else einsum.
-  attention_chunk: int = 0  # > 0: full-sequence attention (the learner's
-  # forward) runs this many queries at a time, recomputed in the backward
-  # pass, so its [rows, heads, L, L] scores are never held at once (einsum
-  # and xla; cudnn's fused kernel holds none anyway). For long sequences
-  # off cuDNN (TPU, CPU, float32). 0: all queries at once.
-  causal_block: int = 128  # > 0: full-sequence attention (einsum and
-  # xla) longer than this runs this many queries at a time, each block over
-  # the keys up to its last query only (the rest are masked by causality):
-  # the same numbers up to float rounding at about (n + 1) / 2n of the
-  # attention FLOPs for n blocks (blocks are unrolled: raise it for very
-  # long sequences). 0: every query over every key.
-  xla_flags: str = 'auto'  # Extra XLA_FLAGS set before the backend starts;
-  # auto: rlx's documented per-platform flags; '' none.
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
+class Config(Section, path=''):
+  """The whole config; its owned sections: lora (rlx/models/lora.py), optim
+  (rlx/learner.py), warmstart, eval (rlx/evaluation.py), log (rlx/logbook.py),
+  mesh (rlx/sharding.py), backend."""
   seed: int = 0  # Seeds init, prompt order and sampling.
   task: TaskConfig = TaskConfig()
   model: ModelConfig = ModelConfig()
-  lora: LoraSection = LoraSection()
   sampling: SamplingConfig = SamplingConfig()
   rl: RLConfig = RLConfig()
   curriculum: CurriculumConfig = CurriculumConfig()
   rollout: RolloutConfig = RolloutConfig()
   objective: ObjectiveConfig = ObjectiveConfig()
-  optim: OptimConfig = OptimConfig()
-  warmstart: WarmstartConfig = WarmstartConfig()
-  eval: EvalConfig = EvalConfig()
-  log: LogConfig = LogConfig()
-  mesh: MeshConfig = MeshConfig()
-  backend: BackendConfig = BackendConfig()
 
 
 def default_config_dict() -> ml_collections.ConfigDict:
@@ -424,15 +296,6 @@ def unknown_key(name: str) -> str:
 
 
 _require = errors.require
-# Config checks `fn(cfg)` of the modules that own a section or a registry
-# (`check`; rlx.registry adds each registry's).
-CHECKS: list = []
-
-
-def check(fn):
-  """Decorator: `fn(cfg)` (calling errors.require) runs in `build`."""
-  CHECKS.append(fn)
-  return fn
 
 
 def validate(cfg: Config) -> Config:
@@ -451,9 +314,10 @@ def validation_problems(cfg: Config) -> list[str]:
   because of a problem already found in its section (a division by a zero
   the section has named) ends that section only.
   """
-  # The generic sections, then the checks of the modules that own one.
+  # The generic sections, then the checks of the modules that own one
+  # (rlx.registry.config_check) and of every registry.
   with errors.collecting() as problems:
-    for section in list(_SECTIONS) + CHECKS:
+    for section in list(_SECTIONS) + registry.CHECKS:
       before = len(problems)
       try:
         section(cfg)
@@ -466,62 +330,22 @@ def validation_problems(cfg: Config) -> list[str]:
 
 
 def _validate_basics(cfg: Config) -> None:
-  """rl, optim, sampling, eval, warmstart and log fields."""
-  rl, opt, s = cfg.rl, cfg.optim, cfg.sampling
+  """rl, sampling and objective.adv_eps fields (the owned sections are
+  checked by their modules)."""
+  rl, s = cfg.rl, cfg.sampling
   _require(rl.batch_prompts > 0, 'rl.batch_prompts', 'must be positive')
   _require(rl.num_steps >= 0, 'rl.num_steps', 'must be >= 0')
   _require(rl.num_minibatches > 0 and rl.batch_prompts % rl.num_minibatches
            == 0, 'rl.num_minibatches', f'{rl.num_minibatches} must divide '
            f'rl.batch_prompts={rl.batch_prompts}')
-  mini = rl.batch_prompts // rl.num_minibatches
-  _require(opt.num_microbatches > 0 and mini % opt.num_microbatches == 0,
-           'optim.num_microbatches', f'{opt.num_microbatches} must divide '
-           f'the prompts per minibatch ({mini} = rl.batch_prompts / '
-           'rl.num_minibatches)')
-  _require(opt.logits_chunk >= 0, 'optim.logits_chunk', 'must be >= 0')
   _require(s.temperature > 0, 'sampling.temperature', 'must be > 0')
   _require(0 < s.top_p <= 1, 'sampling.top_p', 'must be in (0, 1]')
   _require(s.top_k >= 0, 'sampling.top_k', 'must be >= 0')
   _require(s.max_new_tokens > 0, 'sampling.max_new_tokens', 'must be > 0')
-  _require(cfg.eval.temperature > 0, 'eval.temperature', 'must be > 0')
-  _require(0 < cfg.eval.num_prompts <= cfg.task.num_test, 'eval.num_prompts',
-           f'must be in [1, task.num_test={cfg.task.num_test}]')
-  _require(cfg.eval.samples_per_prompt >= 1, 'eval.samples_per_prompt',
-           'must be >= 1')
-  _require(cfg.eval.every > 0, 'eval.every', 'must be positive')
-  _require(cfg.eval.batch_prompts > 0, 'eval.batch_prompts', 'must be positive')
   _require(cfg.objective.adv_eps > 0, 'objective.adv_eps', 'must be > 0')
-  _require(cfg.warmstart.num_steps >= 0, 'warmstart.num_steps', 'must be >= 0')
-  _require(cfg.warmstart.batch_size > 0, 'warmstart.batch_size',
-           'must be positive')
-  _require(0 <= cfg.warmstart.demo_error_rate <= 1,
-           'warmstart.demo_error_rate', 'must be in [0, 1]')
-  _require(0 <= cfg.warmstart.max_steps <= cfg.task.max_steps,
-           'warmstart.max_steps',
-           f'must be in [0, task.max_steps={cfg.task.max_steps}]')
-  _require(cfg.log.keep > 0, 'log.keep', 'must be positive')
-  _require(cfg.log.samples >= 0, 'log.samples', 'must be >= 0')
-  _require(cfg.log.wandb_mode in WANDB_MODES, 'log.wandb_mode',
-           f'{cfg.log.wandb_mode!r} is not one of {list(WANDB_MODES)}')
-  _require(cfg.log.every > 0, 'log.every', 'must be positive')
-  _require(cfg.log.checkpoint_every > 0, 'log.checkpoint_every',
-           'must be positive')
-  _require(opt.learning_rate > 0, 'optim.learning_rate', 'must be > 0')
-  _require(cfg.warmstart.learning_rate > 0, 'warmstart.learning_rate',
-           'must be > 0')
-  _require(opt.max_nonfinite >= 1, 'optim.max_nonfinite', 'must be >= 1')
-  for key in ('optim.warmup_steps', 'warmstart.warmup_steps',
-              'optim.weight_decay'):
-    section, name = key.split('.')
-    _require(getattr(getattr(cfg, section), name) >= 0, key, 'must be >= 0')
-  _require(opt.max_grad_norm > 0, 'optim.max_grad_norm', 'must be > 0')
-  for key in ('b1', 'b2'):
-    _require(0 <= getattr(opt, key) < 1, f'optim.{key}',
-             f'{getattr(opt, key)} not in [0, 1)')
 
 
 DTYPES = ('float32', 'bfloat16', 'float16')  # model.dtype, param_dtype.
-WANDB_MODES = ('', 'online', 'offline')  # log.wandb_mode.
 # ModelConfig fields that a model.hf_dir's config.json decides.
 HF_SIZE_FIELDS = ('vocab_size', 'num_layers', 'embed_dim', 'num_heads',
                   'num_kv_heads', 'head_dim', 'mlp_dim', 'rope_theta',
@@ -546,42 +370,9 @@ def _validate_task_and_model(cfg: Config) -> None:
                f'is {getattr(model, key)!r}, but model.hf_dir is set: the '
                'architecture comes from its config.json; leave model.'
                f'{key} at its default ({getattr(default, key)!r})')
-  # lora.* is checked by rlx/models/lora.py.
 
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
-ATTENTION_IMPLS = ('auto', 'einsum', 'xla', 'cudnn')
-
-
-def _validate_mesh(cfg: Config) -> None:
-  """Static checks; device counts are checked in rlx.sharding.make_mesh."""
-  for key in ('shape', 'sampler_shape'):
-    shape = getattr(cfg.mesh, key)
-    if key == 'sampler_shape' and not shape:
-      continue
-    _require(len(shape) == 3 and all(isinstance(n, int) and (n >= 1 or n ==
-                                                              -1)
-                                     for n in shape)
-             and list(shape).count(-1) <= 1, f'mesh.{key}',
-             f'{shape!r} must be 3 sizes (data, fsdp, tensor), each >= 1 '
-             'or one of them -1')
-  for rule in cfg.mesh.rules:
-    ok = isinstance(rule, (tuple, list)) and len(rule) == 2
-    axes = rule[1] if ok else None
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    _require(ok and isinstance(rule[0], str) and set(axes) <= set(MESH_AXES),
-             'mesh.rules', f'{rule!r} must be (logical name, mesh axis or '
-             f'axes from {MESH_AXES} or None)')
-  _require(cfg.backend.attention in ATTENTION_IMPLS, 'backend.attention',
-           f'{cfg.backend.attention!r} is not one of {list(ATTENTION_IMPLS)}')
-  _require(cfg.backend.causal_block >= 0, 'backend.causal_block',
-           'must be >= 0')
-  _require(cfg.backend.attention_chunk >= 0, 'backend.attention_chunk',
-           'must be >= 0')
-
-
-_SECTIONS = (_validate_basics, _validate_task_and_model,
-             _validate_mesh)
+_SECTIONS = (_validate_basics, _validate_task_and_model)
 
 
 def build(config: ml_collections.ConfigDict | dict) -> Config:

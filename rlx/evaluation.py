@@ -14,13 +14,39 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from rlx import config as config_lib
+from rlx import errors
+from rlx import registry
 from rlx.actor import Actor
-from rlx.config import EvalConfig
 from rlx.data.task import Task
 from rlx.types import Params, PRNGKey
 
 # (answer, answer) -> whether they are equivalent.
 SameFn = Callable[[str, str], bool]
+
+
+@config_lib.section('eval')
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  every: int = 10  # Evaluate every this many RL steps (and at 0 and end).
+  num_prompts: int = 512  # Held-out prompts (at most task.num_test).
+  samples_per_prompt: int = 2  # k for pass@k; pass@1 averages all k.
+  temperature: float = 1.0  # Evaluation sampling temperature.
+  batch_prompts: int = 128  # Prompts per sampler call.
+
+
+@registry.config_check
+def _check_eval_section(cfg) -> None:
+  """eval.*."""
+  ev = cfg.eval
+  errors.require(ev.temperature > 0, 'eval.temperature', 'must be > 0')
+  errors.require(0 < ev.num_prompts <= cfg.task.num_test, 'eval.num_prompts',
+                 f'must be in [1, task.num_test={cfg.task.num_test}]')
+  errors.require(ev.samples_per_prompt >= 1, 'eval.samples_per_prompt',
+                 'must be >= 1')
+  errors.require(ev.every > 0, 'eval.every', 'must be positive')
+  errors.require(ev.batch_prompts > 0, 'eval.batch_prompts',
+                 'must be positive')
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -8,6 +8,7 @@ with a `lax.scan`; denominators come from the whole batch, so the accumulated
 gradient equals the full-batch one.
 """
 
+import dataclasses
 import functools
 from typing import Callable, NamedTuple
 
@@ -21,12 +22,63 @@ import optax
 from rlx import lm_head
 from rlx import objectives
 from rlx import packing
-from rlx.config import Config, ObjectiveConfig, OptimConfig
+from rlx import config as config_lib
+from rlx import errors
+from rlx import registry
+from rlx.config import Config, ObjectiveConfig
 from rlx.models import kv_cache
 from rlx.types import Array, Params
 
 # (params, tokens [R, L], positions [R, L], mask [R, L, L]) -> logits [R, L, V]
 LogitsFn = Callable[..., Array]
+
+
+@config_lib.section('optim')
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float = 2e-4  # Peak AdamW learning rate.
+  warmup_steps: int = 5  # Linear warmup (optimizer updates).
+  weight_decay: float = 0.0  # AdamW decoupled weight decay.
+  b1: float = 0.9  # Adam beta1.
+  b2: float = 0.99  # Adam beta2.
+  max_grad_norm: float = 1.0  # Global-norm gradient clipping.
+  num_microbatches: int = 1  # Gradient accumulation: splits the prompts.
+  packing: bool = True  # The learner's forward runs on the real tokens
+  # only, packed into rows with each group's prompt shared
+  # (rlx/packing.py); False: the padded [B*G, P+T] batch. Same log-probs
+  # up to float rounding.
+  logits_chunk: int = 0  # > 0: the learner's output projection runs on
+  # this many positions at a time, recomputed in the backward pass
+  # (rlx/lm_head.py), so [positions, vocab] logits are never held at once;
+  # set it for large vocabularies (e.g. 1024 for 150k tokens). 0: all
+  # positions at once. Same log-probs up to float rounding.
+  max_nonfinite: int = 3  # An update whose loss or gradient is not finite
+  # (NaN/inf) is skipped: parameters and optimizer state stay as they were
+  # (counted in learner/nonfinite and learner/nonfinite_total). This many
+  # RL steps in a row with a skipped update stop the run with an error.
+
+
+@registry.config_check
+def _check_optim_section(cfg) -> None:
+  """optim.*, and its microbatches against the rl.* batch."""
+  rl, opt = cfg.rl, cfg.optim
+  if rl.num_minibatches > 0:  # Else the rl.num_minibatches check says so.
+    mini = rl.batch_prompts // rl.num_minibatches
+    errors.require(
+        opt.num_microbatches > 0 and mini % opt.num_microbatches == 0,
+        'optim.num_microbatches', f'{opt.num_microbatches} must divide the '
+        f'prompts per minibatch ({mini} = rl.batch_prompts / '
+        'rl.num_minibatches)')
+  errors.require(opt.logits_chunk >= 0, 'optim.logits_chunk', 'must be >= 0')
+  errors.require(opt.learning_rate > 0, 'optim.learning_rate', 'must be > 0')
+  errors.require(opt.max_nonfinite >= 1, 'optim.max_nonfinite',
+                 'must be >= 1')
+  for key in ('warmup_steps', 'weight_decay'):
+    errors.require(getattr(opt, key) >= 0, f'optim.{key}', 'must be >= 0')
+  errors.require(opt.max_grad_norm > 0, 'optim.max_grad_norm', 'must be > 0')
+  for key in ('b1', 'b2'):
+    errors.require(0 <= getattr(opt, key) < 1, f'optim.{key}',
+                   f'{getattr(opt, key)} not in [0, 1)')
 
 
 @flax.struct.dataclass

@@ -19,6 +19,7 @@ ones. A W&B run started on a resumed workdir first gets the rows that
 metrics.jsonl kept.
 """
 
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -31,11 +32,47 @@ import numpy as np
 import tqdm
 
 from rlx import config as config_lib
+from rlx import errors
+from rlx import registry
 
 # Columns of the sampled completions (`Logbook.log_samples`).
 SAMPLE_KEYS = ('prompt', 'answer', 'response', 'reward')
-_WANDB_MODES = config_lib.WANDB_MODES
+WANDB_MODES = ('', 'online', 'offline')  # log.wandb_mode.
 _WRITER_IDS = itertools.count()  # Event file names of this process.
+
+
+@config_lib.section('log')
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+  every: int = 1  # Write a metrics row every this many steps.
+  checkpoint_every: int = 10  # Save a checkpoint every this many steps.
+  keep: int = 2  # Checkpoints kept.
+  tensorboard: bool = True  # Also write TensorBoard event files.
+  progress: bool = True  # Show a progress bar.
+  memory_stats: bool = True  # At start, compile the largest train step
+  # ahead of time and log its memory per device.
+  wandb_project: str = ''  # Also log to this Weights & Biases project
+  # ('' = no W&B; needs `pip install wandb`). One W&B run per workdir.
+  wandb_entity: str = ''  # W&B user or team ('' = the login's default).
+  wandb_name: str = ''  # W&B run name ('' = the workdir's basename).
+  wandb_tags: tuple = ()  # W&B run tags (strings).
+  wandb_mode: str = ''  # 'online' or 'offline' (sync later with `wandb
+  # sync WORKDIR/wandb`); '' = W&B's default (WANDB_MODE, else online).
+  samples: int = 8  # Completions of each evaluation logged as a table
+  # (TensorBoard text, W&B table): the first this many (0 = none).
+
+
+@registry.config_check
+def _check_log_section(cfg) -> None:
+  """log.*; whether W&B can start is `wandb_problems`'."""
+  log = cfg.log
+  errors.require(log.keep > 0, 'log.keep', 'must be positive')
+  errors.require(log.samples >= 0, 'log.samples', 'must be >= 0')
+  errors.require(log.wandb_mode in WANDB_MODES, 'log.wandb_mode',
+                 f'{log.wandb_mode!r} is not one of {list(WANDB_MODES)}')
+  errors.require(log.every > 0, 'log.every', 'must be positive')
+  errors.require(log.checkpoint_every > 0, 'log.checkpoint_every',
+                 'must be positive')
 
 
 def _parse_row(line: str) -> dict | None:
@@ -100,22 +137,22 @@ def _count_lines(bad: list) -> str:
   return f'{len(bad)} unreadable lines (lines {numbers})'
 
 
-def wandb_problems(log: config_lib.LogConfig) -> list[str]:
+def wandb_problems(log: LogConfig) -> list[str]:
   """Why W&B cannot start as `log` asks ([]: it can, or it is off); for
   the trainer's checks before any work (the mode is also checked with
   the config)."""
   if not log.wandb_project:
     return []
-  if log.wandb_mode not in _WANDB_MODES:
+  if log.wandb_mode not in WANDB_MODES:
     return [f'log.wandb_mode: {log.wandb_mode!r} is not one of '
-            f'{list(_WANDB_MODES)}']
+            f'{list(WANDB_MODES)}']
   if importlib.util.find_spec('wandb') is None:
     return [f'log.wandb_project: {log.wandb_project!r} needs the wandb '
             "package: pip install wandb (or pip install 'rlx[wandb]')"]
   return []
 
 
-def _check_wandb(log: config_lib.LogConfig) -> None:
+def _check_wandb(log: LogConfig) -> None:
   """Raises ConfigError unless W&B can start as `log` asks."""
   problems = wandb_problems(log)
   if problems:

@@ -21,15 +21,20 @@ the config is built).
 
 from typing import Any, Callable
 
-from rlx import config as config_lib
 from rlx import errors
 
 # Every registry made, in creation order (config.build runs their checks).
 ALL: list['Registry'] = []
+# Config checks `fn(cfg)` of the modules that own a section or a registry
+# (`config_check`; each registry adds its own); config.build runs them all.
+CHECKS: list[Callable] = []
 
-# Decorator: `fn(cfg)` (calling errors.require) runs in config.build; for
-# modules that own a section but no registry (LoRA).
-config_check = config_lib.check
+
+def config_check(fn):
+  """Decorator: `fn(cfg)` (calling errors.require) runs in config.build;
+  for modules that own a config section (e.g. LoRA's lora.*)."""
+  CHECKS.append(fn)
+  return fn
 
 
 class Registry:
@@ -41,7 +46,7 @@ class Registry:
     self._items: dict[str, Any] = {}
     self._checks: list[Callable] = []
     ALL.append(self)
-    config_lib.check(self.run_checks)
+    config_check(self.run_checks)
 
   def register(self, name: str) -> Callable:
     """Decorator: registers the decorated object under `name`."""

@@ -35,8 +35,9 @@ _WARNED: set[str] = set()  # Old keys already reported in this process.
 def section(path: str, renamed: dict[str, str] | None = None):
   """Decorator: the frozen dataclass of a method's knobs becomes config
   section `path` (e.g. 'curriculum.dots': its fields are the keys
-  curriculum.dots.*), owned by the section above it, which must be a
-  `Section`. `renamed` maps deprecated flat names in the parent section
+  curriculum.dots.*; 'mesh': a top-level section, owned by the root
+  Config), owned by the section above it, which must be a `Section`.
+  `renamed` maps deprecated flat names in the parent section
   to field names ({'dots_tau': 'tau'}: curriculum.dots_tau still works
   for one release, with a one-line deprecation message)."""
   parent, _, name = path.rpartition('.')
@@ -49,7 +50,7 @@ def section(path: str, renamed: dict[str, str] | None = None):
     owned[name] = cls
     cls.section_path = path
     for flat, field in (renamed or {}).items():
-      RENAMED[f'{parent}.{flat}'] = f'{path}.{field}'
+      RENAMED['.'.join(filter(None, [parent, flat]))] = f'{path}.{field}'
     return cls
   return add
 

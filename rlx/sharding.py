@@ -25,8 +25,62 @@ from jax.experimental import mesh_utils
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from rlx.config import ConfigError, MESH_AXES, MeshConfig
+from rlx import config as config_lib
+from rlx import errors
+from rlx import registry
+from rlx.config import ConfigError
 from rlx.types import PyTree
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+# Logical axis -> mesh axes. Weights carry the logical names of
+# rlx/models/transformer.py; `batch` is the prompt axis B of rollouts and
+# train batches (over data and fsdp, so a group stays on one device).
+DEFAULT_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('q_heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('head_dim', None),
+)
+
+
+@config_lib.section('mesh')
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh over axes (data, fsdp, tensor); see rlx/sharding.py."""
+  shape: tuple = (-1, 1, 1)  # Sizes of (data, fsdp, tensor); one -1 takes
+  # the remaining devices. The product may be less than the device count
+  # (the first devices are used) on one host; on many hosts it must use all.
+  rules: tuple = DEFAULT_RULES  # (logical axis, mesh axis or axes or None)
+  # pairs; a weight dimension that a mesh axis does not divide is replicated.
+  sampler_shape: tuple = ()  # A separate (data, fsdp, tensor) mesh for the
+  # sampler over the same devices (weights resharded each step); (): the
+  # learner's mesh.
+
+
+@registry.config_check
+def _check_mesh_section(cfg) -> None:
+  """Static checks; device counts are checked in `make_mesh`."""
+  for key in ('shape', 'sampler_shape'):
+    shape = getattr(cfg.mesh, key)
+    if key == 'sampler_shape' and not shape:
+      continue
+    errors.require(len(shape) == 3 and all(isinstance(n, int) and (
+        n >= 1 or n == -1) for n in shape) and list(shape).count(-1) <= 1,
+                   f'mesh.{key}', f'{shape!r} must be 3 sizes (data, fsdp, '
+                   'tensor), each >= 1 or one of them -1')
+  for rule in cfg.mesh.rules:
+    ok = isinstance(rule, (tuple, list)) and len(rule) == 2
+    axes = rule[1] if ok else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    errors.require(ok and isinstance(rule[0], str) and
+                   set(axes) <= set(MESH_AXES), 'mesh.rules',
+                   f'{rule!r} must be (logical name, mesh axis or axes '
+                   f'from {MESH_AXES} or None)')
 
 
 def resolve_shape(shape: Sequence[int], num_devices: int

@@ -22,6 +22,9 @@ import optax
 import tqdm
 
 from rlx import checkpoint
+from rlx import config as config_lib
+from rlx import errors
+from rlx import registry
 from rlx.config import Config, fingerprint
 from rlx.data import chain_arith
 from rlx.data import loader
@@ -30,6 +33,39 @@ from rlx import learner
 from rlx.learner import LogitsFn, response_logprobs
 from rlx.models import transformer
 from rlx.types import Params
+
+
+@config_lib.section('warmstart')
+@dataclasses.dataclass(frozen=True)
+class WarmstartConfig:
+  num_steps: int = 600  # Supervised steps on demonstrations; 0 skips.
+  batch_size: int = 64  # Demonstrations per step.
+  learning_rate: float = 3e-3  # Peak AdamW learning rate (cosine decay).
+  warmup_steps: int = 50  # Linear warmup.
+  demo_error_rate: float = 0.15  # Per-step slip rate in the demonstrations
+  # (imperfect data, as human-written solutions are; RL removes the slips).
+  seed: int = 0  # Warm-start seed (separate from the RL seed, so RL seeds
+  # can share one warm start).
+  max_steps: int = 0  # Imitate only train prompts with at most this many
+  # steps (longer chains stay unseen until RL); 0: all of them.
+  cache_dir: str = '~/.cache/rlx/warmstart'  # Reused across runs by key.
+
+
+@registry.config_check
+def _check_warmstart_section(cfg) -> None:
+  """warmstart.*."""
+  ws = cfg.warmstart
+  errors.require(ws.num_steps >= 0, 'warmstart.num_steps', 'must be >= 0')
+  errors.require(ws.batch_size > 0, 'warmstart.batch_size', 'must be positive')
+  errors.require(0 <= ws.demo_error_rate <= 1, 'warmstart.demo_error_rate',
+                 'must be in [0, 1]')
+  errors.require(0 <= ws.max_steps <= cfg.task.max_steps,
+                 'warmstart.max_steps',
+                 f'must be in [0, task.max_steps={cfg.task.max_steps}]')
+  errors.require(ws.learning_rate > 0, 'warmstart.learning_rate',
+                 'must be > 0')
+  errors.require(ws.warmup_steps >= 0, 'warmstart.warmup_steps',
+                 'must be >= 0')
 
 
 def cache_key(cfg: Config) -> str:

@@ -124,7 +124,7 @@ def report(added_flags: str = '') -> list[str]:
 
 def main(argv):
   del argv
-  added = backend.configure(config_lib.BackendConfig())
+  added = backend.configure(backend.BackendConfig())
   print('\n'.join(report(added)))
 
 

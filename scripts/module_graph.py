@@ -21,7 +21,8 @@ _LONGEST = flags.DEFINE_integer('longest', 8, 'Longest functions to list.')
 
 # Lowest first; a module belongs to the first layer with a matching prefix.
 LAYERS = (
-    ('foundations', ('rlx.types', 'rlx.errors', 'rlx.registry')),
+    ('foundations', ('rlx.types', 'rlx.errors', 'rlx.registry',
+                     'rlx.sections')),
     ('config', ('rlx.config',)),
     # Pure functions and building blocks (objectives: formulas only).
     ('blocks', ('rlx.backend', 'rlx.sharding', 'rlx.packing', 'rlx.lm_head',

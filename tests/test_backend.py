@@ -16,7 +16,8 @@ from rlx import config as config_lib
 from rlx import testing
 from rlx import policy as policy_lib
 from rlx import warmstart
-from rlx.config import BackendConfig, ConfigError, ModelConfig
+from rlx.backend import BackendConfig
+from rlx.config import ConfigError, ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -290,7 +290,7 @@ def test_every_problem_is_reported_at_once_one_line_each():
   lines = str(e.value).splitlines()
   assert [l.split(':')[0] for l in lines] == [
       'rl.batch_prompt', 'rl.num_steps', 'optim.learning_rate',
-      'rl.num_minibatches', 'eval.num_prompts', 'model.dtype', 'lora.targets']
+      'rl.num_minibatches', 'model.dtype', 'eval.num_prompts', 'lora.targets']
   assert lines[0] == ('rl.batch_prompt: unknown config key; did you mean '
                       'rl.batch_prompts or eval.batch_prompts?')
   assert lines[1] == "rl.num_steps: cannot read 'x' as a int"

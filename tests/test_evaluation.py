@@ -160,7 +160,7 @@ class _FakeActor:
 
 def test_evaluate_metrics_and_records_over_padded_batches():
   actor = _FakeActor(num_test=10)
-  cfg = config_lib.EvalConfig(num_prompts=5, samples_per_prompt=2,
+  cfg = evaluation.EvalConfig(num_prompts=5, samples_per_prompt=2,
                               batch_prompts=2)
   key = evaluation.eval_key(7)
   metrics, records = evaluation.evaluate(actor, None, cfg, key,

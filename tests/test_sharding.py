@@ -108,7 +108,7 @@ def test_train_step_on_mesh_equals_one_device(setup, single, shape):
 
 
 def test_rules_map_logical_names_and_replicate_what_does_not_divide():
-  plan = sharding.Plan.from_config(config_lib.MeshConfig(shape=(1, 2, 4)))
+  plan = sharding.Plan.from_config(sharding.MeshConfig(shape=(1, 2, 4)))
   # [D=32, N=8, H=8]: embed->fsdp, q_heads->tensor.
   assert plan.spec((32, 8, 8), ('embed', 'q_heads', 'head_dim')) == P(
       'fsdp', 'tensor')
@@ -136,7 +136,7 @@ def test_mesh_shape_resolution_and_errors():
 
 def _sample(setup, shape):
   _, model, _, params = setup
-  plan = sharding.Plan.from_config(config_lib.MeshConfig(shape=shape))
+  plan = sharding.Plan.from_config(sharding.MeshConfig(shape=shape))
   sample_fn = sampler_lib.transformer_sampler(
       model, sampler_lib.SamplerConfig(max_new_tokens=T, stop_tokens=(1,),
                                        pad_id=0), constrain=plan.constrain)

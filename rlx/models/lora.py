@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlx import config as config_lib
 from rlx import errors
 from rlx import registry
 from rlx.types import Array, Params, PRNGKey
@@ -64,6 +65,17 @@ class LoraConfig:
   @property
   def modules(self) -> frozenset[str]:
     return frozenset(_ALIASES.get(t, t) for t in self.targets)
+
+
+@config_lib.section('lora')
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+  """LoRA adapters (rlx/models/lora.py): train low-rank updates only."""
+  rank: int = 0  # r of A [in, r] @ B [r, out]; 0: full fine-tuning (every
+  # parameter trained, no adapters).
+  alpha: float = 16.0  # The update is (alpha / rank) * A @ B.
+  targets: tuple = ('q', 'k', 'v', 'o')  # Kernels that get adapters:
+  # q, k, v, o, gate, up, down (or HF's q_proj, ..., down_proj).
 
 
 @registry.config_check
