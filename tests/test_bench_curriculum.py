@@ -79,11 +79,15 @@ def test_every_method_is_a_valid_config(bench):
   # A method's overrides must build (the config's checks) on both tasks.
   from rlx.configs import grpo, grpo_hardmix  # pylint: disable=g-import-not-at-top
   from rlx import config as config_lib  # pylint: disable=g-import-not-at-top
+  from rlx import recipes  # pylint: disable=g-import-not-at-top
   for recipe in (grpo, grpo_hardmix):
     for name, overrides in bench.RUNNABLE.items():
       config = recipe.get_config()
       for key, value in overrides.items():
-        config.curriculum[key] = value
+        recipes.override(config, f'curriculum.{key}', value)
       cfg = config_lib.build(config)
       for key, value in overrides.items():
-        assert getattr(cfg.curriculum, key) == value, (name, key)
+        got = cfg.curriculum
+        for part in key.split('.'):  # Nested method knobs: dots.refs.
+          got = getattr(got, part)
+        assert got == value, (name, key)

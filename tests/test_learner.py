@@ -18,6 +18,7 @@ from rlx import config as config_lib
 from rlx import learner
 from rlx import objectives
 from rlx import policy
+from rlx import recipes
 from rlx import testing
 from rlx.models import transformer
 
@@ -34,8 +35,7 @@ def _cfg(tmp_dir, **overrides):
   c.optim.warmup_steps = 0
   c.model.num_layers = 1  # Halves every compile; depth is not under test.
   for key, value in overrides.items():
-    group, field = key.split('.')
-    setattr(getattr(c, group), field, value)
+    recipes.override(c, key, value)
   return config_lib.build(c)
 
 
@@ -347,7 +347,7 @@ def scaled_return():
   its baseline from Batch.values, its scale from objective.xrpo.lam."""
   objectives.ADVANTAGES.declare(
       'test_scaled_return', inputs={'values': 'values'},
-      knobs={'scale': 'xrpo_lam'})(_scaled_return)
+      knobs={'scale': 'xrpo.lam'})(_scaled_return)
   yield 'test_scaled_return'
   objectives.ADVANTAGES.unregister('test_scaled_return')
 

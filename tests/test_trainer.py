@@ -13,6 +13,7 @@ import pytest
 
 from rlx import checkpoint
 from rlx import config as config_lib
+from rlx import recipes
 from rlx import testing
 from rlx import trainer
 from rlx.logbook import read_metrics
@@ -24,8 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _cfg(tmp, **overrides):
   c = testing.tiny_config_dict(str(tmp))
   for key, value in overrides.items():
-    group, name = key.split('.')
-    c[group][name] = value
+    recipes.override(c, key, value)
   return config_lib.build(c)
 
 
